@@ -1,0 +1,13 @@
+"""awq_compile: AWQ INT4 weight quantization as a PyTorch compiler pass.
+
+    import awq_compile
+    qmodel = awq_compile.quantize(model, calibration=batches,
+                                  config=awq_compile.AWQConfig(group_size=64))
+"""
+
+from . import ops  # noqa: F401  (registers torch.ops.awq.int4_linear)
+from .config import AWQConfig, Int4Format
+from .nn import Int4Linear
+
+__all__ = ["AWQConfig", "Int4Format", "Int4Linear"]
+__version__ = "0.1.0"
