@@ -1,0 +1,34 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct, loaded once per session (~1 s cached)."""
+    from awq_compile.models import load_smollm2
+
+    return load_smollm2()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A word-level Hugging Face tokenizer (512 ids) over the calibration text; needs no files.
+
+    Words outside its vocabulary map to <unk>, so any text tokenizes to roughly one id per word.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from awq_compile.calib import calibration_text
+
+    vocab = {"<unk>": 0}
+    for word in calibration_text().split():
+        if len(vocab) == 512:
+            break
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
