@@ -1,1 +1,46 @@
-"""The FX passes of awq_compile (installed as `awq_compile.passes`)."""
+"""The FX passes of awq_compile (installed as `awq_compile.passes`).
+
+The order of the pipeline lives here, in one list, and nowhere else:
+
+    annotate_scale_groups -> insert_observers -> (calibration runs) -> remove_observers
+    -> search_scales -> fold_scales -> search_clip -> swap_linear_int4
+
+Analysis passes write frozen dataclasses into `node.meta["awq"]`; the rewriting passes read only
+those. `awq_compile.api` drives the pipeline for `quantize`, the compile backend for dynamo graphs.
+"""
+
+from .annotate_scale_groups import LinearInfo, ScaleGroup, annotate_scale_groups, linear_infos, scale_groups
+from .fold_scales import fold_scales
+from .insert_observers import GroupObserver, insert_observers, remove_observers
+from .search_clip import search_clip
+from .search_scales import search_scales
+from .swap_linear_int4 import quantize_linear, swap_linear_int4
+
+PIPELINE = (
+    "annotate_scale_groups",
+    "insert_observers",
+    "calibrate",
+    "remove_observers",
+    "search_scales",
+    "fold_scales",
+    "search_clip",
+    "swap_linear_int4",
+)
+"""The pass order, by name; `awq_compile.api.run_pipeline` follows it step by step."""
+
+__all__ = [
+    "PIPELINE",
+    "LinearInfo",
+    "ScaleGroup",
+    "GroupObserver",
+    "annotate_scale_groups",
+    "insert_observers",
+    "remove_observers",
+    "search_scales",
+    "fold_scales",
+    "search_clip",
+    "swap_linear_int4",
+    "quantize_linear",
+    "linear_infos",
+    "scale_groups",
+]

@@ -1,0 +1,140 @@
+"""The AWQ algorithm core: pure tensor functions (no hooks, no modules, no device moves).
+
+`search_scale` is AWQ's grid search over alpha for one scale group; `search_clip` is its
+auto-clip for one linear. Both follow Lin et al. 2023 and the authors' reference code; where we
+deviate it is said in the docstring.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .quant import _grouped, fake_quantize, padded_k
+
+__all__ = ["weight_saliency", "search_scale", "search_clip", "apply_clip", "expand_scale"]
+
+
+def weight_saliency(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Mean over rows of |w| normalised by its group's max |w|: [K] (AutoAWQ's w_mean)."""
+    k = w.shape[1]
+    g = _grouped(w.abs().float(), group_size)
+    g = g / g.amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    return g.reshape(w.shape[0], -1)[:, :k].mean(dim=0)
+
+
+def expand_scale(s: torch.Tensor, channel_map: tuple[int, ...] | None) -> torch.Tensor:
+    """A scale in the absorber's channel space -> one value per input channel of the group."""
+    if channel_map is None:
+        return s
+    return s[torch.tensor(channel_map, device=s.device)]
+
+
+def _to_absorber_space(v: torch.Tensor, channel_map: tuple[int, ...] | None, size: int):
+    """Average a per-input-channel statistic over the input channels sharing an absorber
+    channel (grouped-query attention repeats each v_proj channel over several o_proj inputs)."""
+    if channel_map is None:
+        return v
+    idx = torch.tensor(channel_map, device=v.device)
+    acc = torch.zeros(size, dtype=v.dtype, device=v.device).index_add_(0, idx, v)
+    cnt = torch.zeros(size, dtype=v.dtype, device=v.device).index_add_(0, idx, torch.ones_like(v))
+    return acc / cnt.clamp(min=1)
+
+
+@torch.no_grad()
+def search_scale(
+    x: torch.Tensor,
+    x_mean: torch.Tensor,
+    weights: list[torch.Tensor],
+    group_size: int,
+    zero_point: bool = True,
+    n_grid: int = 20,
+    duo_scaling: bool = True,
+    channel_map: tuple[int, ...] | None = None,
+    size: int | None = None,
+) -> tuple[torch.Tensor, float, list[float]]:
+    """AWQ's scale search for one group.
+
+    x [T, K]: sampled input rows; x_mean [K]: mean |x| over all calibration tokens; weights:
+    the group's [N_i, K] weights. For alpha in {0, 1/n, ...}: s = x_mean^a / w_mean^(1-a)
+    (duo) or x_mean^a, normalised by sqrt(max * min), and the loss is the mean squared error
+    of the group's concatenated outputs x @ Q(W * s)^T / s against x @ W^T. Returns
+    (best s in the absorber's channel space, best alpha, the losses).
+
+    Deviation: the loss is over the group's linears' outputs, not a whole block's output
+    (the reference code inspects the attention or MLP block for some groups); it needs no
+    knowledge of what a "block" is, which the graph does not give.
+    """
+    w = torch.cat([wi.float() for wi in weights], dim=0)
+    x = x.float()
+    size = size or w.shape[1]
+    xm = _to_absorber_space(x_mean.float(), channel_map, size)
+    wm = _to_absorber_space(weight_saliency(w, group_size), channel_map, size)
+    ref = x @ w.t()
+    best = (float("inf"), 0.0, torch.ones(size, device=w.device))
+    losses = []
+    for i in range(n_grid):
+        a = i / n_grid
+        s = xm.pow(a) / wm.pow(1 - a).add(1e-4) if duo_scaling else xm.pow(a)
+        s = s.clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        se = expand_scale(s, channel_map)
+        wq = fake_quantize(w * se, group_size, zero_point) / se
+        loss = (x @ wq.t() - ref).pow(2).mean().item()
+        losses.append(loss)
+        if loss < best[0]:
+            best = (loss, a, s)
+    if not torch.isfinite(best[2]).all():
+        raise FloatingPointError("search_scale: the best scale is not finite")
+    return best[2], best[1], losses
+
+
+@torch.no_grad()
+def search_clip(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    group_size: int,
+    zero_point: bool = True,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    rows_per_batch: int = 64,
+) -> torch.Tensor:
+    """AWQ's auto-clip for one linear: per (row, group), the max |w| in
+    {max * (1 - i/n_grid)} minimising the MSE of that group's partial output over x [T, K].
+    Returns the chosen max [N, G]; `apply_clip` uses it."""
+    n, k = w.shape
+    # Padded input columns are zero, so the padded weight columns (copies of the last real
+    # one, see quant._grouped) add nothing to the outputs compared.
+    xg = _pad_x(x.float(), k, group_size)  # [T, G, g]
+    wg = _grouped(w.float(), group_size)  # [N, G, g]
+    out = torch.empty(n, wg.shape[1], dtype=torch.float32, device=w.device)
+    steps = max(1, int(max_shrink * n_grid))
+    for r0 in range(0, n, rows_per_batch):
+        wb = wg[r0:r0 + rows_per_batch]  # [b, G, g]
+        org_max = wb.abs().amax(dim=-1, keepdim=True)  # [b, G, 1]
+        ref = torch.einsum("tgk,bgk->btg", xg, wb)
+        best_err = torch.full(org_max.shape[:2], float("inf"), device=w.device)
+        best_max = org_max.squeeze(-1).clone()
+        for i in range(steps):
+            mx = org_max * (1 - i / n_grid)
+            cw = torch.maximum(torch.minimum(wb, mx), -mx)
+            q = fake_quantize(cw.reshape(cw.shape[0], -1), group_size, zero_point).reshape(cw.shape)
+            err = (torch.einsum("tgk,bgk->btg", xg, q) - ref).pow(2).mean(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_max = torch.where(better, mx.squeeze(-1), best_max)
+        out[r0:r0 + rows_per_batch] = best_max
+    return out
+
+
+def apply_clip(w: torch.Tensor, max_val: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Clamp w [N, K] to [-max, max] per (row, group) with max [N, G]."""
+    k = w.shape[1]
+    m = max_val.to(w.dtype).repeat_interleave(group_size, dim=1)[:, :k]
+    return torch.maximum(torch.minimum(w, m), -m)
+
+
+def _pad_x(x: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    kp = padded_k(k, group_size)
+    if kp != k:
+        x = torch.cat([x, x.new_zeros(x.shape[0], kp - k)], dim=1)
+    return x.reshape(x.shape[0], kp // group_size, group_size)

@@ -1,0 +1,238 @@
+"""`awq_compile.quantize`: capture, run the pass pipeline, return an INT4 model."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import fx, nn
+
+from . import passes as P
+from .config import AWQConfig
+from .nn import Int4Linear
+from .passes._graph import fetch_attr
+from .passes.fold_scales import fold_group_tensors, inverse_input_scale
+
+__all__ = ["quantize", "capture", "run_pipeline", "apply_plan", "prepare_batches", "Batch"]
+
+Batch = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def quantize(
+    model: nn.Module,
+    calibration: Any,
+    config: AWQConfig | None = None,
+    *,
+    inplace: bool = False,
+    output: str = "module",
+    batch_size: int = 8,
+    progress: bool = False,
+) -> nn.Module:
+    """Quantize `model`'s linear layers to INT4 with AWQ.
+
+    calibration: a LongTensor [n, seq] of token ids (split into batches of up to
+    `batch_size`), or a list of batches, each a tensor (the model's first argument), a tuple
+    of positional arguments or a dict of keyword arguments; all batches of one shape.
+
+    output="module" (default) returns the model (a deep copy unless `inplace`) with each
+    quantized nn.Linear replaced by an `Int4Linear` and AWQ's scales folded into its
+    parameters: Hugging Face models keep `generate`, `save_pretrained`-style names, etc.
+    output="graph" returns the captured `torch.fx.GraphModule` with `awq.int4_linear` ops; it
+    also covers functional `F.linear` calls, which have no module to swap.
+
+    >>> qmodel = quantize(model, calibration=ids, config=AWQConfig(group_size=64))  # doctest: +SKIP
+    """
+    config = config or AWQConfig()
+    if not isinstance(config, AWQConfig):
+        raise TypeError(f"quantize: config must be an AWQConfig, got {type(config).__name__}")
+    if output not in ("module", "graph"):
+        raise ValueError(f"quantize: output={output!r}; choose 'module' or 'graph'")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize: model must be a torch.nn.Module, got {type(model).__name__}")
+    batches = prepare_batches(calibration, batch_size, _device_of(model))
+    target = model if inplace else copy.deepcopy(model)
+    was_training = target.training
+    target.eval()
+    with torch.no_grad():
+        gm = capture(target, batches[0])
+        run_pipeline(gm, lambda g: _calibrate(g, batches, progress), config, len(batches),
+                     progress, stop_before=None if output == "graph" else "swap_linear_int4")
+        if output == "graph":
+            gm.awq_config = config
+            return gm
+        apply_plan(target, P.scale_groups(gm), [i for _, i in P.linear_infos(gm)], config)
+    target.train(was_training)
+    target.awq_config = config
+    return target
+
+
+def capture(model: nn.Module, batch: Batch) -> fx.GraphModule:
+    """The model as an ATen-level GraphModule (torch.export, static shapes of `batch`).
+
+    Parameters become `get_attr` nodes named by their qualified names; the passes rely on it.
+    """
+    args, kwargs = batch
+    kwargs = dict(kwargs)
+    if "use_cache" in inspect.signature(model.forward).parameters and "use_cache" not in kwargs:
+        kwargs["use_cache"] = False  # a KV cache object is no tensor output to trace
+    ep = torch.export.export(model, args, kwargs, strict=False)
+    gm = ep.module()
+    gm.awq_capture_kwargs = {k: v for k, v in kwargs.items() if k == "use_cache"}
+    return gm
+
+
+def run_pipeline(
+    gm: fx.GraphModule,
+    calibrate: Callable[[fx.GraphModule], None],
+    config: AWQConfig,
+    n_batches: int,
+    progress: bool = False,
+    stop_before: str | None = None,
+) -> dict[str, Any]:
+    """Run `passes.PIPELINE` on `gm` in order (up to `stop_before`); returns each step's count."""
+    observers: dict[int, P.GroupObserver] = {}
+
+    def annotate():
+        P.annotate_scale_groups(gm, config.skip)
+        n = len(P.linear_infos(gm))
+        if n == 0:
+            raise ValueError(
+                "quantize: the model has no linear layers to quantize "
+                f"(found none outside AWQConfig.skip={list(config.skip)})"
+            )
+        return n
+
+    def observe():
+        observers.update(P.insert_observers(gm, config.max_search_tokens, n_batches, config.seed))
+        return len(observers)
+
+    steps = {
+        "annotate_scale_groups": annotate,
+        "insert_observers": observe,
+        "calibrate": lambda: calibrate(gm),
+        "remove_observers": lambda: P.remove_observers(gm),
+        "search_scales": lambda: P.search_scales(gm, observers, config, progress),
+        "fold_scales": lambda: P.fold_scales(gm),
+        "search_clip": lambda: P.search_clip(gm, observers, config, progress) if config.clip else 0,
+        "swap_linear_int4": lambda: P.swap_linear_int4(gm, config),
+    }
+    stats = {}
+    for name in P.PIPELINE:
+        if name == stop_before:
+            break
+        stats[name] = steps[name]()
+    return stats
+
+
+def apply_plan(
+    model: nn.Module, groups: Iterable[P.ScaleGroup], infos: Iterable[P.LinearInfo],
+    config: AWQConfig,
+) -> int:
+    """Fold searched scales into `model`'s parameters and swap its nn.Linear modules for
+    Int4Linear, following the plan the passes wrote; returns the number swapped."""
+    groups = list(groups)
+    for g in groups:
+        if g.scale is not None:
+            fold_group_tensors(model, g)
+    inv = {g.index: inverse_input_scale(g) for g in groups
+           if g.scale is not None and g.absorber.kind == "mul"}
+    swapped = 0
+    for info in infos:
+        path, _, leaf = info.weight.rpartition(".")
+        owner = model.get_submodule(path)
+        if isinstance(owner, Int4Linear):
+            continue  # one Linear called at several places: quantized at its first
+        if not isinstance(owner, nn.Linear) or leaf != "weight":
+            raise ValueError(
+                f"quantize: {info.weight} is used by a functional linear, not an nn.Linear "
+                "module; use quantize(..., output='graph') for such models"
+            )
+        qw = P.quantize_linear(fetch_attr(model, info.weight).detach(), info, config)
+        new = Int4Linear.from_quantized(qw, config.group_size, owner.bias, inv.get(info.group))
+        parent_path, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), child, new.to(owner.weight.device))
+        swapped += 1
+    return swapped
+
+
+def prepare_batches(calibration: Any, batch_size: int, device: torch.device) -> list[Batch]:
+    """Normalise calibration data to a list of (args, kwargs) of one shape, on `device`."""
+    if calibration is None:
+        raise ValueError("quantize: calibration data is required (got None)")
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() < 2 or calibration.shape[0] == 0 or calibration.numel() == 0:
+            raise ValueError(
+                "quantize: a calibration tensor must be [n_samples, seq_len] with n_samples > 0, "
+                f"got shape {tuple(calibration.shape)}"
+            )
+        n = calibration.shape[0]
+        bs = max(d for d in range(1, min(batch_size, n) + 1) if n % d == 0)
+        items: list[Any] = list(calibration.split(bs))
+    else:
+        try:
+            items = list(calibration)
+        except TypeError:
+            raise TypeError(
+                "quantize: calibration must be a tensor or an iterable of batches, got "
+                f"{type(calibration).__name__}"
+            ) from None
+    if not items:
+        raise ValueError("quantize: calibration data is empty")
+    batches = [_as_batch(item, i, device) for i, item in enumerate(items)]
+    first = _shapes(batches[0])
+    for i, b in enumerate(batches[1:], 1):
+        if _shapes(b) != first:
+            raise ValueError(
+                f"quantize: calibration batch {i} has shapes {_shapes(b)}, batch 0 has {first}; "
+                "all batches must share one shape (cut the text into fixed-length windows, e.g. "
+                "with awq_compile.calib.sample_calibration)"
+            )
+    return batches
+
+
+def _as_batch(item: Any, i: int, device: torch.device) -> Batch:
+    def move(v):
+        if isinstance(v, torch.Tensor):
+            if v.numel() == 0:
+                raise ValueError(f"quantize: calibration batch {i} is empty")
+            return v.to(device)
+        return v
+
+    if isinstance(item, torch.Tensor):
+        return (move(item),), {}
+    if isinstance(item, dict):
+        return (), {k: move(v) for k, v in item.items()}
+    if isinstance(item, (tuple, list)) and item:
+        return tuple(move(v) for v in item), {}
+    raise TypeError(
+        f"quantize: calibration batch {i} must be a tensor, a tuple of arguments or a dict of "
+        f"keyword arguments, got {type(item).__name__}"
+    )
+
+
+def _shapes(b: Batch) -> tuple:
+    args, kwargs = b
+    return tuple(
+        tuple(v.shape) if isinstance(v, torch.Tensor) else None
+        for v in (*args, *[kwargs[k] for k in sorted(kwargs)])
+    )
+
+
+def _calibrate(gm: fx.GraphModule, batches: list[Batch], progress: bool) -> int:
+    extra = getattr(gm, "awq_capture_kwargs", {})
+    it: Iterable[Batch] = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(batches, desc="calibrate", unit="batch")
+    for args, kwargs in it:
+        gm(*args, **{**extra, **kwargs})
+    return len(batches)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
