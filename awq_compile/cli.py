@@ -1,0 +1,454 @@
+"""The `awq-compile` command line (also `python -m awq_compile`).
+
+    awq-compile demo                                   quantize SmolLM2, print before/after
+    awq-compile quantize --out smollm2-awq             the embedded SmolLM2, shipped calibration text
+    awq-compile quantize --model ./my-llama --calib-file corpus.txt --group-size 64 --out ./q
+    awq-compile eval smollm2-awq                       perplexity on the shipped WikiText-2 test text
+    awq-compile bench smollm2-awq --base smollm2       float vs INT4: perplexity, latency, bytes
+    awq-compile export smollm2-awq --format pt2 --out smollm2.pt2
+
+Expected failures (bad paths, bad flags, unreadable checkpoints) print one line,
+`awq-compile: error: <message>`, on stderr and exit with status 2. docs/cli.md has the details.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["main", "build_parser"]
+
+PROG = "awq-compile"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_GROUP_SIZES = (128, 64, 32)
+# Bad input surfaces as these; anything else is a bug and keeps its traceback.
+_EXPECTED_ERRORS = (ValueError, OSError, ImportError)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (plus where to look) and exit status 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+# ----------------------------------------------------------------------------- the parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _OneLineParser(
+        prog=PROG, formatter_class=fmt,
+        description="AWQ INT4 weight quantization for Hugging Face causal LMs, as a PyTorch "
+                    "compiler pass.",
+        epilog="Run 'awq-compile <command> --help' for a command's options. Docs: docs/cli.md",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+
+    q = sub.add_parser("quantize", formatter_class=fmt, help="quantize a model and save an AWQ checkpoint",
+                       description="Quantize a model's linear layers to INT4 with AWQ and save a "
+                                   "Hugging Face AWQ checkpoint (AutoAWQ 'gemm' layout).",
+                       epilog=_CALIBRATION_RULE)
+    _add_model(q)
+    _add_calibration(q)
+    _add_config(q)
+    q.add_argument("--out", required=True, type=Path, help="output folder for the checkpoint")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    q.add_argument("--allow-input-scale", action="store_true",
+                   help="store explicit input scales as <linear>.input_scale (read by awq_compile "
+                        "only; vLLM/transformers would ignore them)")
+
+    e = sub.add_parser("eval", formatter_class=fmt, help="perplexity of a model or checkpoint on a text",
+                       description="Perplexity of a float model or an AWQ checkpoint: the text is "
+                                   "cut into non-overlapping windows of --seq-len tokens.")
+    e.add_argument("model", help="'smollm2', a Hugging Face model folder or an AWQ checkpoint folder")
+    e.add_argument("--text", type=Path, help="UTF-8 text file (default: the shipped WikiText-2 test split)")
+    _add_eval_window(e, windows=40)
+    _add_dtype(e)
+
+    x = sub.add_parser("export", formatter_class=fmt, help="export a checkpoint (pt2 / onnx / tensorrt)",
+                       description="Export an AWQ checkpoint ahead of time.")
+    x.add_argument("checkpoint", type=Path, help="AWQ checkpoint folder (from 'awq-compile quantize')")
+    x.add_argument("--format", choices=("pt2", "onnx", "tensorrt"), default="onnx",
+                   help="pt2: torch.export program; onnx: ONNX model; tensorrt: ONNX for TensorRT "
+                        "(default: %(default)s)")
+    x.add_argument("--out", required=True, type=Path, help="output file")
+    x.add_argument("--seq-len", type=int, default=16, help="example sequence length (default: %(default)s)")
+
+    b = sub.add_parser("bench", formatter_class=fmt, help="float vs INT4: perplexity, latency, bytes",
+                       description="Compare a float model with its AWQ checkpoint on a few windows of "
+                                   "the evaluation text, and time one forward pass of each.")
+    b.add_argument("checkpoint", type=Path, help="AWQ checkpoint folder")
+    b.add_argument("--base", help="the float model it came from: 'smollm2' or a folder (default: the "
+                                  "checkpoint's config.json _name_or_path if that folder exists, "
+                                  "else smollm2)")
+    b.add_argument("--text", type=Path, help="UTF-8 text file (default: the shipped WikiText-2 test split)")
+    _add_eval_window(b, windows=8)
+    b.add_argument("--repeat", type=int, default=5, help="timed forward passes (default: %(default)s)")
+
+    d = sub.add_parser("demo", formatter_class=fmt, help="quantize SmolLM2 and print a before/after table",
+                       description="Quantize the embedded SmolLM2-135M with the shipped calibration "
+                                   "text and print perplexity, linear weight bytes and quantization "
+                                   "time, float vs INT4.", epilog=_CALIBRATION_RULE)
+    d.add_argument("--model", default="smollm2", help=argparse.SUPPRESS)
+    d.add_argument("--n-samples", type=int, default=32,
+                   help="calibration windows (default: %(default)s, a few minutes on 2 CPU cores; "
+                        "AWQ's published setting is 128)")
+    d.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default: %(default)s)")
+    d.add_argument("--group-size", type=int, choices=_GROUP_SIZES, help="default: the largest that divides every K")
+    d.add_argument("--windows", type=int, default=8, help="evaluation windows of 512 tokens (default: %(default)s)")
+    d.add_argument("--out", type=Path, help="also save the checkpoint to this folder")
+    d.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: %(default)s)")
+    return parser
+
+
+_CALIBRATION_RULE = """\
+calibration sampling rule:
+  The calibration text is tokenized once, without special tokens, into T tokens. With
+  g = torch.Generator().manual_seed(SEED), the windows start at
+  torch.randint(0, T - SEQ_LEN + 1, (N_SAMPLES,), generator=g); each is SEQ_LEN tokens long.
+  Windows may overlap. The same text, tokenizer, N_SAMPLES, SEQ_LEN and SEED always give the
+  same calibration set. A datasets dataset is first turned into one text: its --text-column
+  values, empty rows dropped, joined with blank lines ("\\n\\n")."""
+
+
+def _add_model(p) -> None:
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2' (embedded SmolLM2-135M-Instruct) or a local Hugging Face model "
+                        "folder (default: %(default)s)")
+    _add_dtype(p)
+
+
+def _add_dtype(p) -> None:
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32",
+                   help="dtype of the model's float weights (default: %(default)s)")
+
+
+def _add_calibration(p) -> None:
+    g = p.add_argument_group("calibration (default: the shipped WikiText-2 validation text)")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--calib-file", type=Path, metavar="PATH", help="UTF-8 text file")
+    src.add_argument("--dataset", metavar="NAME_OR_PATH",
+                     help="a datasets dataset: a folder saved with save_to_disk, a local data "
+                          "folder/file, or a hub name where a hub is reachable")
+    g.add_argument("--dataset-config", metavar="NAME", help="dataset configuration name")
+    g.add_argument("--split", default="train", help="dataset split (default: %(default)s)")
+    g.add_argument("--text-column", default="text", help="dataset column with the text (default: %(default)s)")
+    g.add_argument("--n-samples", type=int, default=128, help="calibration windows (default: %(default)s)")
+    g.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+
+
+def _add_config(p) -> None:
+    g = p.add_argument_group("AWQ configuration (awq_compile.AWQConfig)")
+    g.add_argument("--group-size", type=int, choices=_GROUP_SIZES,
+                   help="quantization group size (default: the largest of 128/64/32 that divides "
+                        "every quantized linear's K, as the checkpoint layout needs)")
+    g.add_argument("--symmetric", action="store_true", help="symmetric INT4 (no zero point)")
+    g.add_argument("--no-clip", action="store_true", help="skip the weight clipping search")
+    g.add_argument("--n-grid", type=int, default=20, help="scale search grid points (default: %(default)s)")
+    g.add_argument("--skip", nargs="*", default=["lm_head"], metavar="SUFFIX",
+                   help="linears left in float, by module-name suffix (default: lm_head)")
+
+
+def _add_eval_window(p, windows: int) -> None:
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: %(default)s)")
+    p.add_argument("--windows", type=int, default=windows,
+                   help="number of windows evaluated (default: %(default)s)")
+
+
+# ----------------------------------------------------------------------------- shared steps
+
+
+def _load(spec: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for 'smollm2', a Hugging Face folder or an AWQ checkpoint folder."""
+    from .checkpoint import is_awq_checkpoint, load_quantized
+
+    if spec != "smollm2" and is_awq_checkpoint(spec):
+        model, tokenizer = load_quantized(spec, dtype=dtype)
+        if tokenizer is None:
+            raise ValueError(f"checkpoint {spec} has no tokenizer files: save it with a tokenizer")
+        return model, tokenizer
+    from .models import load_model
+
+    return load_model(spec, dtype=dtype)
+
+
+def _calibration_text(args) -> str:
+    from .calib import calibration_text, read_text_file
+
+    if args.calib_file is not None:
+        return read_text_file(args.calib_file)
+    if args.dataset is not None:
+        return _dataset_text(args.dataset, args.dataset_config, args.split, args.text_column)
+    return calibration_text()
+
+
+def _dataset_text(name: str, config: str | None, split: str, column: str) -> str:
+    """One text from a datasets dataset: the column's non-empty rows joined by blank lines."""
+    import datasets
+    from tqdm.auto import tqdm
+
+    try:
+        if Path(name).is_dir() and any((Path(name) / f).is_file() for f in ("state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(name)
+        else:
+            ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # datasets raises many types (connection, not found, bad config)
+        raise ValueError(f"dataset {name!r}: cannot load it ({type(e).__name__}: {_first_line(e)})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"dataset {name!r} has no split {split!r}; it has {sorted(ds)}")
+        ds = ds[split]
+    if column not in ds.column_names:
+        raise ValueError(f"dataset {name!r} has no column {column!r}; it has {ds.column_names}")
+    rows = [r for r in tqdm(ds[column], desc="calibration rows", unit="row") if r and r.strip()]
+    if not rows:
+        raise ValueError(f"dataset {name!r}: column {column!r} has no text")
+    return "\n\n".join(rows)
+
+
+def _linear_shapes(model, skip) -> dict[str, tuple[int, int]]:
+    from torch import nn
+
+    return {n: (m.out_features, m.in_features) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not any(n.endswith(s) for s in skip)}
+
+
+def _pick_group_size(model, requested: int | None, skip) -> int:
+    """The group size, checked up front: the checkpoint layout needs it to divide every K."""
+    shapes = _linear_shapes(model, skip)
+    if not shapes:
+        raise ValueError("the model has no linear layers to quantize (check --skip)")
+    ks = sorted({k for _, k in shapes.values()})
+    fits = [g for g in _GROUP_SIZES if all(k % g == 0 for k in ks)]
+    if requested is not None and requested not in fits:
+        hint = f"; use --group-size {fits[0]}" if fits else ""
+        raise ValueError(f"--group-size {requested} does not divide every linear's K {ks}, which "
+                         f"the AWQ checkpoint layout needs{hint}")
+    if not fits:
+        raise ValueError(f"no supported group size (128, 64, 32) divides every linear's K {ks}")
+    bad_n = sorted({n for n, _ in shapes.values() if n % 8})
+    if bad_n:
+        raise ValueError(f"linears with N={bad_n} (not a multiple of 8) cannot be saved in the AWQ "
+                         "checkpoint layout; leave them in float with --skip")
+    return requested or fits[0]
+
+
+def _awq_config(args, group_size: int):
+    from .config import AWQConfig
+
+    return AWQConfig(group_size=group_size, zero_point=not args.symmetric, clip=not args.no_clip,
+                     n_grid=args.n_grid, n_samples=args.n_samples, seq_len=args.seq_len,
+                     seed=args.seed, skip=tuple(args.skip))
+
+
+def _quantize(model, tokenizer, text: str, config):
+    """Sample calibration windows and run AWQ; returns (qmodel, seconds)."""
+    from .api import quantize
+    from .calib import sample_calibration
+
+    ids = sample_calibration(tokenizer, text, config.n_samples, config.seq_len, config.seed)
+    t0 = time.perf_counter()
+    qmodel = quantize(model, calibration=ids, config=config, progress=True)
+    return qmodel, time.perf_counter() - t0
+
+
+def _eval_text(path: Path | None) -> str:
+    from .calib import evaluation_text, read_text_file
+
+    return read_text_file(path) if path is not None else evaluation_text()
+
+
+def _ppl(model, tokenizer, text: str, seq_len: int, windows: int) -> float:
+    from .evaluate import perplexity
+
+    _check_positive(seq_len=seq_len, windows=windows)
+    return perplexity(model, tokenizer, text, seq_len=seq_len, max_windows=windows, progress=True)
+
+
+def _check_positive(**values: int) -> None:
+    for name, v in values.items():
+        if v <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {v}")
+
+
+def _weight_bytes(model, names) -> int:
+    """Bytes of the parameters and buffers held by the modules `names`."""
+    total = 0
+    for n in names:
+        m = model.get_submodule(n)
+        total += sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
+    return total
+
+
+def _latency_ms(model, seq_len: int, repeat: int) -> float:
+    """Median wall time of one no-cache forward over [1, seq_len] token ids."""
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.inference_mode():
+        model(ids, use_cache=False)  # warm-up
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            model(ids, use_cache=False)
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _cmd_quantize(args) -> int:
+    from .checkpoint import save_quantized
+
+    _check_positive(n_samples=args.n_samples, seq_len=args.seq_len, n_grid=args.n_grid)
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.overwrite:
+        raise ValueError(f"--out {args.out} exists and is not an empty folder (pass --overwrite)")
+    text = _calibration_text(args)
+    model, tokenizer = _load(args.model, _DTYPES[args.dtype])
+    config = _awq_config(args, _pick_group_size(model, args.group_size, args.skip))
+    qmodel, seconds = _quantize(model, tokenizer, text, config)
+    save_quantized(qmodel, args.out, tokenizer, overwrite=args.overwrite,
+                   allow_input_scale=args.allow_input_scale)
+    print(f"quantized {args.model} in {seconds:.1f} s (group size {config.group_size}, "
+          f"{config.n_samples} x {config.seq_len} calibration tokens) -> {args.out}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    text = _eval_text(args.text)
+    model, tokenizer = _load(args.model, _DTYPES[args.dtype])
+    ppl = _ppl(model, tokenizer, text, args.seq_len, args.windows)
+    print(f"perplexity {ppl:.4f}  ({args.model}, {args.windows} windows x {args.seq_len} tokens at most)")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .checkpoint import load_quantized
+
+    _check_positive(seq_len=args.seq_len)
+    if args.out.exists() and args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a folder; give a file name")
+    model, _ = load_quantized(args.checkpoint)
+    example = torch.zeros(1, args.seq_len, dtype=torch.long)
+    from . import export as ex  # lazy: export pulls in the exporters
+
+    if args.format == "pt2":
+        torch.export.save(ex.export(model, (example,)), str(args.out))
+    else:
+        fn = getattr(ex, "to_onnx" if args.format == "onnx" else "to_tensorrt", None)
+        if fn is None:
+            raise ImportError(f"--format {args.format}: this awq_compile has no {args.format} exporter")
+        fn(model, args.out, example)
+    print(f"exported {args.checkpoint} -> {args.out} ({args.format})")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .checkpoint import load_quantized
+    from .nn import Int4Linear
+
+    _check_positive(repeat=args.repeat)
+    text = _eval_text(args.text)
+    qmodel, tokenizer = _load(str(args.checkpoint))
+    if not hasattr(qmodel, "awq_config"):
+        raise ValueError(f"{args.checkpoint} is not an AWQ checkpoint")
+    base_spec = args.base or _recorded_base(args.checkpoint)
+    print(f"base model: {base_spec}")
+    base, _ = _load(base_spec)
+    names = [n for n, m in qmodel.named_modules() if isinstance(m, Int4Linear)]
+    rows = [("", "float", "INT4 (AWQ)")]
+    ppl = [_ppl(m, tokenizer, text, args.seq_len, args.windows) for m in (base, qmodel)]
+    rows.append((f"perplexity ({args.windows} x {args.seq_len} tokens)", *(f"{p:.3f}" for p in ppl)))
+    ms = [_latency_ms(m, args.seq_len, args.repeat) for m in (base, qmodel)]
+    rows.append((f"forward [1, {args.seq_len}], median of {args.repeat}", *(f"{t:.1f} ms" for t in ms)))
+    rows.append((f"weights of the {len(names)} quantized linears",
+                 _mib(_weight_bytes(base, names)), _mib(_weight_bytes(qmodel, names))))
+    print(_table(rows))
+    print(f"device: {_device_name()}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .calib import calibration_text, evaluation_text
+    from .checkpoint import save_quantized
+
+    _check_positive(n_samples=args.n_samples, seq_len=args.seq_len, windows=args.windows)
+    model, tokenizer = _load(args.model)
+    group_size = _pick_group_size(model, args.group_size, ("lm_head",))
+    config = _awq_config(argparse.Namespace(symmetric=False, no_clip=False, n_grid=20, skip=["lm_head"],
+                                            n_samples=args.n_samples, seq_len=args.seq_len,
+                                            seed=args.seed), group_size)
+    print(f"calibration: {args.n_samples} windows x {args.seq_len} tokens of the shipped WikiText-2 "
+          f"validation text (AWQ's published setting is 128 x 512; --n-samples changes it)")
+    text = evaluation_text()
+    ppl_float = _ppl(model, tokenizer, text, 512, args.windows)
+    qmodel, seconds = _quantize(model, tokenizer, calibration_text(), config)
+    ppl_int4 = _ppl(qmodel, tokenizer, text, 512, args.windows)
+    names = [n for n in _linear_shapes(model, config.skip)]
+    rows = [("", "float32", f"INT4 AWQ (g={group_size})"),
+            (f"perplexity, WikiText-2 test ({args.windows} x 512 tokens)", f"{ppl_float:.3f}", f"{ppl_int4:.3f}"),
+            (f"weights of the {len(names)} quantized linears",
+             _mib(_weight_bytes(model, names)), _mib(_weight_bytes(qmodel, names))),
+            ("quantization wall time", "-", f"{seconds:.1f} s")]
+    print(_table(rows))
+    if args.out is not None:
+        save_quantized(qmodel, args.out, tokenizer)
+        print(f"checkpoint saved to {args.out}")
+    return 0
+
+
+def _recorded_base(checkpoint: Path) -> str:
+    import json
+
+    recorded = json.loads((checkpoint / "config.json").read_text()).get("_name_or_path") or ""
+    return recorded if recorded and Path(recorded).is_dir() else "smollm2"
+
+
+def _device_name() -> str:
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
+
+
+_COMMANDS = {"quantize": _cmd_quantize, "eval": _cmd_eval, "export": _cmd_export,
+             "bench": _cmd_bench, "demo": _cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 on success, 2 on an expected error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except _EXPECTED_ERRORS as e:
+        print(f"{PROG}: error: {_first_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
