@@ -1,0 +1,166 @@
+"""CUDA kernels for `awq::int4_linear`, from the plain shared library built out of csrc/.
+
+The library has a C ABI (csrc/awq_int4.h) and is loaded with ctypes, so it does not depend on
+torch's C++ ABI. Lookup: $AWQ_COMPILE_CUDA_LIB, else awq_compile/_lib/libawq_int4.so (built by
+`python -m awq_compile.build_kernels`; docs/kernels.md). If it is missing or fails to load, nothing
+is registered and the op keeps its reference implementation: importing this module never fails.
+
+Dispatch by M (tokens): M <= `mma_max_m(N, K)` runs the weight-streaming tensor-core kernel
+(int4_gemv_mma.cu); larger M dequantizes the weight (int4_dequant.cu) and calls cuBLAS through
+torch (an interim until a mixed-input GEMM exists; csrc/NOTES.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .ops import check_int4_linear_args
+
+__all__ = ["library_path", "load_library", "available", "gemm_mma", "dequantize_cuda",
+           "int4_linear_cuda", "mma_max_m", "ENV_VAR"]
+
+ENV_VAR = "AWQ_COMPILE_CUDA_LIB"
+_ABI_VERSION = 1
+_DTYPES = {torch.float16: 0, torch.bfloat16: 1}
+
+# Largest M served by the weight-streaming kernel; above it, dequantize + cuBLAS. Measured on
+# H100/H200 by benchmarks/bench_kernels.py (csrc/NOTES.md, benchmarks/results_kernels.md).
+MMA_MAX_M = 64
+
+
+def mma_max_m(n: int, k: int) -> int:
+    """Crossover M between the two paths for an N x K weight (measured; see MMA_MAX_M)."""
+    return MMA_MAX_M
+
+
+def library_path() -> Path:
+    """Where the library is looked up: $AWQ_COMPILE_CUDA_LIB, else awq_compile/_lib/."""
+    env = os.environ.get(ENV_VAR)
+    return Path(env) if env else Path(__file__).resolve().parent / "_lib" / "libawq_int4.so"
+
+
+@functools.lru_cache(maxsize=1)
+def load_library() -> ctypes.CDLL | None:
+    """The loaded library, or None (missing file, wrong ABI version, unloadable)."""
+    path = library_path()
+    if not path.exists():
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        return None
+    lib.awq_int4_abi_version.restype = ctypes.c_int
+    if lib.awq_int4_abi_version() != _ABI_VERSION:
+        return None
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.awq_int4_last_error.restype = ctypes.c_char_p
+    lib.awq_int4_gemm_mma.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i32, i32, p]
+    lib.awq_int4_gemm_mma.restype = i32
+    lib.awq_int4_dequant.argtypes = [p, p, p, p, i64, i64, i64, i32, i32, p]
+    lib.awq_int4_dequant.restype = i32
+    return lib
+
+
+def available() -> bool:
+    """True when a CUDA device is visible and the kernel library loaded."""
+    return torch.cuda.is_available() and load_library() is not None
+
+
+def _check(rc: int) -> None:
+    if rc != 0:
+        msg = load_library().awq_int4_last_error().decode(errors="replace")
+        raise RuntimeError(f"awq_int4 kernel failed (code {rc}): {msg}")
+
+
+def _check_cuda_args(x, qweight, scales, zeros, group_size, bias) -> tuple[int, int]:
+    n, k = check_int4_linear_args(x, qweight, scales, zeros, group_size, bias)
+    tensors = {"x": x, "qweight": qweight, "scales": scales, "zeros": zeros}
+    if bias is not None:
+        tensors["bias"] = bias
+    shapes = ", ".join(f"{name} {tuple(t.shape)} {t.dtype} {t.device}" for name, t in tensors.items())
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"awq::int4_linear (cuda): x must be fp16 or bf16 ({shapes})")
+    if scales.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"awq::int4_linear (cuda): scales and bias must have x's dtype ({shapes})")
+    if any(t.device != x.device for t in tensors.values()):
+        raise ValueError(f"awq::int4_linear (cuda): all tensors must be on one device ({shapes})")
+    if not all(t.is_contiguous() for name, t in tensors.items() if name != "x"):
+        raise ValueError(f"awq::int4_linear (cuda): weight tensors must be contiguous ({shapes})")
+    if qweight.data_ptr() % 16:
+        raise ValueError(f"awq::int4_linear (cuda): qweight must be 16-byte aligned ({shapes})")
+    return n, k
+
+
+_WORKSPACES: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _workspace(numel: int, device: torch.device) -> torch.Tensor:
+    """A zeroed float32 buffer the split-K kernel leaves zeroed, one per (device, stream)."""
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    ws = _WORKSPACES.get(key)
+    if ws is None or ws.numel() < numel:
+        ws = torch.zeros(max(numel, 1 << 20), dtype=torch.float32, device=device)
+        _WORKSPACES[key] = ws
+    return ws
+
+
+def gemm_mma(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor:
+    """out[M, N] = x2d[M, K] @ W^T + bias via the weight-streaming kernel; arguments as the op's,
+    x2d contiguous, out preallocated (tests poison it first)."""
+    m, k = x2d.shape
+    n, kp = qweight.shape[0], qweight.shape[1] * 2
+    if not x2d.is_contiguous() or out.shape != (m, n) or out.dtype != x2d.dtype or not out.is_contiguous():
+        raise ValueError(f"gemm_mma: x {tuple(x2d.shape)} must be contiguous, out "
+                         f"{tuple(out.shape)} {out.dtype} must be contiguous [{m}, {n}] {x2d.dtype}")
+    ws = _workspace(m * n, x2d.device)
+    stream = torch.cuda.current_stream(x2d.device).cuda_stream
+    _check(load_library().awq_int4_gemm_mma(
+        x2d.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+        None if bias is None else bias.data_ptr(), out.data_ptr(), ws.data_ptr(),
+        m, n, k, kp, group_size, _DTYPES[x2d.dtype], stream))
+    return out
+
+
+def dequantize_cuda(qweight, scales, zeros, group_size, k, out=None) -> torch.Tensor:
+    """The float weight [N, k] in scales' dtype, bit-identical to quant.dequantize in that dtype."""
+    n, kp = qweight.shape[0], qweight.shape[1] * 2
+    if out is None:
+        out = torch.empty((n, k), dtype=scales.dtype, device=qweight.device)
+    stream = torch.cuda.current_stream(qweight.device).cuda_stream
+    _check(load_library().awq_int4_dequant(
+        qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), out.data_ptr(),
+        n, k, kp, group_size, _DTYPES[scales.dtype], stream))
+    return out
+
+
+def int4_linear_cuda(x, qweight, scales, zeros, group_size, bias=None) -> torch.Tensor:
+    """The CUDA implementation of awq::int4_linear: check -> flatten -> allocate -> dispatch ->
+    reshape."""
+    n, k = _check_cuda_args(x, qweight, scales, zeros, group_size, bias)
+    x2d = x.reshape(-1, k).contiguous()
+    m = x2d.shape[0]
+    if m == 0:
+        return x.new_empty((*x.shape[:-1], n))
+    with torch.cuda.device(x.device):
+        if m <= mma_max_m(n, k):
+            y = gemm_mma(x2d, qweight, scales, zeros, group_size, bias, x2d.new_empty((m, n)))
+        else:
+            w = dequantize_cuda(qweight, scales, zeros, group_size, k)
+            y = F.linear(x2d, w, bias)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _register() -> bool:
+    if load_library() is None:
+        return False
+    torch.library.register_kernel("awq::int4_linear", "cuda", int4_linear_cuda)
+    return True
+
+
+REGISTERED = _register()

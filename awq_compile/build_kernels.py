@@ -1,0 +1,103 @@
+"""Build the CUDA kernels of csrc/ into a plain shared library (C ABI, no torch headers).
+
+    python -m awq_compile.build_kernels                 # sm_90a + sm_80 -> awq_compile/_lib/
+    python -m awq_compile.build_kernels --arch 90a      # Hopper only (faster build)
+    python -m awq_compile.build_kernels --out /path/libawq_int4.so
+
+The library does not link against torch, so one build serves any torch version; awq_compile._cuda
+loads it with ctypes from $AWQ_COMPILE_CUDA_LIB or awq_compile/_lib/libawq_int4.so
+(docs/kernels.md). Needs nvcc (CUDA 12.x or 13.x) on PATH or in $CUDA_HOME/bin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+__all__ = ["SOURCES", "default_output", "find_nvcc", "compile_objects", "build"]
+
+SOURCES = ("int4_common.cu", "int4_gemv_mma.cu", "int4_dequant.cu")
+ARCHS = ("90a", "80")
+_FLAGS = ("-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr")
+
+
+def default_output() -> Path:
+    """Where awq_compile._cuda looks for the library when $AWQ_COMPILE_CUDA_LIB is unset."""
+    return Path(__file__).resolve().parent / "_lib" / "libawq_int4.so"
+
+
+def _csrc() -> Path:
+    return Path(__file__).resolve().parent.parent / "csrc"
+
+
+def find_nvcc() -> str | None:
+    """nvcc from $CUDA_HOME/bin, else PATH, else None."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and (Path(home) / "bin" / "nvcc").exists():
+        return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _gencode(arch: str) -> list[str]:
+    # The -gencode form: `-arch=sm_90a` also runs a plain sm_90 pass on some nvcc versions.
+    return [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+
+
+def compile_objects(
+    out_dir: Path, archs=ARCHS, sources=SOURCES, nvcc: str | None = None, jobs: int = 2
+) -> list[Path]:
+    """Compile each source to an object in out_dir; raises CalledProcessError with nvcc's output."""
+    nvcc = nvcc or find_nvcc()
+    if nvcc is None:
+        raise FileNotFoundError("nvcc not found: set CUDA_HOME or put nvcc on PATH")
+    gencodes = [flag for a in archs for flag in _gencode(a)]
+
+    def one(src: str) -> Path:
+        obj = out_dir / (Path(src).stem + ".o")
+        cmd = [nvcc, *_FLAGS, *gencodes, "-c", str(_csrc() / src), "-o", str(obj)]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        return obj
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(one, sources))
+
+
+def build(out: Path | None = None, archs=ARCHS, nvcc: str | None = None, jobs: int = 2) -> Path:
+    """Compile and link libawq_int4.so (static CUDA runtime: no libcudart needed at load time)."""
+    out = Path(out or default_output())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    nvcc = nvcc or find_nvcc()
+    with tempfile.TemporaryDirectory() as tmp:
+        objs = compile_objects(Path(tmp), archs, nvcc=nvcc, jobs=jobs)
+        gencodes = [flag for a in archs for flag in _gencode(a)]
+        tmp_out = Path(tmp) / out.name
+        cmd = [nvcc, "-shared", "-cudart", "static", *gencodes, *map(str, objs), "-o", str(tmp_out)]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        shutil.move(str(tmp_out), out)  # atomic enough: a half-written .so is never loaded
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=None, help=f"default: {default_output()}")
+    p.add_argument("--arch", default=",".join(ARCHS), help="comma list, e.g. 90a,80 (default)")
+    p.add_argument("--nvcc", default=None)
+    p.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
+    args = p.parse_args(argv)
+    try:
+        path = build(args.out, tuple(args.arch.split(",")), args.nvcc, args.jobs)
+    except subprocess.CalledProcessError as e:
+        sys.stderr.write(f"build failed: {' '.join(e.cmd)}\n{e.stdout}{e.stderr}")
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+// C ABI of the awq_compile INT4 kernels (libawq_int4.so), loaded by awq_compile/_cuda.py with
+// ctypes. A plain C interface keeps the library independent of torch's C++ ABI: one build serves
+// any torch version. Every launcher returns 0 on success, or an AWQ_ERR_* code; the message
+// (with the shapes) is then available from awq_int4_last_error().
+//
+// Tensors use the NK_U8 layout of docs/format.md:
+//   qweight uint8 [N, Kp/2]  byte b of row n: k = 2b in bits 0-3, k = 2b+1 in bits 4-7
+//   scales  T     [N, Kp/g]  T = fp16 (dtype 0) or bf16 (dtype 1), the same T as x and y
+//   zeros   uint8 [N, Kp/g]  0..15
+//   bias    T     [N] or NULL
+//   x       T     [M, K] row-major, K in (Kp - g, Kp]  (columns K..Kp-1 of W are never read as
+//                 nonzero: x is taken as 0 there)
+//   y       T     [M, N] row-major
+#pragma once
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum { AWQ_OK = 0, AWQ_ERR_ARG = 1, AWQ_ERR_CUDA = 2 };
+enum { AWQ_DTYPE_F16 = 0, AWQ_DTYPE_BF16 = 1 };
+
+// Version of this ABI; _cuda.py refuses a library whose version differs.
+int awq_int4_abi_version(void);
+
+// Message of the last failed call on this thread ("" if none).
+const char* awq_int4_last_error(void);
+
+// Largest M the tensor-core decode kernel accepts (token tiles are looped over the grid, so this
+// is a sanity bound, not a performance threshold: the dispatcher lives in _cuda.py).
+int64_t awq_int4_mma_max_m(void);
+
+// y = x @ W^T + bias through the weight-streaming tensor-core kernel (int4_gemv_mma.cu).
+// workspace: float32 [M*N], all zero on entry; left all zero on return (it is only touched when
+// the launcher splits K across blocks). stream: a cudaStream_t (NULL = legacy default stream).
+int awq_int4_gemm_mma(const void* x, const uint8_t* qweight, const void* scales,
+                      const uint8_t* zeros, const void* bias, void* y, float* workspace,
+                      int64_t M, int64_t N, int64_t K, int64_t Kp, int group_size, int dtype,
+                      void* stream);
+
+// w[N, K] = (q - z) * s in T, rounded exactly as awq_compile.quant.dequantize does in T
+// (int4_dequant.cu). Used by the large-M path (dequantize + cuBLAS).
+int awq_int4_dequant(const uint8_t* qweight, const void* scales, const uint8_t* zeros, void* w,
+                     int64_t N, int64_t K, int64_t Kp, int group_size, int dtype, void* stream);
+
+#ifdef __cplusplus
+}
+#endif

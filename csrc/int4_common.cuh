@@ -1,0 +1,76 @@
+// Helpers shared by the INT4 kernels: error reporting for the C ABI, the two activation types,
+// and the nibble -> half/bf16 conversion used by every kernel.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "awq_int4.h"
+
+namespace awq {
+
+// Per-thread message so two host threads launching at once cannot garble each other's error.
+char* error_buffer();
+
+// Formats the message into the thread's buffer and returns `code`, so launchers can write
+// `return fail(AWQ_ERR_ARG, "...", ...)`.
+int fail(int code, const char* fmt, ...);
+
+// Checks the launch just made and converts a CUDA error into AWQ_ERR_CUDA with its name.
+int check_launch(const char* what);
+
+// The two activation types. kMagic is the 16-bit pattern whose low mantissa bits a nibble can
+// be OR-ed into to read as (kBase + q) exactly: bf16 128.0 has a 7-bit mantissa of ulp 1, fp16
+// 1024.0 a 10-bit one of ulp 1. That turns int -> float into one LOP3 per two weights.
+template <typename T> struct Half2Traits;
+template <> struct Half2Traits<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  static constexpr uint32_t kMagic = 0x4300u;
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float f) { return __float2bfloat16_rn(f); }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+};
+template <> struct Half2Traits<__half> {
+  using T2 = __half2;
+  static constexpr uint32_t kMagic = 0x6400u;
+  static __device__ __forceinline__ __half from_float(float f) { return __float2half_rn(f); }
+  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+};
+
+// (a & b) | c in one instruction; the LUT byte is (0xF0 & 0xCC) | 0xAA.
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+
+// Dequantizes the 8 nibbles of one 32-bit word (nibble i = weight k0 + i) into four half2
+// registers p[i] = ((q_i - z) * s, (q_{i+4} - z) * s). The pairing (i, i+4) is what one mask
+// extracts per shift; kernels pair activations the same way instead of reordering weights.
+// (q + kBase) - (z + kBase) is an exact small integer, so the only rounding is the multiply by s:
+// the result equals awq_compile.quant.dequantize computed in T, bit for bit.
+// zz: (kMagic | z) in both halves; ss: the scale's bits in both halves.
+template <typename T>
+__device__ __forceinline__ void dequant8(uint32_t w, uint32_t zz, uint32_t ss, uint32_t (&p)[4]) {
+  using T2 = typename Half2Traits<T>::T2;
+  constexpr uint32_t kMagic2 = Half2Traits<T>::kMagic * 0x10001u;
+  const T2 z2 = *reinterpret_cast<const T2*>(&zz);
+  const T2 s2 = *reinterpret_cast<const T2*>(&ss);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint32_t v = and_or(w >> (4 * i), 0x000F000Fu, kMagic2);
+    T2 d = __hmul2(__hsub2(*reinterpret_cast<T2*>(&v), z2), s2);
+    p[i] = *reinterpret_cast<uint32_t*>(&d);
+  }
+}
+
+// Streams weights past L1: each weight byte is read exactly once per kernel.
+__device__ __forceinline__ uint4 ld_stream(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+}  // namespace awq

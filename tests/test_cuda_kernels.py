@@ -1,0 +1,141 @@
+"""The CUDA kernels of awq::int4_linear (csrc/, awq_compile/_cuda.py) against a float64 reference.
+
+Needs a CUDA GPU and the built library (python -m awq_compile.build_kernels); skipped otherwise.
+Weights are random packed INT4 (q, z uniform in 0..15, positive scales), including random values
+in the padded columns, which the kernels must ignore.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from awq_compile import ops  # noqa: F401  (registers the op)
+from awq_compile.quant import dequantize, padded_k
+
+cuda_mod = pytest.importorskip("awq_compile._cuda")
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not cuda_mod.REGISTERED, reason="libawq_int4.so not built/loadable"),
+]
+
+MS = (1, 2, 3, 7, 16, 17, 64, 118, 256, 1024, 2048)
+# (K, N): the issue's K x N list, a K that pads (576, g=128), and odd K for the scalar x path.
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672), (28672, 8192),
+          (576, 1536), (1536, 576), (573, 200)]
+TOL = {torch.bfloat16: 6e-3, torch.float16: 1.5e-3}
+
+
+def _random_weight(k, n, g, dtype, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    kp = padded_k(k, g)
+    qweight = torch.randint(0, 256, (n, kp // 2), dtype=torch.uint8, device="cuda", generator=gen)
+    zeros = torch.randint(0, 16, (n, kp // g), dtype=torch.uint8, device="cuda", generator=gen)
+    scales = (torch.rand((n, kp // g), device="cuda", generator=gen) * 0.02 + 0.002).to(dtype)
+    bias = torch.randn(n, device="cuda", generator=gen).to(dtype)
+    return qweight, scales, zeros, bias
+
+
+def _rel_err(y, ref):
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+_CACHE: dict = {}
+
+
+def _case(k, n, g, dtype):
+    """One weight and its float64 dequantization at a time (the largest is 1.9 GB)."""
+    key = (k, n, g, dtype)
+    if key not in _CACHE:
+        _CACHE.clear()
+        torch.cuda.empty_cache()
+        qw, s, z, b = _random_weight(k, n, g, dtype, seed=hash(key) % 2**31)
+        _CACHE[key] = (qw, s, z, b, dequantize(qw, s, z, g, k, dtype=torch.float64))
+    return _CACHE[key]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("g", [64, 128])
+@pytest.mark.parametrize("k,n", SHAPES, ids=[f"K{k}xN{n}" for k, n in SHAPES])
+def test_gemm_sweep(k, n, g, dtype):
+    qw, s, z, b, w64 = _case(k, n, g, dtype)
+    for i, m in enumerate(MS):
+        bias = b if i % 2 else None
+        x = torch.randn(m, k, device="cuda").to(dtype)
+        ref = x.double() @ w64.T + (0 if bias is None else bias.double())
+        out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+        y_mma = cuda_mod.gemm_mma(x, qw, s, z, g, bias, out)
+        torch.cuda.synchronize()
+        assert torch.isfinite(y_mma).all(), f"M={m}: unwritten or non-finite outputs"
+        assert _rel_err(y_mma, ref) < TOL[dtype], f"mma M={m}: rel err {_rel_err(y_mma, ref):.2e}"
+        y_op = torch.ops.awq.int4_linear(x, qw, s, z, g, bias)
+        assert _rel_err(y_op, ref) < TOL[dtype], f"op M={m}: rel err {_rel_err(y_op, ref):.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("g", [32, 64, 128])
+def test_dequantize_bit_exact(g, dtype):
+    k = 1000 if g == 32 else 968  # not a multiple of g: exercises the padded last group
+    qw, s, z, _ = _random_weight(k, 300, g, dtype, seed=g)
+    got = cuda_mod.dequantize_cuda(qw, s, z, g, k)
+    want = dequantize(qw, s, z, g, k, dtype=dtype)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("m", [1, 5, 33, 300])
+def test_group_sizes_and_3d_input(g, m):
+    k, n = 1024, 768
+    qw, s, z, b = _random_weight(k, n, g, torch.bfloat16, seed=m * g)
+    x = torch.randn(1, m, k, device="cuda").to(torch.bfloat16)
+    ref = x.double() @ dequantize(qw, s, z, g, k, dtype=torch.float64).T + b.double()
+    y = torch.ops.awq.int4_linear(x, qw, s, z, g, b)
+    assert y.shape == (1, m, n)
+    assert _rel_err(y, ref) < TOL[torch.bfloat16]
+
+
+def test_poisoned_allocator():
+    """The op allocates its own output: fill the caching allocator's blocks with NaN first."""
+    k, n, g, m = 2048, 4096, 128, 3
+    qw, s, z, b = _random_weight(k, n, g, torch.float16, seed=7)
+    for _ in range(3):
+        junk = torch.full((m * n * 4,), float("nan"), dtype=torch.float16, device="cuda")
+        del junk
+        x = torch.randn(m, k, device="cuda").half()
+        y = torch.ops.awq.int4_linear(x, qw, s, z, g, b)
+        ref = x.double() @ dequantize(qw, s, z, g, k, dtype=torch.float64).T + b.double()
+        assert torch.isfinite(y).all() and _rel_err(y, ref) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("m", [1, 100])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_opcheck(m, with_bias):
+    k, n, g = 576, 256, 128
+    qw, s, z, b = _random_weight(k, n, g, torch.bfloat16, seed=m)
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    torch.library.opcheck(torch.ops.awq.int4_linear.default,
+                          (x, qw, s, z, g, b if with_bias else None))
+
+
+def test_errors_name_the_shapes():
+    k, n, g = 512, 64, 64
+    qw, s, z, b = _random_weight(k, n, g, torch.bfloat16, seed=1)
+    x = torch.randn(2, k, device="cuda").to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"scales and bias must have x's dtype.*\(64, 8\)"):
+        torch.ops.awq.int4_linear(x, qw, s.half(), z, g, None)
+    with pytest.raises(ValueError, match="one device"):
+        torch.ops.awq.int4_linear(x, qw, s, z.cpu(), g, None)
+    with pytest.raises(ValueError, match="contiguous"):
+        torch.ops.awq.int4_linear(x, qw.t().contiguous().t(), s, z, g, None)
+    with pytest.raises(ValueError, match="fp16 or bf16"):
+        torch.ops.awq.int4_linear(x.float(), qw, s.float(), z, g, None)
+    with pytest.raises(ValueError, match="K=400"):
+        torch.ops.awq.int4_linear(x[:, :400], qw, s, z, g, None)
+    rc = cuda_mod.load_library().awq_int4_gemm_mma(
+        x.data_ptr(), qw.data_ptr(), s.data_ptr(), z.data_ptr(), None, x.data_ptr(), None,
+        2, n, k, k, 48, 1, None)  # group size 48: the launcher itself must refuse
+    with pytest.raises(RuntimeError, match="bad sizes.*group_size=48"):
+        cuda_mod._check(rc)
