@@ -433,6 +433,15 @@ def _device_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
 
 
+def _quiet_transformers() -> None:
+    """Our own progress bars (calibration, search, evaluation) are the ones worth seeing."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+
+
 _COMMANDS = {"quantize": _cmd_quantize, "eval": _cmd_eval, "export": _cmd_export,
              "bench": _cmd_bench, "demo": _cmd_demo}
 
@@ -440,6 +449,7 @@ _COMMANDS = {"quantize": _cmd_quantize, "eval": _cmd_eval, "export": _cmd_export
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 on success, 2 on an expected error)."""
     args = build_parser().parse_args(argv)
+    _quiet_transformers()
     try:
         return _COMMANDS[args.command](args)
     except _EXPECTED_ERRORS as e:
