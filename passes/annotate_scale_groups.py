@@ -76,8 +76,10 @@ def annotate_scale_groups(gm: fx.GraphModule, skip: tuple[str, ...] = ()) -> fx.
         group = ScaleGroup(
             index=index,
             input=x.name,
-            linears=tuple(param_name(m.weight) for m in members),
-            in_features=node_val(x).shape[-1],
+            # One weight read twice here (a Linear called twice, tied weights) is scaled once.
+            linears=tuple(dict.fromkeys(param_name(m.weight) for m in members)),
+            # The weight's K, not x's: a graph input's last dim may be a SymInt (dynamic capture).
+            in_features=int(node_val(members[0].weight).shape[1]),
             absorber=absorber,
             searchable=searchable,
         )
