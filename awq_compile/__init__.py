@@ -8,7 +8,7 @@
 from . import ops  # noqa: F401  (registers torch.ops.awq.int4_linear)
 from .config import AWQConfig, Int4Format
 from .nn import Int4Linear
-from .api import quantize
+from .api import quantize, quantize_rtn
 
-__all__ = ["AWQConfig", "Int4Format", "Int4Linear", "quantize"]
+__all__ = ["AWQConfig", "Int4Format", "Int4Linear", "quantize", "quantize_rtn"]
 __version__ = "0.1.0"

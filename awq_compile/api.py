@@ -15,7 +15,7 @@ from .nn import Int4Linear
 from .passes._graph import fetch_attr
 from .passes.fold_scales import fold_group_tensors, inverse_input_scale
 
-__all__ = ["quantize", "capture", "run_pipeline", "apply_plan", "prepare_batches", "Batch"]
+__all__ = ["quantize", "quantize_rtn", "capture", "run_pipeline", "apply_plan", "prepare_batches", "Batch"]
 
 Batch = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -56,7 +56,7 @@ def quantize(
     was_training = target.training
     target.eval()
     with torch.no_grad():
-        gm = capture(target, batches[0])
+        gm = capture(target, batches[0], dynamic=output == "graph")
         run_pipeline(gm, lambda g: _calibrate(g, batches, progress), config, len(batches),
                      progress, stop_before=None if output == "graph" else "swap_linear_int4")
         if output == "graph":
@@ -68,8 +68,29 @@ def quantize(
     return target
 
 
-def capture(model: nn.Module, batch: Batch) -> fx.GraphModule:
-    """The model as an ATen-level GraphModule (torch.export, static shapes of `batch`).
+def quantize_rtn(model: nn.Module, config: AWQConfig | None = None) -> nn.Module:
+    """Round-to-nearest baseline: every nn.Linear outside `config.skip` quantized as it is
+    (no scales, no clipping), into a copy of `model`. Same format and op as `quantize`."""
+    config = config or AWQConfig()
+    target = copy.deepcopy(model)
+    names = [n for n, m in target.named_modules() if isinstance(m, nn.Linear)
+             and not any(n == s or n.endswith("." + s) for s in config.skip)]
+    if not names:
+        raise ValueError("quantize_rtn: the model has no nn.Linear layers to quantize")
+    for name in names:
+        lin = target.get_submodule(name)
+        info = P.LinearInfo(name + ".weight", None, 0, lin.out_features, lin.in_features, False)
+        qw = P.quantize_linear(lin.weight.detach(), info, config)
+        parent, _, child = name.rpartition(".")
+        setattr(target.get_submodule(parent), child,
+                Int4Linear.from_quantized(qw, config.group_size, lin.bias).to(lin.weight.device))
+    target.awq_config = config
+    return target
+
+
+def capture(model: nn.Module, batch: Batch, dynamic: bool = False) -> fx.GraphModule:
+    """The model as an ATen-level GraphModule (torch.export of `batch`'s shapes; with
+    `dynamic`, every tensor dimension may vary where the model allows it).
 
     Parameters become `get_attr` nodes named by their qualified names; the passes rely on it.
     """
@@ -77,10 +98,23 @@ def capture(model: nn.Module, batch: Batch) -> fx.GraphModule:
     kwargs = dict(kwargs)
     if "use_cache" in inspect.signature(model.forward).parameters and "use_cache" not in kwargs:
         kwargs["use_cache"] = False  # a KV cache object is no tensor output to trace
-    ep = torch.export.export(model, args, kwargs, strict=False)
+    dyn = None
+    if dynamic:
+        def auto(v):
+            return {d: torch.export.Dim.AUTO for d in range(v.dim())} if isinstance(v, torch.Tensor) else None
+        dyn = _dynamic_spec(model, args, kwargs, auto)
+    ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dyn)
     gm = ep.module()
     gm.awq_capture_kwargs = {k: v for k, v in kwargs.items() if k == "use_cache"}
     return gm
+
+
+def _dynamic_spec(model, args, kwargs, auto):
+    """dynamic_shapes keyed by the forward's parameter names, as torch.export wants them."""
+    names = list(inspect.signature(model.forward).parameters)
+    spec = {names[i]: auto(a) for i, a in enumerate(args)}
+    spec.update({k: auto(v) for k, v in kwargs.items()})
+    return spec
 
 
 def run_pipeline(

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import fx
 
-from ._graph import match_linear, node_val, param_name, real_users
+from ._graph import concrete_shape, hint, match_linear, node_val, param_name, real_users
 
 aten = torch.ops.aten
 
@@ -57,6 +57,7 @@ PASS_THROUGH = {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default,
     aten.transpose.int, aten.permute.default, aten.expand.default,
     aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default, aten.dropout.default,
+    aten.slice.Tensor,  # `x[:, :, None]` in repeat_kv; channel_map checks what a slice keeps
 }
 # Ops whose output channels are their value input's channels (attention): arg index of value.
 VALUE_PATH = {
@@ -100,7 +101,8 @@ def _rule_mul(node: fx.Node, walk: Callable) -> Found | None:
                 return (ParamTarget(*hit, one_plus=True),), node, []
     for i, operand in enumerate((a, b)):
         v = node_val(operand)
-        if isinstance(operand, fx.Node) and v is not None and v.shape == node_val(node).shape:
+        if (isinstance(operand, fx.Node) and v is not None
+                and concrete_shape(v) == concrete_shape(node_val(node))):
             found = walk(operand, {node})
             if found is not None:
                 targets, head, chain = found
@@ -200,24 +202,24 @@ def find_absorber(x: fx.Node, group: set[fx.Node]) -> Absorber:
 def channel_map(head: fx.Node, chain: list[Walk]) -> tuple[int, ...] | None:
     """Which head channel each channel of the chain's end reads, by pushing channel ids through
     the chain's ops at their traced shapes. None if channels get mixed."""
-    val = node_val(head)
-    ids = torch.arange(val.shape[-1]).expand(val.shape)
+    shape = concrete_shape(node_val(head))
+    ids = torch.arange(shape[-1]).expand(shape)
     for node, i in chain:
-        out = node_val(node)
+        out = concrete_shape(node_val(node))
         if node.target in VALUE_PATH:
             ids = ids[..., :1, :]
-            if ids.dim() >= 3 and out.dim() >= 3 and out.shape[-3] != ids.shape[-3]:
-                if out.shape[-3] % ids.shape[-3]:
+            if ids.dim() >= 3 and len(out) >= 3 and out[-3] != ids.shape[-3]:
+                if out[-3] % ids.shape[-3]:
                     return None
-                ids = ids.repeat_interleave(out.shape[-3] // ids.shape[-3], dim=-3)
-            ids = ids.expand(out.shape)
+                ids = ids.repeat_interleave(out[-3] // ids.shape[-3], dim=-3)
+            ids = ids.expand(out)
         elif node.target is aten.mul.Tensor or node.target in PASS_THROUGH and _is_cast(node):
-            ids = ids.expand(out.shape)
+            ids = ids.expand(out)
         else:
-            args = list(node.args)
+            args = [hint(a) for a in node.args]
             args[i] = ids.contiguous()
-            ids = node.target(*args, **node.kwargs)
-        if tuple(ids.shape) != tuple(out.shape):
+            ids = node.target(*args, **{k: hint(v) for k, v in node.kwargs.items()})
+        if tuple(ids.shape) != out:
             return None
     flat = ids.reshape(-1, ids.shape[-1])
     if not bool((flat == flat[:1]).all()):

@@ -85,6 +85,23 @@ def node_val(node: object) -> torch.Tensor | None:
     return None
 
 
+def hint(v: object) -> object:
+    """A concrete value for a possibly symbolic size (SymInt -> its example value); fx nodes
+    standing for sizes are replaced by theirs. Other values pass through."""
+    if isinstance(v, fx.Node):
+        v = v.meta.get("val", v)
+    if isinstance(v, torch.SymInt):
+        h = v.node.hint
+        return int(h) if h is not None else int(v.node.shape_env.size_hint(v.node.expr))
+    if isinstance(v, (list, tuple)):
+        return type(v)(hint(x) for x in v)
+    return v
+
+
+def concrete_shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(hint(d) for d in t.shape)
+
+
 def iter_linears(gm: fx.GraphModule) -> Iterable[LinearMatch]:
     for node in gm.graph.nodes:
         m = match_linear(node)

@@ -27,25 +27,30 @@ __all__ = ["fold_scales", "fold_group_tensors", "inverse_input_scale"]
 def fold_group_tensors(root: torch.nn.Module, group: ScaleGroup) -> None:
     """Fold one group's scale into the tensors of `root` (a GraphModule or the eager model;
     both name parameters alike). Explicit-mul groups only get their columns scaled here."""
-    s = group.scale.float()
+    s = group.scale
     se = expand_scale(s, group.absorber.channel_map)
     for name in group.linears:
         w = fetch_attr(root, name)
-        set_attr(root, name, (w.float() * se.to(w.device)).to(w.dtype))
+        set_attr(root, name, (_up(w) * se.to(w.device, _up(w).dtype)).to(w.dtype))
     if group.absorber.kind != "params":
         return
     for t in group.absorber.targets:
         p = fetch_attr(root, t.name)
         shape = [1] * p.dim()
         shape[t.dim] = -1
-        sv = s.to(p.device).reshape(shape)
-        new = (1 + p.float()) / sv - 1 if t.one_plus else p.float() / sv
+        sv = s.to(p.device, _up(p).dtype).reshape(shape)
+        new = (1 + _up(p)) / sv - 1 if t.one_plus else _up(p) / sv
         set_attr(root, t.name, new.to(p.dtype))
+
+
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """Fold in at least float32 (half-precision parameters), in float64 where they are."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def inverse_input_scale(group: ScaleGroup) -> torch.Tensor:
     """1/s per input channel, the factor of an explicit-mul group."""
-    return 1.0 / expand_scale(group.scale.float(), group.absorber.channel_map)
+    return 1.0 / expand_scale(group.scale, group.absorber.channel_map)
 
 
 def fold_scales(gm: fx.GraphModule) -> int:
