@@ -113,6 +113,11 @@ def quantize(
     w32 = w.detach().to(torch.float32)
     wg = _grouped(w32, group_size)
     s, z = _qparams(wg, zero_point, scale_dtype)
+    if not torch.isfinite(s).all():  # a range beyond the dtype's max would dequantize to NaN
+        raise ValueError(
+            f"quantize: scales are not finite in {str(scale_dtype).removeprefix('torch.')} "
+            f"(max |w| = {float(w32.abs().max()):.3g}); store scales in float32"
+        )
     q = (torch.round(wg / s.unsqueeze(-1)) + z.unsqueeze(-1)).clamp(0, MAX_Q)
     q = q.reshape(n, -1)
     kp = q.shape[1]
