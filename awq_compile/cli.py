@@ -5,7 +5,7 @@
     awq-compile quantize --model ./my-llama --calib-file corpus.txt --group-size 64 --out ./q
     awq-compile eval smollm2-awq                       perplexity on the shipped WikiText-2 test text
     awq-compile bench smollm2-awq --base smollm2       float vs INT4: perplexity, latency, bytes
-    awq-compile export smollm2-awq --format pt2 --out smollm2.pt2
+    awq-compile export smollm2-awq --format onnx --out smollm2-awq.onnx
 
 Expected failures (bad paths, bad flags, unreadable checkpoints) print one line,
 `awq-compile: error: <message>`, on stderr and exit with status 2. docs/cli.md has the details.
@@ -70,14 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_window(e, windows=40)
     _add_dtype(e)
 
-    x = sub.add_parser("export", formatter_class=fmt, help="export a checkpoint (pt2 / onnx / tensorrt)",
-                       description="Export an AWQ checkpoint ahead of time.")
+    x = sub.add_parser("export", formatter_class=fmt, help="export a checkpoint (onnx / tensorrt / pt2)",
+                       description="Export an AWQ checkpoint ahead of time, weights kept INT4.",
+                       epilog="formats:\n"
+                              "  onnx      ONNX, each INT4 linear as com.microsoft::MatMulNBits (ONNX Runtime)\n"
+                              "            or, with --onnx-op qdq, as int4/uint4 DequantizeLinear + MatMul\n"
+                              "  tensorrt  ONNX in TensorRT's INT4 form: signed int4 DequantizeLinear, no\n"
+                              "            zero points (an exact correction term where needed);\n"
+                              "            build the engine with trtexec --onnx=FILE\n"
+                              "  pt2       torch.export program (torch.export.load after import awq_compile)")
     x.add_argument("checkpoint", type=Path, help="AWQ checkpoint folder (from 'awq-compile quantize')")
-    x.add_argument("--format", choices=("pt2", "onnx", "tensorrt"), default="onnx",
-                   help="pt2: torch.export program; onnx: ONNX model; tensorrt: ONNX for TensorRT "
-                        "(default: %(default)s)")
+    x.add_argument("--format", choices=("onnx", "tensorrt", "pt2"), default="onnx",
+                   help="output format (default: %(default)s)")
+    x.add_argument("--onnx-op", choices=("matmulnbits", "qdq"), default="matmulnbits",
+                   help="how --format onnx writes INT4 linears (default: %(default)s)")
     x.add_argument("--out", required=True, type=Path, help="output file")
-    x.add_argument("--seq-len", type=int, default=16, help="example sequence length (default: %(default)s)")
+    x.add_argument("--seq-len", type=int, default=16,
+                   help="example sequence length; the exported sequence length is dynamic "
+                        "(default: %(default)s)")
 
     b = sub.add_parser("bench", formatter_class=fmt, help="float vs INT4: perplexity, latency, bytes",
                        description="Compare a float model with its AWQ checkpoint on a few windows of "
@@ -352,16 +362,18 @@ def _cmd_export(args) -> int:
     if args.out.exists() and args.out.is_dir():
         raise ValueError(f"--out {args.out} is a folder; give a file name")
     model, _ = load_quantized(args.checkpoint)
-    example = torch.zeros(1, args.seq_len, dtype=torch.long)
-    from . import export as ex  # lazy: export pulls in the exporters
-
+    example = (torch.zeros(1, args.seq_len, dtype=torch.long),)
     if args.format == "pt2":
-        torch.export.save(ex.export(model, (example,)), str(args.out))
+        from .export import export  # lazy: the exporters are not needed elsewhere
+
+        torch.export.save(export(model, example), str(args.out))
     else:
-        fn = getattr(ex, "to_onnx" if args.format == "onnx" else "to_tensorrt", None)
-        if fn is None:
-            raise ImportError(f"--format {args.format}: this awq_compile has no {args.format} exporter")
-        fn(model, args.out, example)
+        from .onnx_export import to_onnx
+
+        op, signed = ("qdq", True) if args.format == "tensorrt" else (args.onnx_op, False)
+        result = to_onnx(model, args.out, op, args=example, signed=signed)
+        kinds = sorted(set(result.routes.values()))
+        print(f"{len(result.routes)} INT4 linears written as {', '.join(kinds)}")
     print(f"exported {args.checkpoint} -> {args.out} ({args.format})")
     return 0
 

@@ -179,3 +179,17 @@ def test_export_pt2_runs_like_the_checkpoint(checkpoint, tmp_path, capsys):
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits
     torch.testing.assert_close(program.module()(ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_onnx_runs_in_onnxruntime_like_the_checkpoint(checkpoint, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    out = tmp_path / "tiny.onnx"
+    assert main(["export", str(checkpoint), "--out", str(out)]) == 0
+    assert "14 INT4 linears written as matmulnbits" in capsys.readouterr().out
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    model, _ = load_quantized(checkpoint)
+    ids = torch.randint(0, 512, (1, 11))  # not the example length: the sequence is dynamic
+    (logits,) = session.run(None, {session.get_inputs()[0].name: ids.numpy()})
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-4)
