@@ -105,16 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "text and print perplexity, linear weight bytes and quantization "
                                    "time, float vs INT4.", epilog=_CALIBRATION_RULE)
     d.add_argument("--model", default="smollm2", help=argparse.SUPPRESS)
-    d.add_argument("--n-samples", type=int, default=32,
-                   help="calibration windows (default: %(default)s, a few minutes on 2 CPU cores; "
-                        "AWQ's published setting is 128)")
+    d.add_argument("--n-samples", type=int, default=DEMO_N_SAMPLES,
+                   help="calibration windows (default: %(default)s; AWQ's published setting is 128)")
     d.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default: %(default)s)")
+    d.add_argument("--max-search-tokens", type=int, default=DEMO_SEARCH_TOKENS,
+                   help="tokens kept per scale group for the search (default: %(default)s; "
+                        "quantize's default is 4096)")
     d.add_argument("--group-size", type=int, choices=_GROUP_SIZES, help="default: the largest that divides every K")
-    d.add_argument("--windows", type=int, default=8, help="evaluation windows of 512 tokens (default: %(default)s)")
+    d.add_argument("--windows", type=int, default=4, help="evaluation windows of 512 tokens (default: %(default)s)")
     d.add_argument("--out", type=Path, help="also save the checkpoint to this folder")
     d.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: %(default)s)")
     return parser
 
+
+# The demo's defaults keep it to minutes on 2 CPU cores; quantize's are AWQ's published ones.
+DEMO_N_SAMPLES = 16
+DEMO_SEARCH_TOKENS = 1024
 
 _CALIBRATION_RULE = """\
 calibration sampling rule:
@@ -161,6 +167,9 @@ def _add_config(p) -> None:
     g.add_argument("--symmetric", action="store_true", help="symmetric INT4 (no zero point)")
     g.add_argument("--no-clip", action="store_true", help="skip the weight clipping search")
     g.add_argument("--n-grid", type=int, default=20, help="scale search grid points (default: %(default)s)")
+    g.add_argument("--max-search-tokens", type=int, default=4096,
+                   help="calibration tokens kept per scale group for the search; the search's "
+                        "time grows with it (default: %(default)s)")
     g.add_argument("--skip", nargs="*", default=["lm_head"], metavar="SUFFIX",
                    help="linears left in float, by module-name suffix (default: lm_head)")
 
@@ -254,7 +263,7 @@ def _awq_config(args, group_size: int):
 
     return AWQConfig(group_size=group_size, zero_point=not args.symmetric, clip=not args.no_clip,
                      n_grid=args.n_grid, n_samples=args.n_samples, seq_len=args.seq_len,
-                     seed=args.seed, skip=tuple(args.skip))
+                     max_search_tokens=args.max_search_tokens, seed=args.seed, skip=tuple(args.skip))
 
 
 def _quantize(model, tokenizer, text: str, config):
@@ -333,7 +342,8 @@ def _first_line(e: BaseException) -> str:
 def _cmd_quantize(args) -> int:
     from .checkpoint import save_quantized
 
-    _check_positive(n_samples=args.n_samples, seq_len=args.seq_len, n_grid=args.n_grid)
+    _check_positive(n_samples=args.n_samples, seq_len=args.seq_len, n_grid=args.n_grid,
+                    max_search_tokens=args.max_search_tokens)
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.overwrite:
         raise ValueError(f"--out {args.out} exists and is not an empty folder (pass --overwrite)")
     text = _calibration_text(args)
@@ -410,11 +420,13 @@ def _cmd_demo(args) -> int:
     _check_positive(n_samples=args.n_samples, seq_len=args.seq_len, windows=args.windows)
     model, tokenizer = _load(args.model)
     group_size = _pick_group_size(model, args.group_size, ("lm_head",))
-    config = _awq_config(argparse.Namespace(symmetric=False, no_clip=False, n_grid=20, skip=["lm_head"],
-                                            n_samples=args.n_samples, seq_len=args.seq_len,
-                                            seed=args.seed), group_size)
+    config = _awq_config(argparse.Namespace(
+        symmetric=False, no_clip=False, n_grid=20, skip=["lm_head"], n_samples=args.n_samples,
+        seq_len=args.seq_len, max_search_tokens=args.max_search_tokens, seed=args.seed), group_size)
     print(f"calibration: {args.n_samples} windows x {args.seq_len} tokens of the shipped WikiText-2 "
-          f"validation text (AWQ's published setting is 128 x 512; --n-samples changes it)")
+          f"validation text, {args.max_search_tokens} tokens per scale search: small settings for "
+          "a few minutes on a CPU (AWQ's published setting: --n-samples 128 --max-search-tokens "
+          "4096, as 'awq-compile quantize' uses)")
     text = evaluation_text()
     ppl_float = _ppl(model, tokenizer, text, 512, args.windows)
     qmodel, seconds = _quantize(model, tokenizer, calibration_text(), config)
