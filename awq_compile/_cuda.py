@@ -80,21 +80,33 @@ def _check(rc: int) -> None:
 
 def _check_cuda_args(x, qweight, scales, zeros, group_size, bias) -> tuple[int, int]:
     n, k = check_int4_linear_args(x, qweight, scales, zeros, group_size, bias)
+    dev = x.device
+    if (x.dtype not in _DTYPES or scales.dtype != x.dtype
+            or (bias is not None and (bias.dtype != x.dtype or bias.device != dev))
+            or qweight.device != dev or scales.device != dev or zeros.device != dev
+            or not (qweight.is_contiguous() and scales.is_contiguous() and zeros.is_contiguous())
+            or (bias is not None and not bias.is_contiguous()) or qweight.data_ptr() % 16):
+        _raise_bad_args(x, qweight, scales, zeros, bias)
+    return n, k
+
+
+def _raise_bad_args(x, qweight, scales, zeros, bias) -> None:
+    """The slow path of _check_cuda_args: says which rule failed, with every tensor's shape."""
     tensors = {"x": x, "qweight": qweight, "scales": scales, "zeros": zeros}
     if bias is not None:
         tensors["bias"] = bias
     shapes = ", ".join(f"{name} {tuple(t.shape)} {t.dtype} {t.device}" for name, t in tensors.items())
     if x.dtype not in _DTYPES:
-        raise ValueError(f"awq::int4_linear (cuda): x must be fp16 or bf16 ({shapes})")
-    if scales.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise ValueError(f"awq::int4_linear (cuda): scales and bias must have x's dtype ({shapes})")
-    if any(t.device != x.device for t in tensors.values()):
-        raise ValueError(f"awq::int4_linear (cuda): all tensors must be on one device ({shapes})")
-    if not all(t.is_contiguous() for name, t in tensors.items() if name != "x"):
-        raise ValueError(f"awq::int4_linear (cuda): weight tensors must be contiguous ({shapes})")
-    if qweight.data_ptr() % 16:
-        raise ValueError(f"awq::int4_linear (cuda): qweight must be 16-byte aligned ({shapes})")
-    return n, k
+        msg = "x must be fp16 or bf16"
+    elif scales.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        msg = "scales and bias must have x's dtype"
+    elif any(t.device != x.device for t in tensors.values()):
+        msg = "all tensors must be on one device"
+    elif not all(t.is_contiguous() for name, t in tensors.items() if name != "x"):
+        msg = "weight tensors must be contiguous"
+    else:
+        msg = "qweight must be 16-byte aligned"
+    raise ValueError(f"awq::int4_linear (cuda): {msg} ({shapes})")
 
 
 _WORKSPACES: dict[tuple[int, int], torch.Tensor] = {}
@@ -147,12 +159,13 @@ def int4_linear_cuda(x, qweight, scales, zeros, group_size, bias=None) -> torch.
     m = x2d.shape[0]
     if m == 0:
         return x.new_empty((*x.shape[:-1], n))
-    with torch.cuda.device(x.device):
-        if m <= mma_max_m(n, k):
-            y = gemm_mma(x2d, qweight, scales, zeros, group_size, bias, x2d.new_empty((m, n)))
-        else:
-            w = dequantize_cuda(qweight, scales, zeros, group_size, k)
-            y = F.linear(x2d, w, bias)
+    if x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):
+            return int4_linear_cuda(x, qweight, scales, zeros, group_size, bias)
+    if m <= mma_max_m(n, k):
+        y = gemm_mma(x2d, qweight, scales, zeros, group_size, bias, x2d.new_empty((m, n)))
+    else:
+        y = F.linear(x2d, dequantize_cuda(qweight, scales, zeros, group_size, k), bias)
     return y.reshape(*x.shape[:-1], n)
 
 

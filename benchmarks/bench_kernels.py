@@ -73,7 +73,7 @@ def _rel(y, ref):
     return ((y.float() - ref).norm() / ref.norm()).item()
 
 
-def bench_shape(k, n, g, ms, bw):
+def bench_shape(k, n, g, ms, bw, only=None):
     wbytes = n * padded_k(k, g) // 2 + n * (padded_k(k, g) // g) * 3
     copies = max(2, min(8, math.ceil(ROT_BYTES / (n * k * 2))))
     ws = _weights(k, n, g, copies)
@@ -98,6 +98,10 @@ def bench_shape(k, n, g, ms, bw):
         if tg is not None:
             variants["tinygemm"] = (lambda a: torch._weight_int4pack_mm(x, a[0], g, a[1]), tg)
         r = {"M": m}
+        for name in list(variants):
+            if only and name not in only:
+                del variants[name]
+                r[name] = float("nan")
         for name, (fn, sets) in variants.items():
             err = _rel(fn(sets[0]), ref)
             r[name + "_err"] = err
@@ -126,7 +130,8 @@ def table(card, bw, results) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for (k, n), rows in results.items():
         for r in rows:
-            op, cb, tgm = r["op"], r["cublas"], r.get("tinygemm", float("nan"))
+            op = r["op"] if not math.isnan(r["op"]) else r["mma"]
+            cb, tgm = r["cublas"], r.get("tinygemm", float("nan"))
             lines.append(
                 f"| {k}x{n} | {r['M']} | {_fmt(cb)} | {_fmt(tgm)} | {_fmt(op)} | {_fmt(r['mma'])} | "
                 f"{_fmt(r['deq+cublas'])} | {_fmt(cb / op, '.2f')}x | {_fmt(tgm / op, '.2f')}x | "
@@ -149,15 +154,20 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", type=Path, default=Path(__file__).with_name("kernel_shapes.json"))
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--m", default=None, help="comma list overriding the file's M values")
+    p.add_argument("--only", default=None, help="comma list of variants, e.g. mma,cublas")
     args = p.parse_args()
     cfg = json.loads(args.shapes.read_text())
     assert _cuda.available(), "CUDA kernels not available: build with python -m awq_compile.build_kernels"
     card = torch.cuda.get_device_name()
     bw = copy_bandwidth()
     ms = sorted(set(cfg["m"]) | set(cfg.get("extra_m", [])))
+    if args.m:
+        ms = [int(v) for v in args.m.split(",")]
+    only = set(args.only.split(",")) if args.only else None
     results = {}
     for k, n in cfg["shapes"]:
-        results[(k, n)] = bench_shape(k, n, cfg["group_size"], ms, bw)
+        results[(k, n)] = bench_shape(k, n, cfg["group_size"], ms, bw, only)
         print(f"timed {k}x{n}", flush=True)
     text = table(card, bw, results) + "\n\nDispatcher crossover (mma vs dequantize + cuBLAS):\n" + crossover(results)
     errs = "\n".join(f"{k}x{n} M={r['M']}: " + ", ".join(f"{key[:-4]} {v:.1e}" for key, v in r.items() if key.endswith("_err"))

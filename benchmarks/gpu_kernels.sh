@@ -5,6 +5,8 @@
 set -u -o pipefail
 OUT=${OUT:-/tmp/awq_kernels_out}
 mkdir -p "$OUT"
+# pyproject maps awq_compile.passes to ./passes; without an install, a link does the same.
+[ -e awq_compile/passes ] || ln -s ../passes awq_compile/passes
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv | tee "$OUT/gpu.txt"
 if ! python3 -c "import awq_compile._cuda as c, sys; sys.exit(0 if c.available() else 1)"; then

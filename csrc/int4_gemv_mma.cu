@@ -52,16 +52,27 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-constexpr int kRT = 2;                        // m16 tiles per warp: B fragments are reused RT times
-constexpr int kU = 2;                         // k-blocks prefetched per warp (bytes in flight)
-constexpr int kKB = 128;                      // k per k-block: 4 lanes x 32 nibbles
-constexpr int kRowsPerBlock = kWarps * kRT * 16;
-constexpr int kSmemBudget = 96 * 1024;        // x slice; 2 blocks per SM still fit in 228 KB
+constexpr int kU = 2;                   // k-blocks held in registers ahead of use
+constexpr int kKB = 128;                // k per k-block: 4 lanes x 32 nibbles (64 B of a row)
+constexpr int kPF = 4;                  // k-blocks per L2 prefetch: one 256-byte run per row
+constexpr int kPD = 4;                  // prefetch distance in k-blocks past the current one
+constexpr int kChunkBytes = 32 * 1024;  // x chunk in shared memory: two blocks per SM fit
+
+template <int NT>
+__host__ __device__ constexpr int chunk_kb() { return kChunkBytes / (kKB * 8 * NT * 2); }
+// m16 tiles per warp: 2 reuses each B fragment twice; NT = 4 needs the registers for its
+// accumulators, so it takes 1.
+template <int NT>
+__host__ __device__ constexpr int rt_for() { return NT >= 4 ? 1 : 2; }
+template <int NT>
+__host__ __device__ constexpr int rows_per_block() { return kWarps * 16 * rt_for<NT>(); }
 
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                          uint32_t a3, uint32_t b0, uint32_t b1);
 
+// volatile keeps ptxas from hoisting every dequantized fragment ahead of its mma (which blows
+// the register budget); order inside the warp is what the data dependencies need anyway.
 template <>
 __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], uint32_t a0, uint32_t a1,
                                                         uint32_t a2, uint32_t a3, uint32_t b0,
@@ -84,6 +95,18 @@ __device__ __forceinline__ void mma16816<__half>(float (&d)[4], uint32_t a0, uin
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// Asks L2 to fetch `bytes` (multiple of 16) at p. On sm_90 one bulk prefetch covers the run, so
+// DRAM sees a 256-byte burst per row; registers then load from L2, so the bytes in flight from
+// DRAM no longer cost registers.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#else
+  for (uint32_t o = 0; o < bytes; o += 128)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const char*>(p) + o));
+#endif
+}
+
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
@@ -102,20 +125,21 @@ struct Args {
 };
 
 // One k-block of a warp's weights: rows g and g+8 of each of its RT m16 tiles.
+template <int RT>
 struct Stage {
-  uint4 w[kRT][2];
-  uint32_t s[kRT][2];
-  uint32_t z[kRT][2];
+  uint4 w[RT][2];
+  uint32_t s[RT][2];
+  uint32_t z[RT][2];
 };
 
-template <typename T>
-__device__ __forceinline__ void load_stage(Stage& st, const Args& a, int row0, int kb, int lane) {
+template <typename T, int RT>
+__device__ __forceinline__ void load_stage(Stage<RT>& st, const Args& a, int row0, int kb, int lane) {
   const int g = lane >> 2, t = lane & 3;
   const int k = kb * kKB + 32 * t;
   const bool in_k = k < a.Kp;
   const uint16_t* sc = static_cast<const uint16_t*>(a.scales);
 #pragma unroll
-  for (int r = 0; r < kRT; ++r) {
+  for (int r = 0; r < RT; ++r) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = min(row0 + r * 16 + h * 8 + g, a.N - 1);
@@ -133,13 +157,29 @@ __device__ __forceinline__ void load_stage(Stage& st, const Args& a, int row0, i
   }
 }
 
-// Fills the block's x slice, pre-permuted for the B fragments: 16-byte unit
-// ((kbl*4 + u)*TOK + m)*4 + t holds x[m, k0 + kbl*128 + 32t + 8u + (0,4,1,5,2,6,3,7)], zero for
-// tokens >= M and k >= K. Global reads run along k so consecutive threads read adjacent bytes.
+// Lane l prefetches k-blocks [kb, kb_end) of the warp's row l (qweight, and the scale and zero
+// lines that cover them).
+template <int RT>
+__device__ __forceinline__ void prefetch_rows(const Args& a, int row0, int kb, int kb_end, int lane) {
+  if (lane >= 16 * RT || kb >= kb_end) return;
+  const int row = min(row0 + lane, a.N - 1);
+  const int rowb = a.Kp / 2, b0 = kb * (kKB / 2);
+  const int bytes = min(kb_end * (kKB / 2), rowb) - b0;
+  if (bytes <= 0) return;
+  prefetch_l2(a.qweight + (size_t)row * rowb + b0, bytes);
+  const size_t gi = (size_t)row * a.groups + ((kb * kKB) >> a.log2g);
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const uint16_t*>(a.scales) + gi));
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(a.zeros + gi));
+}
+
+// Fills a chunk of x, pre-permuted for the B fragments: 16-byte unit ((kbl*4 + u)*TOK + m)*4 + t
+// holds x[m, k0 + kbl*128 + 32t + 8u + (0,4,1,5,2,6,3,7)], zero for tokens >= M and k >= K.
+// Global reads run along k so consecutive threads read adjacent bytes.
 template <typename T, int TOK>
-__device__ void fill_x(uint4* smx, const Args& a, int tok0, int k0, int kbs) {
+__device__ __forceinline__ void fill_x(uint4* smx, const Args& a, int tok0, int k0, int kbs) {
   const uint16_t* x = static_cast<const uint16_t*>(a.x);
   const int ks8 = kbs * (kKB / 8);
+#pragma unroll 2
   for (int q = threadIdx.x; q < ks8 * TOK; q += kThreads) {
     const int m = q / ks8, kk = q - m * ks8;
     const int kbl = kk >> 4, t = (kk >> 2) & 3, u = kk & 3;
@@ -166,15 +206,15 @@ __device__ void fill_x(uint4* smx, const Args& a, int tok0, int k0, int kbs) {
 }
 
 // acc[r][nt]: rows (g, g+8) of tile r x tokens (2t, 2t+1) of n-tile nt, as mma's C fragment.
-template <typename T, int NT>
-__device__ __forceinline__ void compute_stage(float (&acc)[kRT][NT][4], const Stage& st,
+template <typename T, int NT, int RT>
+__device__ __forceinline__ void compute_stage(float (&acc)[RT][NT][4], const Stage<RT>& st,
                                               const uint4* smx, int kbl, int lane) {
   constexpr int TOK = 8 * NT;
   constexpr uint32_t kMagic = Half2Traits<T>::kMagic;
   const int g = lane >> 2, t = lane & 3;
-  uint32_t zz[kRT][2], ss[kRT][2];
+  uint32_t zz[RT][2], ss[RT][2];
 #pragma unroll
-  for (int r = 0; r < kRT; ++r)
+  for (int r = 0; r < RT; ++r)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       zz[r][h] = (kMagic | st.z[r][h]) * 0x10001u;
@@ -186,7 +226,7 @@ __device__ __forceinline__ void compute_stage(float (&acc)[kRT][NT][4], const St
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) b[nt] = smx[((kbl * 4 + u) * TOK + nt * 8 + g) * 4 + t];
 #pragma unroll
-    for (int r = 0; r < kRT; ++r) {
+    for (int r = 0; r < RT; ++r) {
       uint32_t pg[4], ph[4];
       dequant8<T>(word(st.w[r][0], u), zz[r][0], ss[r][0], pg);
       dequant8<T>(word(st.w[r][1], u), zz[r][1], ss[r][1], ph);
@@ -199,14 +239,14 @@ __device__ __forceinline__ void compute_stage(float (&acc)[kRT][NT][4], const St
   }
 }
 
-template <typename T, int NT>
-__device__ __forceinline__ void epilogue(const float (&acc)[kRT][NT][4], const Args& a, int row0,
+template <typename T, int NT, int RT>
+__device__ __forceinline__ void epilogue(const float (&acc)[RT][NT][4], const Args& a, int row0,
                                          int tok0, int lane, bool split) {
   const int g = lane >> 2, t = lane & 3;
   const T* bias = static_cast<const T*>(a.bias);
   T* y = static_cast<T*>(a.y);
 #pragma unroll
-  for (int r = 0; r < kRT; ++r)
+  for (int r = 0; r < RT; ++r)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = row0 + r * 16 + h * 8 + g;
@@ -229,35 +269,43 @@ __device__ __forceinline__ void epilogue(const float (&acc)[kRT][NT][4], const A
 // grid: (token tiles, row blocks, K splits). Token tiles vary fastest so the blocks that share a
 // row block's weights run close together in time and hit L2.
 template <typename T, int NT>
-__global__ void __launch_bounds__(kThreads) gemv_mma_kernel(const Args a) {
-  extern __shared__ uint4 smx[];
+__global__ void __launch_bounds__(kThreads, 2) gemv_mma_kernel(const Args a) {
+  constexpr int TOK = 8 * NT, CK = chunk_kb<NT>(), RT = rt_for<NT>();
+  __shared__ uint4 smx[kChunkBytes / 16];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int tok0 = blockIdx.x * 8 * NT;
-  const int row0 = blockIdx.y * kRowsPerBlock + warp * kRT * 16;
+  const int tok0 = blockIdx.x * TOK;
+  const int row0 = blockIdx.y * rows_per_block<NT>() + warp * RT * 16;
   const int kb0 = blockIdx.z * a.kb_per_split;
   const int nkb = min(a.kb_per_split, a.nkb - kb0);
   if (nkb <= 0) return;  // block-uniform
+  const int kb_end = kb0 + nkb;
 
-  Stage st[kU];
+  prefetch_rows<RT>(a, row0, kb0, min(kb0 + kPD, kb_end), lane);
+  Stage<RT> st[kU];
 #pragma unroll
   for (int s = 0; s < kU; ++s)
-    if (s < nkb) load_stage<T>(st[s], a, row0, kb0 + s, lane);
-  // The first weight loads are in flight while the block stages x.
-  fill_x<T, 8 * NT>(smx, a, tok0, kb0 * kKB, nkb);
-  __syncthreads();
+    if (s < nkb) load_stage<T, RT>(st[s], a, row0, kb0 + s, lane);
 
-  float acc[kRT][NT][4] = {};
+  float acc[RT][NT][4] = {};
   for (int i = 0; i < nkb; i += kU) {
 #pragma unroll
     for (int s = 0; s < kU; ++s) {
-      if (i + s < nkb) {
-        const Stage cur = st[s];
-        if (i + s + kU < nkb) load_stage<T>(st[s], a, row0, kb0 + i + s + kU, lane);
-        compute_stage<T, NT>(acc, cur, smx, i + s, lane);
+      const int j = i + s;
+      if (j < nkb) {
+        if (j % CK == 0) {  // next x chunk (block-uniform); weight loads keep streaming meanwhile
+          __syncthreads();
+          fill_x<T, TOK>(smx, a, tok0, (kb0 + j) * kKB, min(CK, nkb - j));
+          __syncthreads();
+        }
+        if (j % kPF == 0)
+          prefetch_rows<RT>(a, row0, kb0 + j + kPD, min(kb0 + j + kPD + kPF, kb_end), lane);
+        const Stage<RT> cur = st[s];
+        if (j + kU < nkb) load_stage<T, RT>(st[s], a, row0, kb0 + j + kU, lane);
+        compute_stage<T, NT, RT>(acc, cur, smx, j % CK, lane);
       }
     }
   }
-  epilogue<T, NT>(acc, a, row0, tok0, lane, gridDim.z > 1);
+  epilogue<T, NT, RT>(acc, a, row0, tok0, lane, gridDim.z > 1);
 }
 
 // y = ws + bias rounded to T, and ws back to zero for the next launch.
@@ -274,8 +322,8 @@ __global__ void finalize_kernel(float* ws, const T* bias, T* y, int64_t total, i
 
 struct DeviceInfo {
   int sms = 0;
-  int occ[2][3] = {};  // blocks per SM by registers alone, [dtype][NT index]
-  bool smem_set[2][3] = {};
+  int occ[2][3] = {};  // resident blocks per SM, [dtype][NT index]
+  bool ready[2][3] = {};
 };
 
 DeviceInfo& device_info(int dev) {
@@ -291,33 +339,25 @@ int launch(const Args& a0, int dtype, int nti, cudaStream_t stream) {
   if (cudaGetDevice(&dev) != cudaSuccess) return check_launch("cudaGetDevice");
   DeviceInfo& di = device_info(dev);
   auto kernel = gemv_mma_kernel<T, NT>;
-  if (!di.smem_set[dtype][nti]) {
+  if (!di.ready[dtype][nti]) {
     if (cudaDeviceGetAttribute(&di.sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBudget) != cudaSuccess ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&di.occ[dtype][nti], kernel, kThreads, 0) != cudaSuccess)
       return check_launch("gemv_mma setup");
-    di.smem_set[dtype][nti] = true;
+    di.ready[dtype][nti] = true;
   }
   const int tok_tiles = (a.M + TOK - 1) / TOK;
-  const int row_blocks = (a.N + kRowsPerBlock - 1) / kRowsPerBlock;
-  const int base = tok_tiles * row_blocks;
-  const int kb_max = kSmemBudget / (kKB * TOK * 2);
-  const int per_sm_smem = 227 * 1024;
-  // Most splits that still fit one wave of resident blocks; at least enough for the smem budget.
-  int splits = (a.nkb + kb_max - 1) / kb_max;
-  while (splits < a.nkb) {
-    const int kbp = (a.nkb + splits) / (splits + 1);
-    const int smem = kbp * kKB * TOK * 2;
-    const int occ = std::min(di.occ[dtype][nti], per_sm_smem / (smem + 1024));
-    if ((long long)base * (splits + 1) > (long long)occ * di.sms) break;
-    ++splits;
-  }
-  a.kb_per_split = (a.nkb + splits - 1) / splits;
+  const int row_blocks = (a.N + rows_per_block<NT>() - 1) / rows_per_block<NT>();
+  const long long base = (long long)tok_tiles * row_blocks;
+  const long long capacity = (long long)std::max(di.occ[dtype][nti], 1) * di.sms;
+  // Most K splits that keep the grid within one wave of resident blocks: split-K only where the
+  // row blocks alone cannot fill the GPU. Splits start on kPF boundaries (aligned 256 B runs).
+  const int runs = (a.nkb + kPF - 1) / kPF;
+  int splits = (int)std::max<long long>(1, std::min<long long>(capacity / base, runs));
+  a.kb_per_split = ((runs + splits - 1) / splits) * kPF;
   splits = (a.nkb + a.kb_per_split - 1) / a.kb_per_split;
-  const int smem = a.kb_per_split * kKB * TOK * 2;
   dim3 grid(tok_tiles, row_blocks, splits);
   if (splits > 1 && a.ws == nullptr) return fail(AWQ_ERR_ARG, "awq_int4_gemm_mma: split-K needs a workspace");
-  kernel<<<grid, kThreads, smem, stream>>>(a);
+  kernel<<<grid, kThreads, 0, stream>>>(a);
   if (int e = check_launch("gemv_mma_kernel")) return e;
   if (splits > 1) {
     const int64_t total = (int64_t)a.M * a.N;
