@@ -1,8 +1,11 @@
 """annotate_scale_groups: find AWQ's scale groups from the graph's dataflow.
 
     Matches:   q = linear(n, Wq); k = linear(n, Wk); v = linear(n, Wv)     n = rms_norm(x) * g
-    Annotates: n.meta["awq"] = ScaleGroup(linears=(Wq, Wk, Wv), absorber=params[g])
+    Annotates: n.meta["awq_group"] = ScaleGroup(linears=(Wq, Wk, Wv), absorber=params[g])
                q.meta["awq"] = LinearInfo(group=0, clip=False)  # q, k feed attention scores
+
+Two keys, because one node can be both: in `linear(linear(x, W1), W2)` the first linear is a
+member of one group and the input of the next.
 
 A group is the set of linears that read the same activation node; all of them share one scale
 vector s (their weight columns are multiplied by s, the activation divided by it). How the
@@ -83,7 +86,7 @@ def annotate_scale_groups(gm: fx.GraphModule, skip: tuple[str, ...] = ()) -> fx.
             absorber=absorber,
             searchable=searchable,
         )
-        x.meta["awq"] = group
+        x.meta["awq_group"] = group
         groups.append(group)
         for m in members:
             w = node_val(m.weight)
@@ -116,7 +119,7 @@ def set_group(gm: fx.GraphModule, group: ScaleGroup) -> None:
     gm.meta["awq_groups"] = tuple(groups)
     for node in gm.graph.nodes:
         if node.name == group.input:
-            node.meta["awq"] = group
+            node.meta["awq_group"] = group
 
 
 def _weight_only_here(m: LinearMatch, members: list[LinearMatch]) -> bool:
