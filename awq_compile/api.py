@@ -29,6 +29,8 @@ def quantize(
     output: str = "module",
     batch_size: int = 8,
     progress: bool = False,
+    device: torch.device | str | None = None,
+    stream: bool | None = None,
 ) -> nn.Module:
     """Quantize `model`'s linear layers to INT4 with AWQ.
 
@@ -42,6 +44,12 @@ def quantize(
     output="graph" returns the captured `torch.fx.GraphModule` with `awq.int4_linear` ops; it
     also covers functional `F.linear` calls, which have no module to swap.
 
+    device: where calibration, search and quantization compute (default: the model's device).
+    If it differs from where the weights are (a model kept on the CPU, device="cuda"), weights
+    are streamed: each is copied to `device` when the graph reads it and freed after its last
+    use, so device memory holds one batch's activations and a few weights, never the model.
+    `stream` forces that mode on or off (default: on exactly when the devices differ).
+
     >>> qmodel = quantize(model, calibration=ids, config=AWQConfig(group_size=64))  # doctest: +SKIP
     """
     config = config or AWQConfig()
@@ -51,18 +59,24 @@ def quantize(
         raise ValueError(f"quantize: output={output!r}; choose 'module' or 'graph'")
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize: model must be a torch.nn.Module, got {type(model).__name__}")
-    batches = prepare_batches(calibration, batch_size, _device_of(model))
+    home = _device_of(model)
+    device = torch.device(device) if device is not None else home
+    stream = device != home if stream is None else stream
+    batches = prepare_batches(calibration, batch_size, home)
     target = model if inplace else copy.deepcopy(model)
     was_training = target.training
     target.eval()
     with torch.no_grad():
         gm = capture(target, batches[0], dynamic=output == "graph")
-        run_pipeline(gm, lambda g: _calibrate(g, batches, progress), config, len(batches),
-                     progress, stop_before=None if output == "graph" else "swap_linear_int4")
+        run_pipeline(gm, lambda g: _calibrate(g, batches, progress, device if stream else None),
+                     config, len(batches), progress,
+                     stop_before=None if output == "graph" else "swap_linear_int4",
+                     device=device)
         if output == "graph":
             gm.awq_config = config
             return gm
-        apply_plan(target, P.scale_groups(gm), [i for _, i in P.linear_infos(gm)], config)
+        apply_plan(target, P.scale_groups(gm), [i for _, i in P.linear_infos(gm)], config,
+                   device=device)
     target.train(was_training)
     target.awq_config = config
     return target
@@ -124,6 +138,7 @@ def run_pipeline(
     n_batches: int,
     progress: bool = False,
     stop_before: str | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[str, Any]:
     """Run `passes.PIPELINE` on `gm` in order (up to `stop_before`); returns each step's count."""
     observers: dict[int, P.GroupObserver] = {}
@@ -147,9 +162,10 @@ def run_pipeline(
         "insert_observers": observe,
         "calibrate": lambda: calibrate(gm),
         "remove_observers": lambda: P.remove_observers(gm),
-        "search_scales": lambda: P.search_scales(gm, observers, config, progress),
+        "search_scales": lambda: P.search_scales(gm, observers, config, progress, device),
         "fold_scales": lambda: P.fold_scales(gm),
-        "search_clip": lambda: P.search_clip(gm, observers, config, progress) if config.clip else 0,
+        "search_clip": lambda: (P.search_clip(gm, observers, config, progress, device)
+                                if config.clip else 0),
         "swap_linear_int4": lambda: P.swap_linear_int4(gm, config),
     }
     stats = {}
@@ -162,10 +178,11 @@ def run_pipeline(
 
 def apply_plan(
     model: nn.Module, groups: Iterable[P.ScaleGroup], infos: Iterable[P.LinearInfo],
-    config: AWQConfig,
+    config: AWQConfig, device: torch.device | str | None = None,
 ) -> int:
     """Fold searched scales into `model`'s parameters and swap its nn.Linear modules for
-    Int4Linear, following the plan the passes wrote; returns the number swapped."""
+    Int4Linear, following the plan the passes wrote; returns the number swapped. Each weight
+    is quantized on `device` (default: where it is) and the result put back where it was."""
     groups = list(groups)
     for g in groups:
         if g.scale is not None:
@@ -183,7 +200,8 @@ def apply_plan(
                 f"quantize: {info.weight} is used by a functional linear, not an nn.Linear "
                 "module; use quantize(..., output='graph') for such models"
             )
-        qw = P.quantize_linear(fetch_attr(model, info.weight).detach(), info, config)
+        w = fetch_attr(model, info.weight).detach()
+        qw = P.quantize_linear(w.to(device), info, config)
         new = Int4Linear.from_quantized(qw, config.group_size, owner.bias, inv.get(info.group))
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path), child, new.to(owner.weight.device))
@@ -254,7 +272,8 @@ def _shapes(b: Batch) -> tuple:
     )
 
 
-def _calibrate(gm: fx.GraphModule, batches: list[Batch], progress: bool) -> int:
+def _calibrate(gm: fx.GraphModule, batches: list[Batch], progress: bool,
+               stream_to: torch.device | None = None) -> int:
     extra = getattr(gm, "awq_capture_kwargs", {})
     it: Iterable[Batch] = batches
     if progress:
@@ -262,8 +281,51 @@ def _calibrate(gm: fx.GraphModule, batches: list[Batch], progress: bool) -> int:
 
         it = tqdm(batches, desc="calibrate", unit="batch")
     for args, kwargs in it:
-        gm(*args, **{**extra, **kwargs})
+        if stream_to is None:
+            gm(*args, **{**extra, **kwargs})
+        else:
+            _StreamingRunner(gm, stream_to).run(*args, *[{**extra, **kwargs}[k] for k in
+                                                          _kwarg_order(gm, {**extra, **kwargs})])
     return len(batches)
+
+
+def _kwarg_order(gm: fx.GraphModule, kwargs: dict[str, Any]) -> list[str]:
+    """Keyword inputs in the order of the graph's placeholders after the positional ones."""
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    return [n for n in names if n in kwargs]
+
+
+class _StreamingRunner(fx.Interpreter):
+    """Runs the captured graph on `device` while its weights stay where they are: each is
+    copied over when read and freed after its last use (the interpreter drops dead values).
+    Devices baked into the graph at capture (arange(..., device=cpu)) are redirected."""
+
+    def __init__(self, gm: fx.GraphModule, device: torch.device) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.device = device
+
+    def _move(self, v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.to(self.device, non_blocking=True)
+        if isinstance(v, torch.device):
+            return self.device
+        return v
+
+    def placeholder(self, target, args, kwargs):
+        return self._move(super().placeholder(target, args, kwargs))
+
+    def get_attr(self, target, args, kwargs):
+        return self._move(super().get_attr(target, args, kwargs))
+
+    def call_function(self, target, args, kwargs):
+        kwargs = {k: self._move(v) if isinstance(v, torch.device) else v for k, v in kwargs.items()}
+        args = tuple(self._move(a) if isinstance(a, torch.device) else a for a in args)
+        return super().call_function(target, args, kwargs)
+
+    def call_module(self, target, args, kwargs):
+        if target == "_guards_fn":  # export's input-shape guards, checked at capture already
+            return None
+        return super().call_module(target, args, kwargs)
 
 
 def _device_of(model: nn.Module) -> torch.device:

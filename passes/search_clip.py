@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import fx
 
 from awq_compile.algorithm import expand_scale, search_clip as _search_clip
@@ -30,15 +31,17 @@ def search_clip(
     observers: dict[int, GroupObserver],
     config: AWQConfig,
     progress: bool = False,
+    device: torch.device | str | None = None,
 ) -> int:
-    """Search clip ranges for every clippable linear; returns how many were searched."""
+    """Search clip ranges for every clippable linear on `device` (default: where the weights
+    are); returns how many were searched."""
     groups = scale_groups(gm)
     searched = 0
     for node, info in _progress(linear_infos(gm), progress, "search clip"):
         if not info.clip:
             continue
         group = groups[info.group]
-        w = fetch_attr(gm, info.weight)
+        w = fetch_attr(gm, info.weight).to(device)
         x = observers[info.group].x_sample[: config.max_clip_tokens].to(w.device).float()
         if group.scale is not None:
             x = x / expand_scale(group.scale, group.absorber.channel_map).to(w.device)

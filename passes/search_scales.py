@@ -29,8 +29,10 @@ def search_scales(
     observers: dict[int, GroupObserver],
     config: AWQConfig,
     progress: bool = False,
+    device: torch.device | str | None = None,
 ) -> int:
-    """Search every group's scale; returns how many groups were searched."""
+    """Search every group's scale on `device` (default: where the weights are); returns how
+    many groups were searched."""
     groups = scale_groups(gm)
     searched = 0
     for group in _progress(groups, progress, "search scales"):
@@ -39,7 +41,7 @@ def search_scales(
         if not group.searchable:
             s, alpha = torch.ones(size), None
         else:
-            weights = [fetch_attr(gm, name) for name in group.linears]
+            weights = [fetch_attr(gm, name).to(device) for name in group.linears]
             dev = weights[0].device
             s, alpha, _ = search_scale(
                 obs.x_sample.to(dev), obs.x_mean.to(dev), weights,

@@ -203,3 +203,14 @@ def test_linear_called_twice_keeps_unit_scale():
     P.annotate_scale_groups(gm)
     assert [g.searchable for g in P.scale_groups(gm)] == [False, False]
     assert len(list(iter_linears(gm))) == 2
+
+
+def test_streaming_runner_gives_the_same_plan():
+    """device= streams weights through an interpreter; on one device it must change nothing."""
+    model = tiny_llama(torch.float32)
+    ids = _ids()
+    cfg = AWQConfig(group_size=32, n_grid=4, clip_grid=4)
+    direct = quantize(model, ids, cfg)
+    streamed = quantize(model, ids, cfg, device="cpu", stream=True)
+    for (k, a), (_, b) in zip(direct.state_dict().items(), streamed.state_dict().items()):
+        assert torch.equal(a, b), k
