@@ -40,6 +40,19 @@ def _to_absorber_space(v: torch.Tensor, channel_map: tuple[int, ...] | None, siz
     return acc / cnt.clamp(min=1)
 
 
+def _gram(x: torch.Tensor) -> torch.Tensor | None:
+    """x^T x when that is the cheaper way to the output error: ||x d^T||^2 = sum((d H) * d)
+    costs N K^2 with H, T N K without; so H is used while K < T."""
+    return x.t() @ x if x.shape[1] < x.shape[0] else None
+
+
+def _output_mse(x: torch.Tensor, h: torch.Tensor | None, d: torch.Tensor) -> float:
+    """Mean over tokens and output rows of (x @ d^T)^2, d a weight error [N, K]."""
+    if h is not None:
+        return ((d @ h) * d).sum().item() / (x.shape[0] * d.shape[0])
+    return (x @ d.t()).pow(2).mean().item()
+
+
 @torch.no_grad()
 def search_scale(
     x: torch.Tensor,
@@ -66,10 +79,10 @@ def search_scale(
     """
     w = torch.cat([wi.float() for wi in weights], dim=0)
     x = x.float()
+    h = _gram(x)
     size = size or w.shape[1]
     xm = _to_absorber_space(x_mean.float(), channel_map, size)
     wm = _to_absorber_space(weight_saliency(w, group_size), channel_map, size)
-    ref = x @ w.t()
     best = (float("inf"), 0.0, torch.ones(size, device=w.device))
     losses = []
     for i in range(n_grid):
@@ -79,7 +92,7 @@ def search_scale(
         s = s / (s.max() * s.min()).sqrt()
         se = expand_scale(s, channel_map)
         wq = fake_quantize(w * se, group_size, zero_point) / se
-        loss = (x @ wq.t() - ref).pow(2).mean().item()
+        loss = _output_mse(x, h, wq - w)
         losses.append(loss)
         if loss < best[0]:
             best = (loss, a, s)
@@ -96,34 +109,31 @@ def search_clip(
     zero_point: bool = True,
     n_grid: int = 20,
     max_shrink: float = 0.5,
-    rows_per_batch: int = 64,
 ) -> torch.Tensor:
     """AWQ's auto-clip for one linear: per (row, group), the max |w| in
     {max * (1 - i/n_grid)} minimising the MSE of that group's partial output over x [T, K].
-    Returns the chosen max [N, G]; `apply_clip` uses it."""
+    Returns the chosen max [N, G]; `apply_clip` uses it.
+
+    The partial outputs' error is d^T H_g d with H_g the group's block of x^T x: the same
+    number as over x itself, at g/T of the cost."""
     n, k = w.shape
     # Padded input columns are zero, so the padded weight columns (copies of the last real
     # one, see quant._grouped) add nothing to the outputs compared.
     xg = _pad_x(x.float(), k, group_size)  # [T, G, g]
+    h = torch.einsum("tgk,tgl->gkl", xg, xg) / xg.shape[0]  # [G, g, g]
     wg = _grouped(w.float(), group_size)  # [N, G, g]
-    out = torch.empty(n, wg.shape[1], dtype=torch.float32, device=w.device)
-    steps = max(1, int(max_shrink * n_grid))
-    for r0 in range(0, n, rows_per_batch):
-        wb = wg[r0:r0 + rows_per_batch]  # [b, G, g]
-        org_max = wb.abs().amax(dim=-1, keepdim=True)  # [b, G, 1]
-        ref = torch.einsum("tgk,bgk->btg", xg, wb)
-        best_err = torch.full(org_max.shape[:2], float("inf"), device=w.device)
-        best_max = org_max.squeeze(-1).clone()
-        for i in range(steps):
-            mx = org_max * (1 - i / n_grid)
-            cw = torch.maximum(torch.minimum(wb, mx), -mx)
-            q = fake_quantize(cw.reshape(cw.shape[0], -1), group_size, zero_point).reshape(cw.shape)
-            err = (torch.einsum("tgk,bgk->btg", xg, q) - ref).pow(2).mean(dim=1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_max = torch.where(better, mx.squeeze(-1), best_max)
-        out[r0:r0 + rows_per_batch] = best_max
-    return out
+    org_max = wg.abs().amax(dim=-1, keepdim=True)  # [N, G, 1]
+    best_err = torch.full(org_max.shape[:2], float("inf"), device=w.device)
+    best_max = org_max.squeeze(-1).clone()
+    for i in range(max(1, int(max_shrink * n_grid))):
+        mx = org_max * (1 - i / n_grid)
+        cw = torch.maximum(torch.minimum(wg, mx), -mx)
+        d = fake_quantize(cw.reshape(n, -1), group_size, zero_point).reshape(cw.shape) - wg
+        err = torch.einsum("ngk,gkl,ngl->ng", d, h, d)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_max = torch.where(better, mx.squeeze(-1), best_max)
+    return best_max
 
 
 def apply_clip(w: torch.Tensor, max_val: torch.Tensor, group_size: int) -> torch.Tensor:
