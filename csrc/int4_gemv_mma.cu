@@ -50,29 +50,31 @@
 namespace awq {
 namespace {
 
-constexpr int kWarps = 8;
+#ifndef AWQ_GEMV_WARPS
+#define AWQ_GEMV_WARPS 8
+#endif
+#ifndef AWQ_GEMV_STAGES
+#define AWQ_GEMV_STAGES 4
+#endif
+constexpr int kWarps = AWQ_GEMV_WARPS;   // one m16 tile (16 rows) per warp
 constexpr int kThreads = kWarps * 32;
-constexpr int kU = 2;                   // k-blocks held in registers ahead of use
-constexpr int kKB = 128;                // k per k-block: 4 lanes x 32 nibbles (64 B of a row)
-constexpr int kPF = 4;                  // k-blocks per L2 prefetch: one 256-byte run per row
-constexpr int kPD = 4;                  // prefetch distance in k-blocks past the current one
-constexpr int kChunkBytes = 32 * 1024;  // x chunk in shared memory: two blocks per SM fit
+constexpr int kP = AWQ_GEMV_STAGES;      // cp.async ring depth per warp: kP - 1 stages in flight
+constexpr int kKB = 128;                 // k per k-block: 4 lanes x 32 nibbles (64 B of a row)
+constexpr int kV = 4;                    // k-blocks per stage: a 256-byte run of each row
+constexpr int kStageBytes = 16 * kV * 64;  // one warp's stage: 16 rows x 256 B
+constexpr int kRowsPerBlock = kWarps * 16;
+constexpr int kChunkBytes = 32 * 1024;   // x chunk (one work item's K range) in shared memory
 
 template <int NT>
-__host__ __device__ constexpr int chunk_kb() { return kChunkBytes / (kKB * 8 * NT * 2); }
-// m16 tiles per warp: 2 reuses each B fragment twice; NT = 4 needs the registers for its
-// accumulators, so it takes 1.
-template <int NT>
-__host__ __device__ constexpr int rt_for() { return NT >= 4 ? 1 : 2; }
-template <int NT>
-__host__ __device__ constexpr int rows_per_block() { return kWarps * 16 * rt_for<NT>(); }
+__host__ __device__ constexpr int chunk_kb() { return kChunkBytes / (kKB * 8 * NT * 2); }  // 16, 8, 4
+__host__ __device__ constexpr int smem_bytes() { return kChunkBytes + kWarps * kP * kStageBytes; }
 
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                          uint32_t a3, uint32_t b0, uint32_t b1);
 
 // volatile keeps ptxas from hoisting every dequantized fragment ahead of its mma (which blows
-// the register budget); order inside the warp is what the data dependencies need anyway.
+// the register budget); the order inside the warp is what the data dependencies need anyway.
 template <>
 __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], uint32_t a0, uint32_t a1,
                                                         uint32_t a2, uint32_t a3, uint32_t b0,
@@ -95,17 +97,13 @@ __device__ __forceinline__ void mma16816<__half>(float (&d)[4], uint32_t a0, uin
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Asks L2 to fetch `bytes` (multiple of 16) at p. On sm_90 one bulk prefetch covers the run, so
-// DRAM sees a 256-byte burst per row; registers then load from L2, so the bytes in flight from
-// DRAM no longer cost registers.
-__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#else
-  for (uint32_t o = 0; o < bytes; o += 128)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const char*>(p) + o));
-#endif
+// 16-byte global -> shared copy that bypasses registers and L1; src_bytes = 0 writes zeros.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
@@ -120,62 +118,78 @@ struct Args {
   void* y;
   float* ws;
   int M, N, K, Kp, log2g, groups;
-  int kb_per_split, nkb;
+  int nkb;         // k-blocks in Kp (the last may be partial)
+  int ck;          // k-blocks per work item (multiple of kV)
+  int nchunks;     // work items along K
+  int tok_tiles, row_blocks, items;
   bool x_vec;
 };
 
-// One k-block of a warp's weights: rows g and g+8 of each of its RT m16 tiles.
-template <int RT>
-struct Stage {
-  uint4 w[RT][2];
-  uint32_t s[RT][2];
-  uint32_t z[RT][2];
+// A work item: (token tile, row block, K chunk); token tiles vary fastest so items that share a
+// row block's weights run at the same time on different SMs and hit L2.
+struct Item {
+  int tok0, row0, kb0, nkb;
 };
 
-template <typename T, int RT>
-__device__ __forceinline__ void load_stage(Stage<RT>& st, const Args& a, int row0, int kb, int lane) {
+template <int NT>
+__device__ __forceinline__ Item decode_item(const Args& a, int id) {
+  Item it;
+  const int tt = id % a.tok_tiles, rest = id / a.tok_tiles;
+  const int c = rest % a.nchunks, rb = rest / a.nchunks;
+  it.tok0 = tt * 8 * NT;
+  it.row0 = rb * kRowsPerBlock;
+  it.kb0 = c * a.ck;
+  it.nkb = min(a.ck, a.nkb - it.kb0);
+  return it;
+}
+
+// Issues one warp stage: 16 rows x kV k-blocks as 256-byte runs, two rows per instruction (lanes
+// 0-15 and 16-31), so every request is whole 128-byte lines. Chunk c16 = v*4 + t of row r lands
+// at slot c16 ^ 4*(r & 1) so that the consumer's reads (rows g, g+1 in a quarter warp) hit eight
+// different bank groups.
+__device__ __forceinline__ void produce(const Args& a, uint32_t slot, int row0, int kb, int kb_end,
+                                       int lane) {
+  const int c16 = lane & 15, v = c16 >> 2, t = c16 & 3;
+  const int kbv = kb + v, byte = kbv * 64 + t * 16;
+  const bool in_k = kbv < kb_end && kbv * kKB + 32 * t < a.Kp;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int r = 2 * i + (lane >> 4);
+    const int row = row0 + r;
+    const bool ok = in_k && row < a.N;
+    const uint8_t* src = a.qweight + (ok ? (size_t)row * (a.Kp / 2) + byte : 0);
+    cp_async16(slot + r * 256 + ((c16 ^ ((r & 1) << 2)) << 4), src, ok ? 16 : 0);
+  }
+  if (lane < 16 && kb < kb_end) {  // the scale and zero lines this stage will read
+    const size_t gi = (size_t)min(row0 + lane, a.N - 1) * a.groups + ((kb * kKB) >> a.log2g);
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const uint16_t*>(a.scales) + gi));
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(a.zeros + gi));
+  }
+}
+
+// Scales and zero points of one stage for lane (g, t): rows g and g+8, k-blocks kb .. kb+kV-1.
+struct SZ {
+  uint32_t s[kV][2], z[kV][2];
+};
+
+__device__ __forceinline__ void load_sz(SZ& sz, const Args& a, int row0, int kb, int lane) {
   const int g = lane >> 2, t = lane & 3;
-  const int k = kb * kKB + 32 * t;
-  const bool in_k = k < a.Kp;
   const uint16_t* sc = static_cast<const uint16_t*>(a.scales);
 #pragma unroll
-  for (int r = 0; r < RT; ++r) {
+  for (int h = 0; h < 2; ++h) {
+    const size_t rowg = (size_t)min(row0 + g + 8 * h, a.N - 1) * a.groups;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = min(row0 + r * 16 + h * 8 + g, a.N - 1);
-      if (in_k) {
-        st.w[r][h] = ld_stream(a.qweight + (size_t)row * (a.Kp / 2) + k / 2);
-        const size_t gi = (size_t)row * a.groups + (k >> a.log2g);
-        st.s[r][h] = __ldg(sc + gi);
-        st.z[r][h] = __ldg(a.zeros + gi);
-      } else {  // past Kp: a zero weight (x is zero there too)
-        st.w[r][h] = make_uint4(0, 0, 0, 0);
-        st.s[r][h] = 0;
-        st.z[r][h] = 0;
-      }
+    for (int v = 0; v < kV; ++v) {
+      const int k = min((kb + v) * kKB + 32 * t, a.Kp - 1);
+      sz.s[v][h] = __ldg(sc + rowg + (k >> a.log2g));
+      sz.z[v][h] = __ldg(a.zeros + rowg + (k >> a.log2g));
     }
   }
 }
 
-// Lane l prefetches k-blocks [kb, kb_end) of the warp's row l (qweight, and the scale and zero
-// lines that cover them).
-template <int RT>
-__device__ __forceinline__ void prefetch_rows(const Args& a, int row0, int kb, int kb_end, int lane) {
-  if (lane >= 16 * RT || kb >= kb_end) return;
-  const int row = min(row0 + lane, a.N - 1);
-  const int rowb = a.Kp / 2, b0 = kb * (kKB / 2);
-  const int bytes = min(kb_end * (kKB / 2), rowb) - b0;
-  if (bytes <= 0) return;
-  prefetch_l2(a.qweight + (size_t)row * rowb + b0, bytes);
-  const size_t gi = (size_t)row * a.groups + ((kb * kKB) >> a.log2g);
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const uint16_t*>(a.scales) + gi));
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(a.zeros + gi));
-}
-
-// Fills a chunk of x, pre-permuted for the B fragments: 16-byte unit ((kbl*4 + u)*TOK + m)*4 + t
-// holds x[m, k0 + kbl*128 + 32t + 8u + (0,4,1,5,2,6,3,7)], zero for tokens >= M and k >= K.
-// Global reads run along k so consecutive threads read adjacent bytes.
-template <typename T, int TOK>
+// Fills the item's x chunk, pre-permuted for the B fragments: 16-byte unit ((kbl*4 + u)*TOK + m)*4
+// + t holds x[m, k0 + kbl*128 + 32t + 8u + (0,4,1,5,2,6,3,7)], zero for tokens >= M and k >= K.
+template <int TOK>
 __device__ __forceinline__ void fill_x(uint4* smx, const Args& a, int tok0, int k0, int kbs) {
   const uint16_t* x = static_cast<const uint16_t*>(a.x);
   const int ks8 = kbs * (kKB / 8);
@@ -205,107 +219,118 @@ __device__ __forceinline__ void fill_x(uint4* smx, const Args& a, int tok0, int 
   }
 }
 
-// acc[r][nt]: rows (g, g+8) of tile r x tokens (2t, 2t+1) of n-tile nt, as mma's C fragment.
-template <typename T, int NT, int RT>
-__device__ __forceinline__ void compute_stage(float (&acc)[RT][NT][4], const Stage<RT>& st,
-                                              const uint4* smx, int kbl, int lane) {
+// acc[nt]: rows (g, g+8) x tokens (2t, 2t+1) of n-tile nt, as mma's C fragment.
+template <typename T, int NT>
+__device__ __forceinline__ void compute_stage(float (&acc)[NT][4], const uint8_t* wslot,
+                                              const SZ& sz, const uint4* smx, int kbl0, int nvalid,
+                                              int lane) {
   constexpr int TOK = 8 * NT;
   constexpr uint32_t kMagic = Half2Traits<T>::kMagic;
   const int g = lane >> 2, t = lane & 3;
-  uint32_t zz[RT][2], ss[RT][2];
 #pragma unroll
-  for (int r = 0; r < RT; ++r)
+  for (int v = 0; v < kV; ++v) {
+    if (v >= nvalid) break;  // warp-uniform
+    const int c16 = (v * 4 + t) ^ ((g & 1) << 2);
+    const uint4 wg = *reinterpret_cast<const uint4*>(wslot + g * 256 + c16 * 16);
+    const uint4 wh = *reinterpret_cast<const uint4*>(wslot + (g + 8) * 256 + c16 * 16);
+    const uint32_t zg = (kMagic | sz.z[v][0]) * 0x10001u, sg = sz.s[v][0] * 0x10001u;
+    const uint32_t zh = (kMagic | sz.z[v][1]) * 0x10001u, sh = sz.s[v][1] * 0x10001u;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      zz[r][h] = (kMagic | st.z[r][h]) * 0x10001u;
-      ss[r][h] = st.s[r][h] * 0x10001u;
-    }
+    for (int u = 0; u < 4; ++u) {
+      uint4 b[NT];
 #pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    uint4 b[NT];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) b[nt] = smx[((kbl * 4 + u) * TOK + nt * 8 + g) * 4 + t];
-#pragma unroll
-    for (int r = 0; r < RT; ++r) {
+      for (int nt = 0; nt < NT; ++nt) b[nt] = smx[(((kbl0 + v) * 4 + u) * TOK + nt * 8 + g) * 4 + t];
       uint32_t pg[4], ph[4];
-      dequant8<T>(word(st.w[r][0], u), zz[r][0], ss[r][0], pg);
-      dequant8<T>(word(st.w[r][1], u), zz[r][1], ss[r][1], ph);
+      dequant8<T>(word(wg, u), zg, sg, pg);
+      dequant8<T>(word(wh, u), zh, sh, ph);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        mma16816<T>(acc[r][nt], pg[0], ph[0], pg[1], ph[1], b[nt].x, b[nt].y);
-        mma16816<T>(acc[r][nt], pg[2], ph[2], pg[3], ph[3], b[nt].z, b[nt].w);
+        mma16816<T>(acc[nt], pg[0], ph[0], pg[1], ph[1], b[nt].x, b[nt].y);
+        mma16816<T>(acc[nt], pg[2], ph[2], pg[3], ph[3], b[nt].z, b[nt].w);
       }
     }
   }
 }
 
-template <typename T, int NT, int RT>
-__device__ __forceinline__ void epilogue(const float (&acc)[RT][NT][4], const Args& a, int row0,
-                                         int tok0, int lane, bool split) {
+template <typename T, int NT>
+__device__ __forceinline__ void epilogue(float (&acc)[NT][4], const Args& a, int row0, int tok0,
+                                         int lane) {
   const int g = lane >> 2, t = lane & 3;
+  const bool split = a.nchunks > 1;
   const T* bias = static_cast<const T*>(a.bias);
   T* y = static_cast<T*>(a.y);
 #pragma unroll
-  for (int r = 0; r < RT; ++r)
+  for (int h = 0; h < 2; ++h) {
+    const int row = row0 + h * 8 + g;
+    const float b = (!split && bias && row < a.N) ? Half2Traits<T>::to_float(bias[row]) : 0.f;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = row0 + r * 16 + h * 8 + g;
-      if (row >= a.N) continue;
-      const float b = (!split && bias) ? Half2Traits<T>::to_float(bias[row]) : 0.f;
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int tok = tok0 + nt * 8 + 2 * t + c;
-          if (tok >= a.M) continue;
-          const float v = acc[r][nt][h * 2 + c];
+      for (int c = 0; c < 2; ++c) {
+        const int tok = tok0 + nt * 8 + 2 * t + c;
+        float& v = acc[nt][h * 2 + c];
+        if (tok < a.M && row < a.N) {
           const size_t o = (size_t)tok * a.N + row;
           if (split) atomicAdd(a.ws + o, v);
           else y[o] = Half2Traits<T>::from_float(v + b);
         }
-    }
+        v = 0.f;
+      }
+  }
 }
 
-// grid: (token tiles, row blocks, K splits). Token tiles vary fastest so the blocks that share a
-// row block's weights run close together in time and hit L2.
+// Persistent: block b takes items b, b + gridDim.x, ... Each warp streams its 16 rows through a
+// kP-deep cp.async ring that runs ahead across item boundaries, so DRAM never waits for an
+// item's x chunk or epilogue.
 template <typename T, int NT>
-__global__ void __launch_bounds__(kThreads, 2) gemv_mma_kernel(const Args a) {
-  constexpr int TOK = 8 * NT, CK = chunk_kb<NT>(), RT = rt_for<NT>();
-  __shared__ uint4 smx[kChunkBytes / 16];
+__global__ void __launch_bounds__(kThreads, 1) gemv_mma_kernel(const Args a) {
+  constexpr int TOK = 8 * NT;
+  extern __shared__ uint4 smem[];
+  uint4* smx = smem;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int tok0 = blockIdx.x * TOK;
-  const int row0 = blockIdx.y * rows_per_block<NT>() + warp * RT * 16;
-  const int kb0 = blockIdx.z * a.kb_per_split;
-  const int nkb = min(a.kb_per_split, a.nkb - kb0);
-  if (nkb <= 0) return;  // block-uniform
-  const int kb_end = kb0 + nkb;
+  const uint8_t* wring = reinterpret_cast<const uint8_t*>(smem + kChunkBytes / 16) + warp * kP * kStageBytes;
+  const uint32_t wring_s = static_cast<uint32_t>(__cvta_generic_to_shared(wring));
 
-  prefetch_rows<RT>(a, row0, kb0, min(kb0 + kPD, kb_end), lane);
-  Stage<RT> st[kU];
-#pragma unroll
-  for (int s = 0; s < kU; ++s)
-    if (s < nkb) load_stage<T, RT>(st[s], a, row0, kb0 + s, lane);
-
-  float acc[RT][NT][4] = {};
-  for (int i = 0; i < nkb; i += kU) {
-#pragma unroll
-    for (int s = 0; s < kU; ++s) {
-      const int j = i + s;
-      if (j < nkb) {
-        if (j % CK == 0) {  // next x chunk (block-uniform); weight loads keep streaming meanwhile
-          __syncthreads();
-          fill_x<T, TOK>(smx, a, tok0, (kb0 + j) * kKB, min(CK, nkb - j));
-          __syncthreads();
-        }
-        if (j % kPF == 0)
-          prefetch_rows<RT>(a, row0, kb0 + j + kPD, min(kb0 + j + kPD + kPF, kb_end), lane);
-        const Stage<RT> cur = st[s];
-        if (j + kU < nkb) load_stage<T, RT>(st[s], a, row0, kb0 + j + kU, lane);
-        compute_stage<T, NT, RT>(acc, cur, smx, j % CK, lane);
+  // Producer cursor: item sequence index pj, stage ps within it.
+  int pj = 0, ps = 0;
+  Item pit = decode_item<NT>(a, blockIdx.x);
+  auto produce_next = [&](int slot) {
+    if ((int)blockIdx.x + pj * (int)gridDim.x < a.items) {
+      const int kb = pit.kb0 + ps * kV;
+      produce(a, wring_s + slot * kStageBytes, pit.row0 + warp * 16, kb, pit.kb0 + pit.nkb, lane);
+      if (++ps * kV >= pit.nkb) {
+        ps = 0;
+        ++pj;
+        if ((int)blockIdx.x + pj * (int)gridDim.x < a.items)
+          pit = decode_item<NT>(a, blockIdx.x + pj * gridDim.x);
       }
     }
+    cp_async_commit();  // possibly empty: keeps one group per stage for wait_group
+  };
+#pragma unroll
+  for (int s = 0; s < kP - 1; ++s) produce_next(s);
+
+  float acc[NT][4] = {};
+  int c = 0;  // consumer stage counter (ring slot c % kP)
+  for (int id = blockIdx.x; id < a.items; id += gridDim.x) {
+    const Item it = decode_item<NT>(a, id);
+    const int row0 = it.row0 + warp * 16;
+    __syncthreads();  // every warp is done with the previous item's x chunk
+    fill_x<TOK>(smx, a, it.tok0, it.kb0 * kKB, it.nkb);
+    __syncthreads();
+    SZ sz;
+    load_sz(sz, a, row0, it.kb0, lane);
+    for (int kbl = 0; kbl < it.nkb; kbl += kV, ++c) {
+      cp_async_wait<kP - 2>();
+      __syncwarp();  // other lanes' copies of this stage are visible; slot c-1 is free
+      produce_next((c + kP - 1) % kP);
+      SZ cur = sz;
+      if (kbl + kV < it.nkb) load_sz(sz, a, row0, it.kb0 + kbl + kV, lane);
+      compute_stage<T, NT>(acc, wring + (c % kP) * kStageBytes, cur, smx, kbl, it.nkb - kbl, lane);
+    }
+    epilogue<T, NT>(acc, a, row0, it.tok0, lane);
   }
-  epilogue<T, NT, RT>(acc, a, row0, tok0, lane, gridDim.z > 1);
+  cp_async_wait<0>();
 }
 
 // y = ws + bias rounded to T, and ws back to zero for the next launch.
@@ -341,25 +366,28 @@ int launch(const Args& a0, int dtype, int nti, cudaStream_t stream) {
   auto kernel = gemv_mma_kernel<T, NT>;
   if (!di.ready[dtype][nti]) {
     if (cudaDeviceGetAttribute(&di.sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&di.occ[dtype][nti], kernel, kThreads, 0) != cudaSuccess)
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes()) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&di.occ[dtype][nti], kernel, kThreads, smem_bytes()) != cudaSuccess)
       return check_launch("gemv_mma setup");
     di.ready[dtype][nti] = true;
   }
-  const int tok_tiles = (a.M + TOK - 1) / TOK;
-  const int row_blocks = (a.N + rows_per_block<NT>() - 1) / rows_per_block<NT>();
-  const long long base = (long long)tok_tiles * row_blocks;
-  const long long capacity = (long long)std::max(di.occ[dtype][nti], 1) * di.sms;
-  // Most K splits that keep the grid within one wave of resident blocks: split-K only where the
-  // row blocks alone cannot fill the GPU. Splits start on kPF boundaries (aligned 256 B runs).
-  const int runs = (a.nkb + kPF - 1) / kPF;
-  int splits = (int)std::max<long long>(1, std::min<long long>(capacity / base, runs));
-  a.kb_per_split = ((runs + splits - 1) / splits) * kPF;
-  splits = (a.nkb + a.kb_per_split - 1) / a.kb_per_split;
-  dim3 grid(tok_tiles, row_blocks, splits);
-  if (splits > 1 && a.ws == nullptr) return fail(AWQ_ERR_ARG, "awq_int4_gemm_mma: split-K needs a workspace");
-  kernel<<<grid, kThreads, 0, stream>>>(a);
+  const long long resident = (long long)std::max(di.occ[dtype][nti], 1) * di.sms;
+  a.tok_tiles = (a.M + TOK - 1) / TOK;
+  a.row_blocks = (a.N + kRowsPerBlock - 1) / kRowsPerBlock;
+  // Items as long as the x chunk allows, shortened (in kV steps) until there are at least two
+  // per resident block, so the persistent blocks finish within one item of each other.
+  a.ck = chunk_kb<NT>();
+  auto items_for = [&](int ck) { return (long long)a.tok_tiles * a.row_blocks * ((a.nkb + ck - 1) / ck); };
+  while (a.ck > kV && items_for(a.ck) < 2 * resident) a.ck -= kV;
+  a.nchunks = (a.nkb + a.ck - 1) / a.ck;
+  const long long items = items_for(a.ck);
+  if (items > (1LL << 31) - 1) return fail(AWQ_ERR_ARG, "awq_int4_gemm_mma: too many work items");
+  a.items = (int)items;
+  if (a.nchunks > 1 && a.ws == nullptr) return fail(AWQ_ERR_ARG, "awq_int4_gemm_mma: split-K needs a workspace");
+  const int grid = (int)std::min<long long>(items, resident);
+  kernel<<<grid, kThreads, smem_bytes(), stream>>>(a);
   if (int e = check_launch("gemv_mma_kernel")) return e;
-  if (splits > 1) {
+  if (a.nchunks > 1) {
     const int64_t total = (int64_t)a.M * a.N;
     const int blocks = (int)std::min<int64_t>((total + 255) / 256, (int64_t)di.sms * 8);
     finalize_kernel<T><<<blocks, 256, 0, stream>>>(a.ws, static_cast<const T*>(a.bias),
@@ -394,9 +422,13 @@ extern "C" int awq_int4_gemm_mma(const void* x, const uint8_t* qweight, const vo
                 (long long)M, (long long)N, (long long)K, (long long)Kp, group_size, dtype);
   if (!x || !qweight || !scales || !zeros || !y || ((uintptr_t)qweight & 15))
     return fail(AWQ_ERR_ARG, "awq_int4_gemm_mma: null pointer or qweight not 16-byte aligned");
-  Args a{x, qweight, scales, zeros, bias, y, workspace, (int)M, (int)N, (int)K, (int)Kp, log2g,
-         (int)(Kp / group_size), 0, (int)((Kp + kKB - 1) / kKB),
-         (K % 8 == 0) && (((uintptr_t)x & 15) == 0)};
+  Args a{};
+  a.x = x; a.qweight = qweight; a.scales = scales; a.zeros = zeros; a.bias = bias; a.y = y;
+  a.ws = workspace;
+  a.M = (int)M; a.N = (int)N; a.K = (int)K; a.Kp = (int)Kp; a.log2g = log2g;
+  a.groups = (int)(Kp / group_size);
+  a.nkb = (int)((Kp + kKB - 1) / kKB);
+  a.x_vec = (K % 8 == 0) && (((uintptr_t)x & 15) == 0);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   return dtype == AWQ_DTYPE_BF16 ? dispatch_nt<__nv_bfloat16>(a, dtype, s)
                                  : dispatch_nt<__half>(a, dtype, s);
