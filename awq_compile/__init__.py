@@ -6,6 +6,7 @@
 """
 
 from . import ops  # noqa: F401  (registers torch.ops.awq.int4_linear)
+from . import _cuda  # noqa: F401  (CUDA kernels over the op, when the library is built)
 from .config import AWQConfig, Int4Format
 from .nn import Int4Linear
 from .api import quantize, quantize_rtn
