@@ -43,6 +43,9 @@
 //   * U=2 k-blocks in flight per warp: 2 * RT * 2 * 16 B = 128 B per thread, 64 KB per SM at two
 //     blocks per SM, above the ~20-25 KB latency x bandwidth product per SM.
 //   * Splits are chosen so that the grid fits in one wave of resident blocks.
+#include <stdlib.h>
+#include <string.h>
+
 #include <algorithm>
 
 #include "int4_common.cuh"
@@ -50,24 +53,23 @@
 namespace awq {
 namespace {
 
-#ifndef AWQ_GEMV_WARPS
-#define AWQ_GEMV_WARPS 8
-#endif
-#ifndef AWQ_GEMV_STAGES
-#define AWQ_GEMV_STAGES 4
-#endif
-constexpr int kWarps = AWQ_GEMV_WARPS;   // one m16 tile (16 rows) per warp
-constexpr int kThreads = kWarps * 32;
-constexpr int kP = AWQ_GEMV_STAGES;      // cp.async ring depth per warp: kP - 1 stages in flight
 constexpr int kKB = 128;                 // k per k-block: 4 lanes x 32 nibbles (64 B of a row)
 constexpr int kV = 4;                    // k-blocks per stage: a 256-byte run of each row
 constexpr int kStageBytes = 16 * kV * 64;  // one warp's stage: 16 rows x 256 B
-constexpr int kRowsPerBlock = kWarps * 16;
 constexpr int kChunkBytes = 32 * 1024;   // x chunk (one work item's K range) in shared memory
+constexpr int kXsumBytes = kChunkBytes / 256 * 4;  // one float per (k-block, token) of a chunk
+
+// Block shape: WARPS warps of one m16 tile (16 rows) each, and a P-deep cp.async ring per warp
+// (P - 1 stages in flight). Two configurations, by the shared memory the device grants a block:
+// <16, 3> (224 KB: sm_90, 16 warps to hide latency) and <8, 2> (96 KB: sm_80/86/89).
+template <int WARPS, int P>
+struct Cfg {
+  static constexpr int kWarps = WARPS, kThreads = WARPS * 32, kP = P, kRowsPerBlock = WARPS * 16;
+  static constexpr int kSmem = kChunkBytes + kXsumBytes + WARPS * P * kStageBytes;
+};
 
 template <int NT>
 __host__ __device__ constexpr int chunk_kb() { return kChunkBytes / (kKB * 8 * NT * 2); }  // 16, 8, 4
-__host__ __device__ constexpr int smem_bytes() { return kChunkBytes + kWarps * kP * kStageBytes; }
 
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
@@ -109,6 +111,24 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
+template <typename T>
+__device__ __forceinline__ T __ushort_as_bf_or_h(uint32_t bits);
+template <>
+__device__ __forceinline__ __nv_bfloat16 __ushort_as_bf_or_h<__nv_bfloat16>(uint32_t bits) {
+  return __ushort_as_bfloat16((unsigned short)bits);
+}
+template <>
+__device__ __forceinline__ __half __ushort_as_bf_or_h<__half>(uint32_t bits) {
+  return __ushort_as_half((unsigned short)bits);
+}
+template <typename T>
+__device__ __forceinline__ float half_bits_to_float(uint32_t bits) {
+  return Half2Traits<T>::to_float(__ushort_as_bf_or_h<T>(bits));
+}
+// The integer the magic pattern adds to a nibble: 128 for bf16, 1024 for fp16.
+template <typename T>
+__host__ __device__ constexpr int kBase() { return Half2Traits<T>::kMagic == 0x4300u ? 128 : 1024; }
+
 struct Args {
   const void* x;
   const uint8_t* qweight;
@@ -131,13 +151,13 @@ struct Item {
   int tok0, row0, kb0, nkb;
 };
 
-template <int NT>
+template <int NT, int ROWS>
 __device__ __forceinline__ Item decode_item(const Args& a, int id) {
   Item it;
   const int tt = id % a.tok_tiles, rest = id / a.tok_tiles;
   const int c = rest % a.nchunks, rb = rest / a.nchunks;
   it.tok0 = tt * 8 * NT;
-  it.row0 = rb * kRowsPerBlock;
+  it.row0 = rb * ROWS;
   it.kb0 = c * a.ck;
   it.nkb = min(a.ck, a.nkb - it.kb0);
   return it;
@@ -189,12 +209,13 @@ __device__ __forceinline__ void load_sz(SZ& sz, const Args& a, int row0, int kb,
 
 // Fills the item's x chunk, pre-permuted for the B fragments: 16-byte unit ((kbl*4 + u)*TOK + m)*4
 // + t holds x[m, k0 + kbl*128 + 32t + 8u + (0,4,1,5,2,6,3,7)], zero for tokens >= M and k >= K.
-template <int TOK>
-__device__ __forceinline__ void fill_x(uint4* smx, const Args& a, int tok0, int k0, int kbs) {
+// With FOLD, also xs[kbl*TOK + m] = sum of x[m, k] over k-block kbl (fp32), for the zero point.
+template <typename T, int TOK, int THREADS, bool FOLD>
+__device__ __forceinline__ void fill_x(uint4* smx, float* xs, const Args& a, int tok0, int k0, int kbs) {
   const uint16_t* x = static_cast<const uint16_t*>(a.x);
   const int ks8 = kbs * (kKB / 8);
 #pragma unroll 2
-  for (int q = threadIdx.x; q < ks8 * TOK; q += kThreads) {
+  for (int q = threadIdx.x; q < ks8 * TOK; q += THREADS) {
     const int m = q / ks8, kk = q - m * ks8;
     const int kbl = kk >> 4, t = (kk >> 2) & 3, u = kk & 3;
     const int tok = tok0 + m, k = k0 + kk * 8;
@@ -216,14 +237,31 @@ __device__ __forceinline__ void fill_x(uint4* smx, const Args& a, int tok0, int 
     p.z = __byte_perm(v.y, v.w, 0x5410);  // (x2, x6)
     p.w = __byte_perm(v.y, v.w, 0x7632);  // (x3, x7)
     smx[((kbl * 4 + u) * TOK + m) * 4 + t] = p;
+    if constexpr (FOLD) {
+      // The 16 units of one (k-block, token) sit in 16 aligned consecutive lanes (q = lane + ...).
+      const uint32_t wv[4] = {v.x, v.y, v.z, v.w};
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        sum += Half2Traits<T>::to_float(__ushort_as_bf_or_h<T>(wv[i] & 0xFFFF));
+        sum += Half2Traits<T>::to_float(__ushort_as_bf_or_h<T>(wv[i] >> 16));
+      }
+#pragma unroll
+      for (int o = 8; o > 0; o >>= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, o);
+      if ((threadIdx.x & 15) == 0) xs[kbl * TOK + m] = sum;
+    }
   }
 }
 
 // acc[nt]: rows (g, g+8) x tokens (2t, 2t+1) of n-tile nt, as mma's C fragment.
-template <typename T, int NT>
+// FOLD (g = 128: a k-block is one group): the mma takes (q + kBase) straight from one LOP3, and the
+// group's scale and zero point are applied to its fp32 partial sum,
+//     sum_k x (q - z) s = s * (sum_k x (q + kBase) - (z + kBase) * sum_k x),
+// which halves the per-weight instructions. Otherwise each weight is dequantized (dequant8).
+template <typename T, int NT, bool FOLD>
 __device__ __forceinline__ void compute_stage(float (&acc)[NT][4], const uint8_t* wslot,
-                                              const SZ& sz, const uint4* smx, int kbl0, int nvalid,
-                                              int lane) {
+                                              const SZ& sz, const uint4* smx, const float* xs,
+                                              int kbl0, int nvalid, int lane) {
   constexpr int TOK = 8 * NT;
   constexpr uint32_t kMagic = Half2Traits<T>::kMagic;
   const int g = lane >> 2, t = lane & 3;
@@ -235,18 +273,46 @@ __device__ __forceinline__ void compute_stage(float (&acc)[NT][4], const uint8_t
     const uint4 wh = *reinterpret_cast<const uint4*>(wslot + (g + 8) * 256 + c16 * 16);
     const uint32_t zg = (kMagic | sz.z[v][0]) * 0x10001u, sg = sz.s[v][0] * 0x10001u;
     const uint32_t zh = (kMagic | sz.z[v][1]) * 0x10001u, sh = sz.s[v][1] * 0x10001u;
+    float part[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) part[nt][i] = 0.f;
+    float (&dst)[NT][4] = FOLD ? part : acc;
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
       uint4 b[NT];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) b[nt] = smx[(((kbl0 + v) * 4 + u) * TOK + nt * 8 + g) * 4 + t];
       uint32_t pg[4], ph[4];
-      dequant8<T>(word(wg, u), zg, sg, pg);
-      dequant8<T>(word(wh, u), zh, sh, ph);
+      if constexpr (FOLD) {
+        constexpr uint32_t kMagic2 = kMagic * 0x10001u;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          pg[i] = and_or(word(wg, u) >> (4 * i), 0x000F000Fu, kMagic2);
+          ph[i] = and_or(word(wh, u) >> (4 * i), 0x000F000Fu, kMagic2);
+        }
+      } else {
+        dequant8<T>(word(wg, u), zg, sg, pg);
+        dequant8<T>(word(wh, u), zh, sh, ph);
+      }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        mma16816<T>(acc[nt], pg[0], ph[0], pg[1], ph[1], b[nt].x, b[nt].y);
-        mma16816<T>(acc[nt], pg[2], ph[2], pg[3], ph[3], b[nt].z, b[nt].w);
+        mma16816<T>(dst[nt], pg[0], ph[0], pg[1], ph[1], b[nt].x, b[nt].y);
+        mma16816<T>(dst[nt], pg[2], ph[2], pg[3], ph[3], b[nt].z, b[nt].w);
+      }
+    }
+    if constexpr (FOLD) {
+      const float s0 = half_bits_to_float<T>(sz.s[v][0]), s1 = half_bits_to_float<T>(sz.s[v][1]);
+      const float zs0 = -s0 * (float)(kBase<T>() + sz.z[v][0]);
+      const float zs1 = -s1 * (float)(kBase<T>() + sz.z[v][1]);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const float2 xsum = *reinterpret_cast<const float2*>(xs + (kbl0 + v) * TOK + nt * 8 + 2 * t);
+        acc[nt][0] = fmaf(s0, part[nt][0], fmaf(zs0, xsum.x, acc[nt][0]));
+        acc[nt][1] = fmaf(s0, part[nt][1], fmaf(zs0, xsum.y, acc[nt][1]));
+        acc[nt][2] = fmaf(s1, part[nt][2], fmaf(zs1, xsum.x, acc[nt][2]));
+        acc[nt][3] = fmaf(s1, part[nt][3], fmaf(zs1, xsum.y, acc[nt][3]));
       }
     }
   }
@@ -282,18 +348,21 @@ __device__ __forceinline__ void epilogue(float (&acc)[NT][4], const Args& a, int
 // Persistent: block b takes items b, b + gridDim.x, ... Each warp streams its 16 rows through a
 // kP-deep cp.async ring that runs ahead across item boundaries, so DRAM never waits for an
 // item's x chunk or epilogue.
-template <typename T, int NT>
-__global__ void __launch_bounds__(kThreads, 1) gemv_mma_kernel(const Args a) {
-  constexpr int TOK = 8 * NT;
+template <typename T, int NT, int WARPS, int P, bool FOLD>
+__global__ void __launch_bounds__(WARPS * 32, 1) gemv_mma_kernel(const Args a) {
+  using C = Cfg<WARPS, P>;
+  constexpr int TOK = 8 * NT, kP = C::kP;
   extern __shared__ uint4 smem[];
   uint4* smx = smem;
+  float* xs = reinterpret_cast<float*>(smem + kChunkBytes / 16);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const uint8_t* wring = reinterpret_cast<const uint8_t*>(smem + kChunkBytes / 16) + warp * kP * kStageBytes;
+  const uint8_t* wring = reinterpret_cast<const uint8_t*>(smem + (kChunkBytes + kXsumBytes) / 16) +
+                         warp * kP * kStageBytes;
   const uint32_t wring_s = static_cast<uint32_t>(__cvta_generic_to_shared(wring));
 
   // Producer cursor: item sequence index pj, stage ps within it.
   int pj = 0, ps = 0;
-  Item pit = decode_item<NT>(a, blockIdx.x);
+  Item pit = decode_item<NT, C::kRowsPerBlock>(a, blockIdx.x);
   auto produce_next = [&](int slot) {
     if ((int)blockIdx.x + pj * (int)gridDim.x < a.items) {
       const int kb = pit.kb0 + ps * kV;
@@ -302,7 +371,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_mma_kernel(const Args a) {
         ps = 0;
         ++pj;
         if ((int)blockIdx.x + pj * (int)gridDim.x < a.items)
-          pit = decode_item<NT>(a, blockIdx.x + pj * gridDim.x);
+          pit = decode_item<NT, C::kRowsPerBlock>(a, blockIdx.x + pj * gridDim.x);
       }
     }
     cp_async_commit();  // possibly empty: keeps one group per stage for wait_group
@@ -313,10 +382,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_mma_kernel(const Args a) {
   float acc[NT][4] = {};
   int c = 0;  // consumer stage counter (ring slot c % kP)
   for (int id = blockIdx.x; id < a.items; id += gridDim.x) {
-    const Item it = decode_item<NT>(a, id);
+    const Item it = decode_item<NT, C::kRowsPerBlock>(a, id);
     const int row0 = it.row0 + warp * 16;
     __syncthreads();  // every warp is done with the previous item's x chunk
-    fill_x<TOK>(smx, a, it.tok0, it.kb0 * kKB, it.nkb);
+    fill_x<T, TOK, C::kThreads, FOLD>(smx, xs, a, it.tok0, it.kb0 * kKB, it.nkb);
     __syncthreads();
     SZ sz;
     load_sz(sz, a, row0, it.kb0, lane);
@@ -326,7 +395,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_mma_kernel(const Args a) {
       produce_next((c + kP - 1) % kP);
       SZ cur = sz;
       if (kbl + kV < it.nkb) load_sz(sz, a, row0, it.kb0 + kbl + kV, lane);
-      compute_stage<T, NT>(acc, wring + (c % kP) * kStageBytes, cur, smx, kbl, it.nkb - kbl, lane);
+      compute_stage<T, NT, FOLD>(acc, wring + (c % kP) * kStageBytes, cur, smx, xs, kbl, it.nkb - kbl, lane);
     }
     epilogue<T, NT>(acc, a, row0, it.tok0, lane);
   }
@@ -346,9 +415,10 @@ __global__ void finalize_kernel(float* ws, const T* bias, T* y, int64_t total, i
 }
 
 struct DeviceInfo {
-  int sms = 0;
-  int occ[2][3] = {};  // resident blocks per SM, [dtype][NT index]
-  bool ready[2][3] = {};
+  bool init = false;
+  int sms = 0, smem_optin = 0;
+  int occ[24] = {};  // resident blocks per SM of each kernel instance (see launch)
+  bool ready[24] = {};
 };
 
 DeviceInfo& device_info(int dev) {
@@ -356,24 +426,28 @@ DeviceInfo& device_info(int dev) {
   return info[dev & 63];
 }
 
-template <typename T, int NT>
-int launch(const Args& a0, int dtype, int nti, cudaStream_t stream) {
+// Experiment switches, read once: AWQ_GEMV_CFG=small forces the <8, 2> block, AWQ_GEMV_FOLD=0
+// dequantizes every weight even at g = 128.
+bool env_is(const char* name, const char* value) {
+  const char* v = getenv(name);
+  return v && strcmp(v, value) == 0;
+}
+
+template <typename T, int NT, int WARPS, int P, bool FOLD>
+int launch(const Args& a0, DeviceInfo& di, int slot, cudaStream_t stream) {
+  using C = Cfg<WARPS, P>;
   Args a = a0;
   constexpr int TOK = 8 * NT;
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return check_launch("cudaGetDevice");
-  DeviceInfo& di = device_info(dev);
-  auto kernel = gemv_mma_kernel<T, NT>;
-  if (!di.ready[dtype][nti]) {
-    if (cudaDeviceGetAttribute(&di.sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes()) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&di.occ[dtype][nti], kernel, kThreads, smem_bytes()) != cudaSuccess)
+  auto kernel = gemv_mma_kernel<T, NT, WARPS, P, FOLD>;
+  if (!di.ready[slot]) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&di.occ[slot], kernel, C::kThreads, C::kSmem) != cudaSuccess)
       return check_launch("gemv_mma setup");
-    di.ready[dtype][nti] = true;
+    di.ready[slot] = true;
   }
-  const long long resident = (long long)std::max(di.occ[dtype][nti], 1) * di.sms;
+  const long long resident = (long long)std::max(di.occ[slot], 1) * di.sms;
   a.tok_tiles = (a.M + TOK - 1) / TOK;
-  a.row_blocks = (a.N + kRowsPerBlock - 1) / kRowsPerBlock;
+  a.row_blocks = (a.N + C::kRowsPerBlock - 1) / C::kRowsPerBlock;
   // Items as long as the x chunk allows, shortened (in kV steps) until there are at least two
   // per resident block, so the persistent blocks finish within one item of each other.
   a.ck = chunk_kb<NT>();
@@ -385,7 +459,7 @@ int launch(const Args& a0, int dtype, int nti, cudaStream_t stream) {
   a.items = (int)items;
   if (a.nchunks > 1 && a.ws == nullptr) return fail(AWQ_ERR_ARG, "awq_int4_gemm_mma: split-K needs a workspace");
   const int grid = (int)std::min<long long>(items, resident);
-  kernel<<<grid, kThreads, smem_bytes(), stream>>>(a);
+  kernel<<<grid, C::kThreads, C::kSmem, stream>>>(a);
   if (int e = check_launch("gemv_mma_kernel")) return e;
   if (a.nchunks > 1) {
     const int64_t total = (int64_t)a.M * a.N;
@@ -397,11 +471,37 @@ int launch(const Args& a0, int dtype, int nti, cudaStream_t stream) {
   return AWQ_OK;
 }
 
+template <typename T, int NT, int WARPS, int P>
+int launch_fold(const Args& a, DeviceInfo& di, int slot, cudaStream_t stream) {
+  static const bool no_fold = env_is("AWQ_GEMV_FOLD", "0");
+  if (a.log2g == 7 && !no_fold) return launch<T, NT, WARPS, P, true>(a, di, slot * 2 + 1, stream);
+  return launch<T, NT, WARPS, P, false>(a, di, slot * 2, stream);
+}
+
+template <typename T, int NT>
+int launch_cfg(const Args& a, DeviceInfo& di, int slot, cudaStream_t stream) {
+  static const bool small = env_is("AWQ_GEMV_CFG", "small");
+  if (!small && di.smem_optin >= Cfg<16, 3>::kSmem) return launch_fold<T, NT, 16, 3>(a, di, slot * 2 + 1, stream);
+  if (di.smem_optin >= Cfg<8, 2>::kSmem) return launch_fold<T, NT, 8, 2>(a, di, slot * 2, stream);
+  return fail(AWQ_ERR_ARG, "awq_int4_gemm_mma: the device grants %d bytes of shared memory per block, "
+              "the kernel needs %d", di.smem_optin, Cfg<8, 2>::kSmem);
+}
+
 template <typename T>
 int dispatch_nt(const Args& a, int dtype, cudaStream_t stream) {
-  if (a.M <= 8) return launch<T, 1>(a, dtype, 0, stream);
-  if (a.M <= 16) return launch<T, 2>(a, dtype, 1, stream);
-  return launch<T, 4>(a, dtype, 2, stream);
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return check_launch("cudaGetDevice");
+  DeviceInfo& di = device_info(dev);
+  if (!di.init) {
+    if (cudaDeviceGetAttribute(&di.sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&di.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+      return check_launch("cudaDeviceGetAttribute");
+    di.init = true;
+  }
+  // slot = ((dtype * 3 + NT index) * 2 + config) * 2 + fold
+  if (a.M <= 8) return launch_cfg<T, 1>(a, di, dtype * 3 + 0, stream);
+  if (a.M <= 16) return launch_cfg<T, 2>(a, di, dtype * 3 + 1, stream);
+  return launch_cfg<T, 4>(a, di, dtype * 3 + 2, stream);
 }
 
 }  // namespace
