@@ -71,13 +71,17 @@ class AWQConfig:
             raise ValueError(
                 f"AWQConfig.group_size={self.group_size!r}: supported group sizes are 32, 64, 128"
             )
+        for name in ("zero_point", "duo_scaling", "clip", "pad_k"):
+            if not isinstance(getattr(self, name), bool):  # "false" from a file is truthy
+                raise ValueError(f"AWQConfig.{name}={getattr(self, name)!r}: must be True or False")
         _check_positive("n_grid", self.n_grid)
         _check_positive("clip_grid", self.clip_grid)
         _check_positive("n_samples", self.n_samples)
         _check_positive("seq_len", self.seq_len)
         _check_positive("max_search_tokens", self.max_search_tokens)
         _check_positive("max_clip_tokens", self.max_clip_tokens)
-        if not 0.0 <= self.clip_max_shrink < 1.0:
+        if isinstance(self.clip_max_shrink, bool) or not isinstance(self.clip_max_shrink, (int, float)) \
+                or not 0.0 <= self.clip_max_shrink < 1.0:
             raise ValueError(
                 f"AWQConfig.clip_max_shrink={self.clip_max_shrink!r}: must be in [0, 1)"
             )
@@ -124,5 +128,5 @@ class AWQConfig:
 
 
 def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"AWQConfig.{name}={value!r}: must be a positive integer")
