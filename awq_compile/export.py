@@ -126,7 +126,11 @@ def _seq_dynamic_shapes(args: tuple, seq_dim: int, max_seq: int | None) -> tuple
 
 
 def _has_int4(model: nn.Module) -> bool:
-    return any(isinstance(m, Int4Linear) for m in model.modules())
+    """Int4Linear modules, or awq.int4_linear calls in a GraphModule (quantize(output="graph"))."""
+    if any(isinstance(m, Int4Linear) for m in model.modules()):
+        return True
+    graph = getattr(model, "graph", None)
+    return isinstance(graph, torch.fx.Graph) and any(n.target == INT4_OP for n in graph.nodes)
 
 
 def _is_hf_causal_lm(model: nn.Module) -> bool:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -48,6 +49,7 @@ __all__ = ["to_onnx", "OnnxFormat", "OnnxExport", "METADATA_CONFIG_KEY"]
 METADATA_CONFIG_KEY = "awq_compile.config"
 _EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf caps a file at 2 GiB; stay well below it
 _OPSET = 21  # blocked DequantizeLinear with int4/uint4 needs opset >= 21
+_PLACEHOLDER_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class OnnxFormat(str, Enum):
@@ -117,7 +119,7 @@ def to_onnx(
     if not int4_nodes(ep):
         raise ValueError("to_onnx: the program has no awq.int4_linear op; quantize the model first")
 
-    model = _export_placeholders(ep, opset)
+    model = _placeholder_model(ep, opset)
     routes = _lower(model, fmt, signed=signed, accuracy_level=accuracy_level)
     model.metadata_props[METADATA_CONFIG_KEY] = config.to_json() if config else ""
     model.metadata_props["awq_compile.format"] = fmt.value + ("+signed" if signed else "")
@@ -150,14 +152,23 @@ def _translate_int4_linear(x, qweight, scales, zeros, group_size: int, bias=None
     return y if bias is None else op.Add(y, bias)
 
 
-def _export_placeholders(ep: torch.export.ExportedProgram, opset: int):
-    from .export import INT4_OP
+def _placeholder_model(ep: torch.export.ExportedProgram, opset: int):
+    """The program as ONNX with awq::Int4Linear placeholders. Cached per program and opset
+    (torch.onnx.export is the slow step); callers get a clone that shares the tensors.
 
-    program = torch.onnx.export(
-        ep, dynamo=True, opset_version=opset, verbose=False,
-        custom_translation_table={INT4_OP: _translate_int4_linear},
-    )
-    return program.model
+    Unoptimized on purpose: onnxscript's optimizer spends minutes on an LLM's pattern rewrites
+    that ONNX Runtime repeats at load time, and its constant folding would store a folded
+    (transposed) copy of a tied embedding as lm_head's weight."""
+    cache = _PLACEHOLDER_CACHE.setdefault(ep, {})
+    if opset not in cache:
+        from .export import INT4_OP
+
+        program = torch.onnx.export(
+            ep, dynamo=True, opset_version=opset, verbose=False, optimize=False,
+            custom_translation_table={INT4_OP: _translate_int4_linear},
+        )
+        cache[opset] = program.model
+    return cache[opset].clone()
 
 
 def _lower(model, fmt: OnnxFormat, *, signed: bool, accuracy_level: int) -> dict[str, str]:
@@ -181,6 +192,8 @@ def _lower(model, fmt: OnnxFormat, *, signed: bool, accuracy_level: int) -> dict
         graph.remove(node, safe=True)
         routes[layer] = route
     common.RemoveUnusedNodesPass()(model)
+    # The exporter's per-node metadata (stack traces, ~2 KB a node) would outweigh a small model.
+    common.ClearMetadataAndDocStringPass()(model)
     model.opset_imports.pop("awq", None)
     if fmt is OnnxFormat.MATMULNBITS:
         model.opset_imports["com.microsoft"] = 1
@@ -190,7 +203,6 @@ def _lower(model, fmt: OnnxFormat, *, signed: bool, accuracy_level: int) -> dict
 @dataclass
 class _Int4Weights:
     qweight: np.ndarray  # uint8 [N, Kp/2]
-    q: np.ndarray  # uint8 [N, K], real columns only
     scales: np.ndarray  # [N, G], the op's compute dtype
     zeros: np.ndarray  # uint8 [N, G]
     group_size: int
@@ -198,7 +210,13 @@ class _Int4Weights:
 
     @property
     def n(self) -> int:
-        return self.q.shape[0]
+        return self.qweight.shape[0]
+
+    @functools.cached_property
+    def q(self) -> np.ndarray:
+        """uint8 [N, K]: the codes of the real columns (padding dropped)."""
+        packed = torch.from_numpy(np.ascontiguousarray(self.qweight))
+        return unpack_int4(packed).numpy()[:, : self.k]
 
     @classmethod
     def from_node(cls, node, k: int) -> "_Int4Weights":
@@ -210,8 +228,7 @@ class _Int4Weights:
                 f"to_onnx: inconsistent INT4 tensors: x has K={k}, qweight {qweight.shape}, "
                 f"scales {scales.shape}, zeros {zeros.shape}, group_size {g}"
             )
-        q = unpack_int4(torch.from_numpy(np.ascontiguousarray(qweight))).numpy()[:, :k]
-        return cls(qweight, q, scales, zeros, g, k)
+        return cls(qweight, scales, zeros, g, k)
 
 
 def _matmulnbits(ir, graph, node, x, w: _Int4Weights, layer, accuracy_level, done):
@@ -219,11 +236,11 @@ def _matmulnbits(ir, graph, node, x, w: _Int4Weights, layer, accuracy_level, don
     if key not in done:
         n, groups, g = w.n, w.scales.shape[1], w.group_size
         b = _init(ir, graph, f"{layer}.B", w.qweight.reshape(n, groups, g // 2))
-        s = _init(ir, graph, f"{layer}.scales", w.scales)
+        s = _init(ir, graph, f"{layer}.B_scales", w.scales)
         zp = None
         if not (w.zeros == 8).all():  # 8 is MatMulNBits' default zero point for 4 bits
             z = np.pad(w.zeros, ((0, 0), (0, groups % 2)))
-            zp = _init(ir, graph, f"{layer}.zero_points", (z[:, 0::2] | (z[:, 1::2] << 4)))
+            zp = _init(ir, graph, f"{layer}.B_zero_points", (z[:, 0::2] | (z[:, 1::2] << 4)))
         done[key] = (b, s, zp)
     b, s, zp = done[key]
     attrs = {"K": w.k, "N": w.n, "bits": 4, "block_size": w.group_size}
