@@ -5,44 +5,46 @@
 // with fp32 accumulation, directly from the NK_U8 layout (docs/format.md, csrc/awq_int4.h):
 //     qweight uint8 [N, Kp/2] (k = 2b low nibble, 2b+1 high), scales T [N, Kp/g],
 //     zeros uint8 [N, Kp/g], x T [M, K], y T [M, N], T = fp16 or bf16, g in {32, 64, 128}.
+// No other weight layout is needed: nothing is repacked at load time.
 //
 // Design. At small M the op reads N*Kp/2 weight bytes and does little arithmetic per byte, so the
 // goal is the DRAM floor. The weight takes the *A* role of mma.m16n8k16 (16 output rows x 16 k)
 // and the tokens the *B* role (8 tokens per n-tile): "swap AB", so M = 1..8 wastes only tensor
-// throughput, never weight bandwidth. CUDA-core FMAs would cap out near M = 4 on an H100
-// (M*N*K FMAs at ~33 T/s exceed the 40 us DRAM time of an 8192 x 28672 weight from M ~ 4 on).
-//   * Each thread streams 16-byte chunks (32 consecutive k of one row) straight into registers,
-//     U k-blocks ahead; a k-block is 128 k, i.e. the 4 lanes of an mma thread group cover 128
-//     contiguous k of a row. Weights never touch shared memory: each is used once.
-//   * The k order inside an mma is free as long as A and B agree: lane (g, t) feeds k-step j
-//     with the pair (k_i, k_{i+4}) of word j/2 of its chunk (what one LOP3 mask extracts), and
+// throughput, never weight bandwidth (CUDA-core FMAs would cap out near M = 4 on an H100).
+//   * Each warp owns 16 rows and streams them through a P-deep cp.async ring in shared memory:
+//     one stage is 4 k-blocks (512 k) of each row, fetched as 256-byte runs, two rows per
+//     instruction (whole 128-byte lines; no registers held for bytes in flight).
+//   * The k order inside an mma is free as long as A and B agree: lane (g, t) feeds k-step j with
+//     the pair (k_i, k_{i+4}) of word j/2 of its 16-byte chunk (what one LOP3 mask extracts), and
 //     x is stored in shared memory pre-permuted the same way, so a B fragment is one 16-byte
 //     conflict-free shared load and no weight is ever reordered.
 //   * Dequantization is exact up to the final multiply (int4_common.cuh: dequant8).
-//   * The block's K slice of x (8*NT tokens) is staged in shared memory once, so L2 traffic for
-//     x is 4*M/256 of the weight traffic (a block covers 256 rows).
-//   * Split-K across blocks (grid.z) fills the GPU when N is small: partial sums go to a float32
-//     workspace with red.add and a second kernel adds the bias, rounds to T and re-zeroes the
-//     workspace; with one split the epilogue writes y directly.
+//   * Work items = (token tile of 8*NT, row block, K chunk of up to 16 k-blocks), handed to a
+//     persistent grid (one or two blocks per SM) round-robin; a block stages the item's x chunk in
+//     shared memory, and each warp's cp.async ring runs ahead across item boundaries.
+//   * Items that split K add fp32 partial sums into a zeroed workspace (red.add); a second kernel
+//     adds the bias, rounds to T and re-zeroes the workspace. With one chunk along K the epilogue
+//     writes y directly.
 //
 // Limitations:
-//   1. M is tiled by 8*NT tokens per block (grid.x); each token tile re-reads the weights (mostly
-//      from L2, the tiles of one row block are scheduled together) and re-dequantizes them, so
-//      the kernel loses to dequantize + cuBLAS as M grows: _cuda.py dispatches by measured M.
-//   2. N need not be a multiple of 16 (rows are clamped for loads, masked for stores), but N >= 1.
-//   3. qweight rows must be 16-byte aligned (Kp/2 % 16 == 0 holds since g >= 32) and qweight's
-//      base pointer 16-byte aligned; x is read with 16-byte loads only if K % 8 == 0 and x is
-//      16-byte aligned, else element by element.
-//   4. With split-K the workspace is shared state: two launches on different streams must not use
-//      the same workspace at once (_cuda.py keys it by stream).
-//   5. Result rounding: weights are rounded to T once (as the reference dequantize does in T),
-//      products and sums are fp32, and split-K adds partial sums in a nondeterministic order.
+//   1. Measured at 42-44% of the DRAM floor at M = 1 on an H200 (8192 x 28672), not the target
+//      85%: the kernel is latency-bound (ncu: ~0.5 issued instructions per cycle per scheduler,
+//      29 M instructions, 39% of DRAM bandwidth). csrc/NOTES.md has the analysis.
+//   2. M is tiled by 8*NT tokens (NT <= 4); every token tile re-reads (from L2) and re-dequantizes
+//      the weights, so the kernel loses to dequantize + cuBLAS from M ~ 128 on; _cuda.py
+//      dispatches by measured M.
+//   3. N need not be a multiple of 16 (out-of-range rows are zero-filled and not stored).
+//   4. qweight's base pointer must be 16-byte aligned; x is read with 16-byte loads only if K % 8
+//      == 0 and x is 16-byte aligned, else element by element.
+//   5. The split-K workspace is shared state: two launches on different streams must not use the
+//      same one at once (_cuda.py keys it by stream). Split-K sums in a nondeterministic order.
+//   6. sm_80/86/89 get the <8, 2> block (96 KB of shared memory); only sm_90 was run here.
 //
-// Tuning notes (H100/H200, csrc/NOTES.md has the measurements):
-//   * 256 threads = 8 warps, each warp RT=2 m16 tiles (32 rows): a block covers 256 rows.
-//   * U=2 k-blocks in flight per warp: 2 * RT * 2 * 16 B = 128 B per thread, 64 KB per SM at two
-//     blocks per SM, above the ~20-25 KB latency x bandwidth product per SM.
-//   * Splits are chosen so that the grid fits in one wave of resident blocks.
+// Tuning notes (H200, csrc/NOTES.md): register-prefetch versions (64-byte runs, 2 blocks/SM) and
+// this cp.async version all land at 66-73 us for 8192 x 28672 at M = 1; a memory-only variant of
+// this kernel (no dequant, no mma) still takes 60 us, so the streaming structure, not the math, is
+// what limits it. A g = 128 variant that applied scale and zero to fp32 group sums (half the
+// per-weight instructions) ran no faster and was dropped.
 #include <stdlib.h>
 #include <string.h>
 
@@ -57,15 +59,14 @@ constexpr int kKB = 128;                 // k per k-block: 4 lanes x 32 nibbles 
 constexpr int kV = 4;                    // k-blocks per stage: a 256-byte run of each row
 constexpr int kStageBytes = 16 * kV * 64;  // one warp's stage: 16 rows x 256 B
 constexpr int kChunkBytes = 32 * 1024;   // x chunk (one work item's K range) in shared memory
-constexpr int kXsumBytes = kChunkBytes / 256 * 4;  // one float per (k-block, token) of a chunk
 
 // Block shape: WARPS warps of one m16 tile (16 rows) each, and a P-deep cp.async ring per warp
-// (P - 1 stages in flight). Two configurations, by the shared memory the device grants a block:
-// <16, 3> (224 KB: sm_90, 16 warps to hide latency) and <8, 2> (96 KB: sm_80/86/89).
+// (P - 1 stages in flight). Two configurations, chosen by M and by the shared memory the device
+// grants a block: <16, 3> (224 KB, sm_90 only) and <8, 2> (96 KB: fits sm_80/86/89 too).
 template <int WARPS, int P>
 struct Cfg {
-  static constexpr int kWarps = WARPS, kThreads = WARPS * 32, kP = P, kRowsPerBlock = WARPS * 16;
-  static constexpr int kSmem = kChunkBytes + kXsumBytes + WARPS * P * kStageBytes;
+  static constexpr int kThreads = WARPS * 32, kP = P, kRowsPerBlock = WARPS * 16;
+  static constexpr int kSmem = kChunkBytes + WARPS * P * kStageBytes;
 };
 
 template <int NT>
@@ -110,24 +111,6 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
-
-template <typename T>
-__device__ __forceinline__ T __ushort_as_bf_or_h(uint32_t bits);
-template <>
-__device__ __forceinline__ __nv_bfloat16 __ushort_as_bf_or_h<__nv_bfloat16>(uint32_t bits) {
-  return __ushort_as_bfloat16((unsigned short)bits);
-}
-template <>
-__device__ __forceinline__ __half __ushort_as_bf_or_h<__half>(uint32_t bits) {
-  return __ushort_as_half((unsigned short)bits);
-}
-template <typename T>
-__device__ __forceinline__ float half_bits_to_float(uint32_t bits) {
-  return Half2Traits<T>::to_float(__ushort_as_bf_or_h<T>(bits));
-}
-// The integer the magic pattern adds to a nibble: 128 for bf16, 1024 for fp16.
-template <typename T>
-__host__ __device__ constexpr int kBase() { return Half2Traits<T>::kMagic == 0x4300u ? 128 : 1024; }
 
 struct Args {
   const void* x;
@@ -209,9 +192,8 @@ __device__ __forceinline__ void load_sz(SZ& sz, const Args& a, int row0, int kb,
 
 // Fills the item's x chunk, pre-permuted for the B fragments: 16-byte unit ((kbl*4 + u)*TOK + m)*4
 // + t holds x[m, k0 + kbl*128 + 32t + 8u + (0,4,1,5,2,6,3,7)], zero for tokens >= M and k >= K.
-// With FOLD, also xs[kbl*TOK + m] = sum of x[m, k] over k-block kbl (fp32), for the zero point.
-template <typename T, int TOK, int THREADS, bool FOLD>
-__device__ __forceinline__ void fill_x(uint4* smx, float* xs, const Args& a, int tok0, int k0, int kbs) {
+template <int TOK, int THREADS>
+__device__ __forceinline__ void fill_x(uint4* smx, const Args& a, int tok0, int k0, int kbs) {
   const uint16_t* x = static_cast<const uint16_t*>(a.x);
   const int ks8 = kbs * (kKB / 8);
 #pragma unroll 2
@@ -237,31 +219,14 @@ __device__ __forceinline__ void fill_x(uint4* smx, float* xs, const Args& a, int
     p.z = __byte_perm(v.y, v.w, 0x5410);  // (x2, x6)
     p.w = __byte_perm(v.y, v.w, 0x7632);  // (x3, x7)
     smx[((kbl * 4 + u) * TOK + m) * 4 + t] = p;
-    if constexpr (FOLD) {
-      // The 16 units of one (k-block, token) sit in 16 aligned consecutive lanes (q = lane + ...).
-      const uint32_t wv[4] = {v.x, v.y, v.z, v.w};
-      float sum = 0.f;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        sum += Half2Traits<T>::to_float(__ushort_as_bf_or_h<T>(wv[i] & 0xFFFF));
-        sum += Half2Traits<T>::to_float(__ushort_as_bf_or_h<T>(wv[i] >> 16));
-      }
-#pragma unroll
-      for (int o = 8; o > 0; o >>= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, o);
-      if ((threadIdx.x & 15) == 0) xs[kbl * TOK + m] = sum;
-    }
   }
 }
 
 // acc[nt]: rows (g, g+8) x tokens (2t, 2t+1) of n-tile nt, as mma's C fragment.
-// FOLD (g = 128: a k-block is one group): the mma takes (q + kBase) straight from one LOP3, and the
-// group's scale and zero point are applied to its fp32 partial sum,
-//     sum_k x (q - z) s = s * (sum_k x (q + kBase) - (z + kBase) * sum_k x),
-// which halves the per-weight instructions. Otherwise each weight is dequantized (dequant8).
-template <typename T, int NT, bool FOLD>
+template <typename T, int NT>
 __device__ __forceinline__ void compute_stage(float (&acc)[NT][4], const uint8_t* wslot,
-                                              const SZ& sz, const uint4* smx, const float* xs,
-                                              int kbl0, int nvalid, int lane) {
+                                              const SZ& sz, const uint4* smx, int kbl0, int nvalid,
+                                              int lane) {
   constexpr int TOK = 8 * NT;
   constexpr uint32_t kMagic = Half2Traits<T>::kMagic;
   const int g = lane >> 2, t = lane & 3;
@@ -273,46 +238,18 @@ __device__ __forceinline__ void compute_stage(float (&acc)[NT][4], const uint8_t
     const uint4 wh = *reinterpret_cast<const uint4*>(wslot + (g + 8) * 256 + c16 * 16);
     const uint32_t zg = (kMagic | sz.z[v][0]) * 0x10001u, sg = sz.s[v][0] * 0x10001u;
     const uint32_t zh = (kMagic | sz.z[v][1]) * 0x10001u, sh = sz.s[v][1] * 0x10001u;
-    float part[NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) part[nt][i] = 0.f;
-    float (&dst)[NT][4] = FOLD ? part : acc;
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
       uint4 b[NT];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) b[nt] = smx[(((kbl0 + v) * 4 + u) * TOK + nt * 8 + g) * 4 + t];
       uint32_t pg[4], ph[4];
-      if constexpr (FOLD) {
-        constexpr uint32_t kMagic2 = kMagic * 0x10001u;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          pg[i] = and_or(word(wg, u) >> (4 * i), 0x000F000Fu, kMagic2);
-          ph[i] = and_or(word(wh, u) >> (4 * i), 0x000F000Fu, kMagic2);
-        }
-      } else {
-        dequant8<T>(word(wg, u), zg, sg, pg);
-        dequant8<T>(word(wh, u), zh, sh, ph);
-      }
+      dequant8<T>(word(wg, u), zg, sg, pg);
+      dequant8<T>(word(wh, u), zh, sh, ph);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        mma16816<T>(dst[nt], pg[0], ph[0], pg[1], ph[1], b[nt].x, b[nt].y);
-        mma16816<T>(dst[nt], pg[2], ph[2], pg[3], ph[3], b[nt].z, b[nt].w);
-      }
-    }
-    if constexpr (FOLD) {
-      const float s0 = half_bits_to_float<T>(sz.s[v][0]), s1 = half_bits_to_float<T>(sz.s[v][1]);
-      const float zs0 = -s0 * (float)(kBase<T>() + sz.z[v][0]);
-      const float zs1 = -s1 * (float)(kBase<T>() + sz.z[v][1]);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const float2 xsum = *reinterpret_cast<const float2*>(xs + (kbl0 + v) * TOK + nt * 8 + 2 * t);
-        acc[nt][0] = fmaf(s0, part[nt][0], fmaf(zs0, xsum.x, acc[nt][0]));
-        acc[nt][1] = fmaf(s0, part[nt][1], fmaf(zs0, xsum.y, acc[nt][1]));
-        acc[nt][2] = fmaf(s1, part[nt][2], fmaf(zs1, xsum.x, acc[nt][2]));
-        acc[nt][3] = fmaf(s1, part[nt][3], fmaf(zs1, xsum.y, acc[nt][3]));
+        mma16816<T>(acc[nt], pg[0], ph[0], pg[1], ph[1], b[nt].x, b[nt].y);
+        mma16816<T>(acc[nt], pg[2], ph[2], pg[3], ph[3], b[nt].z, b[nt].w);
       }
     }
   }
@@ -348,16 +285,14 @@ __device__ __forceinline__ void epilogue(float (&acc)[NT][4], const Args& a, int
 // Persistent: block b takes items b, b + gridDim.x, ... Each warp streams its 16 rows through a
 // kP-deep cp.async ring that runs ahead across item boundaries, so DRAM never waits for an
 // item's x chunk or epilogue.
-template <typename T, int NT, int WARPS, int P, bool FOLD>
+template <typename T, int NT, int WARPS, int P>
 __global__ void __launch_bounds__(WARPS * 32, 1) gemv_mma_kernel(const Args a) {
   using C = Cfg<WARPS, P>;
   constexpr int TOK = 8 * NT, kP = C::kP;
   extern __shared__ uint4 smem[];
   uint4* smx = smem;
-  float* xs = reinterpret_cast<float*>(smem + kChunkBytes / 16);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const uint8_t* wring = reinterpret_cast<const uint8_t*>(smem + (kChunkBytes + kXsumBytes) / 16) +
-                         warp * kP * kStageBytes;
+  const uint8_t* wring = reinterpret_cast<const uint8_t*>(smem + kChunkBytes / 16) + warp * kP * kStageBytes;
   const uint32_t wring_s = static_cast<uint32_t>(__cvta_generic_to_shared(wring));
 
   // Producer cursor: item sequence index pj, stage ps within it.
@@ -385,7 +320,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) gemv_mma_kernel(const Args a) {
     const Item it = decode_item<NT, C::kRowsPerBlock>(a, id);
     const int row0 = it.row0 + warp * 16;
     __syncthreads();  // every warp is done with the previous item's x chunk
-    fill_x<T, TOK, C::kThreads, FOLD>(smx, xs, a, it.tok0, it.kb0 * kKB, it.nkb);
+    fill_x<TOK, C::kThreads>(smx, a, it.tok0, it.kb0 * kKB, it.nkb);
     __syncthreads();
     SZ sz;
     load_sz(sz, a, row0, it.kb0, lane);
@@ -395,7 +330,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) gemv_mma_kernel(const Args a) {
       produce_next((c + kP - 1) % kP);
       SZ cur = sz;
       if (kbl + kV < it.nkb) load_sz(sz, a, row0, it.kb0 + kbl + kV, lane);
-      compute_stage<T, NT, FOLD>(acc, wring + (c % kP) * kStageBytes, cur, smx, xs, kbl, it.nkb - kbl, lane);
+      compute_stage<T, NT>(acc, wring + (c % kP) * kStageBytes, cur, smx, kbl, it.nkb - kbl, lane);
     }
     epilogue<T, NT>(acc, a, row0, it.tok0, lane);
   }
@@ -417,8 +352,8 @@ __global__ void finalize_kernel(float* ws, const T* bias, T* y, int64_t total, i
 struct DeviceInfo {
   bool init = false;
   int sms = 0, smem_optin = 0;
-  int occ[24] = {};  // resident blocks per SM of each kernel instance (see launch)
-  bool ready[24] = {};
+  int occ[12] = {};  // resident blocks per SM of each kernel instance (slot, see dispatch_nt)
+  bool ready[12] = {};
 };
 
 DeviceInfo& device_info(int dev) {
@@ -426,19 +361,21 @@ DeviceInfo& device_info(int dev) {
   return info[dev & 63];
 }
 
-// Experiment switches, read once: AWQ_GEMV_CFG=small forces the <8, 2> block, AWQ_GEMV_FOLD=0
-// dequantizes every weight even at g = 128.
-bool env_is(const char* name, const char* value) {
-  const char* v = getenv(name);
-  return v && strcmp(v, value) == 0;
+// AWQ_GEMV_CFG=small forces the <8, 2> block (tests use it to cover the sm_80/86/89 path on sm_90).
+bool force_small_cfg() {
+  static const bool small = [] {
+    const char* v = getenv("AWQ_GEMV_CFG");
+    return v && strcmp(v, "small") == 0;
+  }();
+  return small;
 }
 
-template <typename T, int NT, int WARPS, int P, bool FOLD>
+template <typename T, int NT, int WARPS, int P>
 int launch(const Args& a0, DeviceInfo& di, int slot, cudaStream_t stream) {
   using C = Cfg<WARPS, P>;
   Args a = a0;
   constexpr int TOK = 8 * NT;
-  auto kernel = gemv_mma_kernel<T, NT, WARPS, P, FOLD>;
+  auto kernel = gemv_mma_kernel<T, NT, WARPS, P>;
   if (!di.ready[slot]) {
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem) != cudaSuccess ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&di.occ[slot], kernel, C::kThreads, C::kSmem) != cudaSuccess)
@@ -471,18 +408,14 @@ int launch(const Args& a0, DeviceInfo& di, int slot, cudaStream_t stream) {
   return AWQ_OK;
 }
 
-template <typename T, int NT, int WARPS, int P>
-int launch_fold(const Args& a, DeviceInfo& di, int slot, cudaStream_t stream) {
-  static const bool no_fold = env_is("AWQ_GEMV_FOLD", "0");
-  if (a.log2g == 7 && !no_fold) return launch<T, NT, WARPS, P, true>(a, di, slot * 2 + 1, stream);
-  return launch<T, NT, WARPS, P, false>(a, di, slot * 2, stream);
-}
-
+// Block choice, measured on an H200 (csrc/NOTES.md): for M <= 8 two <8, 2> blocks per SM beat one
+// <16, 3> block (66 vs 70 us at 8192 x 28672); from M = 9 on the deeper ring wins (M = 64: 237 vs
+// 407 us).
 template <typename T, int NT>
 int launch_cfg(const Args& a, DeviceInfo& di, int slot, cudaStream_t stream) {
-  static const bool small = env_is("AWQ_GEMV_CFG", "small");
-  if (!small && di.smem_optin >= Cfg<16, 3>::kSmem) return launch_fold<T, NT, 16, 3>(a, di, slot * 2 + 1, stream);
-  if (di.smem_optin >= Cfg<8, 2>::kSmem) return launch_fold<T, NT, 8, 2>(a, di, slot * 2, stream);
+  const bool big_fits = di.smem_optin >= Cfg<16, 3>::kSmem;
+  if (big_fits && NT > 1 && !force_small_cfg()) return launch<T, NT, 16, 3>(a, di, slot * 2 + 1, stream);
+  if (di.smem_optin >= Cfg<8, 2>::kSmem) return launch<T, NT, 8, 2>(a, di, slot * 2, stream);
   return fail(AWQ_ERR_ARG, "awq_int4_gemm_mma: the device grants %d bytes of shared memory per block, "
               "the kernel needs %d", di.smem_optin, Cfg<8, 2>::kSmem);
 }
@@ -498,7 +431,7 @@ int dispatch_nt(const Args& a, int dtype, cudaStream_t stream) {
       return check_launch("cudaDeviceGetAttribute");
     di.init = true;
   }
-  // slot = ((dtype * 3 + NT index) * 2 + config) * 2 + fold
+  // slot = (dtype * 3 + NT index) * 2 + config
   if (a.M <= 8) return launch_cfg<T, 1>(a, di, dtype * 3 + 0, stream);
   if (a.M <= 16) return launch_cfg<T, 2>(a, di, dtype * 3 + 1, stream);
   return launch_cfg<T, 4>(a, di, dtype * 3 + 2, stream);
