@@ -29,13 +29,15 @@ ENV_VAR = "AWQ_COMPILE_CUDA_LIB"
 _ABI_VERSION = 1
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 
-# Largest M served by the weight-streaming kernel; above it, dequantize + cuBLAS. Measured on
-# H100/H200 by benchmarks/bench_kernels.py (csrc/NOTES.md, benchmarks/results_kernels.md).
+# Largest M served by the weight-streaming kernel; above it, dequantize + cuBLAS. Measured on an
+# H200 (benchmarks/results_kernels.md): the kernel wins at M = 64 on 8192x28672, 28672x8192 and
+# 8192x8192 (237/249/76 us vs 291/297/93) and loses from M = 128 on; 4096x4096 ties at M = 64.
 MMA_MAX_M = 64
 
 
 def mma_max_m(n: int, k: int) -> int:
-    """Crossover M between the two paths for an N x K weight (measured; see MMA_MAX_M)."""
+    """Crossover M between the two paths for an N x K weight. One measured threshold serves every
+    shape timed so far; the signature leaves room for a per-shape table."""
     return MMA_MAX_M
 
 

@@ -65,12 +65,4 @@ __device__ __forceinline__ void dequant8(uint32_t w, uint32_t zz, uint32_t ss, u
   }
 }
 
-// Streams weights past L1: each weight byte is read exactly once per kernel.
-__device__ __forceinline__ uint4 ld_stream(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-
 }  // namespace awq
