@@ -1,0 +1,239 @@
+"""The `"awq"` torch.compile backend: AWQ INT4 as a compiler pass, then inductor.
+
+    compiled = torch.compile(model, backend="awq", options={"group_size": 64})
+
+`pyproject.toml` registers it under the `torch_dynamo_backends` entry point, so backend="awq"
+works without importing awq_compile. Per graph dynamo hands over, the backend
+
+1. validates `options` (unknown or bad ones raise a ValueError listing the valid ones);
+2. finds the model the graph's parameter inputs belong to (their tensors are the model's own);
+3. while `awq_compile.calibration(compiled)` is open: returns the calibrating form of the
+   graph (see `awq_compile.calibration`);
+4. otherwise applies the quantization it has for the model (from calibration, or
+   `options={"checkpoint": path}`) with `rewrite_for_serving`, each quantized linear becoming
+   an `Int4Linear` call whose op has a fake kernel, so it causes no graph break;
+5. compiles the result with inductor (`mode` passed on: "reduce-overhead" is CUDA graphs), or
+   runs it eagerly with `options={"inductor": False}`.
+
+`torch._dynamo.utils.counters["awq"]` counts what happened: "quantize" (AWQ searches run),
+"calibration_graphs", "serve_graphs" (graphs compiled for serving), "linears_swapped".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import fx, nn
+
+from ._dynamo_graph import ServePlan, TensorNames, float_linears, rewrite_for_serving, warn_unplanned
+from .calibration import ModelState, find_state, model_state
+from .config import AWQConfig
+
+__all__ = ["awq_backend", "parse_options", "BackendOptions", "VALID_OPTIONS", "serve_graph"]
+
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(AWQConfig) if f.name != "version")
+_OWN = {
+    "checkpoint": "path of a checkpoint saved by awq_compile (save_quantized or "
+                  "calibration(...).save): serve it, no calibration",
+    "config": "an AWQConfig (or its dict), instead of separate AWQConfig fields",
+    "inductor": "True (default): compile with inductor after the rewrite; False: run eagerly",
+}
+VALID_OPTIONS = tuple(sorted((*_OWN, *_CONFIG_FIELDS)))
+"""Every key `options=` accepts: the backend's own and each AWQConfig field."""
+
+_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """`options=` of torch.compile, validated."""
+
+    config: AWQConfig
+    checkpoint: Path | None = None
+    inductor: bool = True
+
+
+def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
+    """Validate the backend's options.
+
+    >>> parse_options({"group_size": 64}).config.group_size
+    64
+    >>> parse_options({"grup_size": 64})
+    Traceback (most recent call last):
+    ...
+    ValueError: awq backend: unknown option(s) ['grup_size']; valid options are ...
+    """
+    options = {} if options is None else options
+    if not isinstance(options, Mapping):
+        raise TypeError(f"awq backend: options must be a dict, got {type(options).__name__}")
+    unknown = sorted(str(k) for k in options if k not in VALID_OPTIONS)
+    if unknown:
+        raise ValueError(
+            f"awq backend: unknown option(s) {unknown}; valid options are {list(VALID_OPTIONS)}"
+        )
+    fields = {k: v for k, v in options.items() if k in _CONFIG_FIELDS}
+    inductor = options.get("inductor", True)
+    if not isinstance(inductor, bool):
+        raise ValueError(f"awq backend: option inductor={inductor!r} must be True or False")
+    checkpoint = options.get("checkpoint")
+    if checkpoint is not None:
+        if not isinstance(checkpoint, (str, os.PathLike)):
+            raise ValueError(f"awq backend: option checkpoint={checkpoint!r} must be a path")
+        if fields or "config" in options:
+            raise ValueError(
+                "awq backend: option checkpoint takes its configuration from the checkpoint; "
+                f"drop {sorted([*fields, *(['config'] if 'config' in options else [])])}"
+            )
+    return BackendOptions(_config(options, fields),
+                          None if checkpoint is None else Path(checkpoint), inductor)
+
+
+def _config(options: Mapping[str, Any], fields: dict[str, Any]) -> AWQConfig:
+    if "config" in options:
+        if fields:
+            raise ValueError(
+                f"awq backend: pass either option config or AWQConfig fields, not both ({sorted(fields)})"
+            )
+        cfg = options["config"]
+        if isinstance(cfg, Mapping):
+            cfg = AWQConfig.from_dict(dict(cfg))
+        if not isinstance(cfg, AWQConfig):
+            raise ValueError(f"awq backend: option config must be an AWQConfig, got {type(cfg).__name__}")
+        return cfg
+    try:
+        return AWQConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"awq backend: invalid option: {e}") from None
+
+
+def awq_backend(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    mode: str | None = None,
+    options: Mapping[str, Any] | None = None,
+):
+    """The torch.compile backend `"awq"` (see the module docstring)."""
+    opts = parse_options(options)
+    patches = _mode_patches(mode)
+    state = find_state(example_inputs) or _frame_state(example_inputs)
+    if state is not None:
+        code = _current_code()
+        if code is not None:
+            state.codes.add(code)
+    if state is not None and state.active is not None:
+        if opts.checkpoint is not None:
+            raise ValueError("awq backend: option checkpoint cannot be combined with calibration")
+        torch._dynamo.utils.counters["awq"]["calibration_graphs"] += 1
+        return state.active.graph(gm, example_inputs, opts.config)
+    plan = _checkpoint_plan(state, opts.checkpoint) if opts.checkpoint else None
+    return serve_graph(state, gm, example_inputs, opts.inductor, patches, plan, opts.config)
+
+
+def serve_graph(
+    state: ModelState | None,
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    inductor: bool = True,
+    patches: dict[str, Any] | None = None,
+    plan: ServePlan | None = None,
+    config: AWQConfig | None = None,
+):
+    """Rewrite `gm` with the model's quantization (or `plan`) and compile it."""
+    plan = plan or (state.plan if state is not None else None)
+    names = TensorNames(state.root) if state is not None else None
+    if plan is not None:
+        if names is None:
+            raise RuntimeError(
+                "awq backend: cannot tell which module this graph's parameters belong to; "
+                "compile the model itself (torch.compile(model, ...)) or call "
+                "awq_compile.calibration(compiled) first"
+            )
+        n = rewrite_for_serving(gm, example_inputs, names, plan)
+        torch._dynamo.utils.counters["awq"]["linears_swapped"] += n
+    skip = (plan.config if plan is not None and plan.config else config or AWQConfig()).skip
+    left = float_linears(gm, example_inputs, names, skip)
+    if left and plan is None:
+        raise RuntimeError(
+            f"awq backend: {len(left)} linear layer(s) ({left[0]}, ...) have no INT4 weights yet. "
+            "Calibrate first:\n    with awq_compile.calibration(compiled):\n"
+            "        for batch in calibration_batches: compiled(batch)\n"
+            "or serve a saved quantization with options={'checkpoint': path}"
+        )
+    warn_unplanned(left, plan.source if plan is not None else "")
+    torch._dynamo.utils.counters["awq"]["serve_graphs"] += 1
+    if not inductor:
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, list(example_inputs), config_patches=patches or None)
+
+
+def _mode_patches(mode: str | None) -> dict[str, Any]:
+    if mode is None or mode == "default":
+        return {}
+    if mode not in _MODES:
+        raise ValueError(f"awq backend: mode={mode!r}; choose one of {list(_MODES)}")
+    return dict(torch._inductor.list_mode_options(mode))
+
+
+def _checkpoint_plan(state: ModelState | None, path: Path) -> ServePlan:
+    """The checkpoint's Int4Linear modules and tensors, read once per model and file."""
+    from .checkpoint import CheckpointError, read_checkpoint
+
+    if state is None:
+        raise RuntimeError(
+            "awq backend: option checkpoint: cannot tell which module this graph's parameters "
+            "belong to; compile the model itself (torch.compile(model, ...))"
+        )
+    key = (str(Path(path).resolve()), _mtime(path))
+    plan = state.checkpoint_plans.get(key)
+    if plan is None:
+        ck = read_checkpoint(path)
+        want = ck.hf_config.get("model_type")
+        have = getattr(getattr(state.root, "config", None), "model_type", None)
+        if want and have and want != have:
+            raise CheckpointError(f"checkpoint {path} is a {want!r} model but the model is {have!r}")
+        plan = ServePlan({n: s.to_module() for n, s in ck.linears.items()}, dict(ck.tensors),
+                         source=f"checkpoint {path}", strict=True, config=ck.awq_config)
+        state.checkpoint_plans = {key: plan}
+    return plan
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return max(p.stat().st_mtime_ns for p in Path(path).iterdir())
+    except (OSError, ValueError):
+        return 0
+
+
+def _frame_state(example_inputs: Sequence[Any]) -> ModelState | None:
+    """Register the module whose frame dynamo is compiling (its `self`), if it owns the graph's
+    tensors: the first graph of a model comes from its outermost forward."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        f_locals = InstructionTranslator.current_tx().f_locals
+    except Exception:  # dynamo internals moved: the model is then only known via calibration()
+        return None
+    ids = {id(t) for t in example_inputs if isinstance(t, torch.Tensor)}
+    for value in f_locals.values():
+        for m in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(m, nn.Module) and any(
+                    id(t) in ids for t in (*m.parameters(), *m.buffers())):
+                return model_state(m)
+    return None
+
+
+def _current_code():
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        return InstructionTranslator.current_tx().f_code
+    except Exception:
+        return None
