@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -401,6 +401,16 @@ def _error_bound(rtn_err: float, dtype: torch.dtype) -> float:
     return 1.5 * rtn_err + (0.05 if dtype == torch.bfloat16 else 0.02)
 
 
+def _events(spec: Spec, g: int, zero_point: bool) -> None:
+    """What each example covered (pytest --hypothesis-show-statistics lists the counts)."""
+    event(f"dtype={spec.dtype}")
+    event(f"group_size={g} zero_point={zero_point}")
+    event(f"head={spec.head} tokens={spec.tokens}")
+    for b in spec.blocks:
+        event(f"block={b.kind}{'/' + b.variant if b.variant else ''}")
+        event(f"norm={b.norm}")
+
+
 def check_graph(spec: Spec, g: int, zero_point: bool, skip: tuple[str, ...]) -> dict:
     model = FuzzNet(spec)
     config = _config(g, zero_point, skip)
@@ -433,21 +443,35 @@ def check_graph(spec: Spec, g: int, zero_point: bool, skip: tuple[str, ...]) -> 
 # ----------------------------------------------------------------------------- tests
 
 
-@settings(max_examples=45, **CI)
+@settings(max_examples=25, **CI)
 @given(spec=specs(), g=st.sampled_from([32, 64, 128]), zero_point=st.booleans(),
        skip=st.sampled_from([("lm_head",), ()]))
 def test_fuzz_graph_output(spec, g, zero_point, skip):
+    _events(spec, g, zero_point)
     check_graph(spec, g, zero_point, skip)
+
+
+_SWEEP_VARIANT = {"mlp": "gated", "attn": "sdpa-4-2", "shared": "same", "tied": "chain", "mul": "param"}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_each_block_kind_in_each_dtype(kind, dtype):
+    """The sweep hypothesis' 30 examples may miss: every block kind in every dtype, K = 40
+    (a partial group at g = 32), input outliers, a float head."""
+    block = Block(kind, norm="rms", act="silu", hidden=48, variant=_SWEEP_VARIANT.get(kind, ""))
+    check_graph(Spec(40, (block,), dtype, "out", False, True, 1), 32, True, ("lm_head",))
 
 
 MODULE_KINDS = tuple(k for k in ALL_KINDS if k not in ("functional", "tied"))
 
 
-@settings(max_examples=12, **CI)
+@settings(max_examples=8, **CI)
 @given(spec=specs(kinds=MODULE_KINDS), g=st.sampled_from([32, 64, 128]), zero_point=st.booleans())
 def test_fuzz_module_output_matches_graph(spec, g, zero_point):
     """output="module" applies the very plan the passes made: every nn.Linear outside skip is
     an Int4Linear and the outputs equal the graph's up to float rounding."""
+    _events(spec, g, zero_point)
     model = FuzzNet(spec)
     config = _config(g, zero_point, ("lm_head",))
     before = _snapshot(model)
