@@ -7,6 +7,8 @@ deviate it is said in the docstring.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .quant import _grouped, fake_quantize, padded_k
@@ -64,6 +66,7 @@ def search_scale(
     duo_scaling: bool = True,
     channel_map: tuple[int, ...] | None = None,
     size: int | None = None,
+    loss_fn: Callable[[list[torch.Tensor]], float] | None = None,
 ) -> tuple[torch.Tensor, float, list[float]]:
     """AWQ's scale search for one group.
 
@@ -73,13 +76,14 @@ def search_scale(
     of the group's concatenated outputs x @ Q(W * s)^T / s against x @ W^T. Returns
     (best s in the absorber's channel space, best alpha, the losses).
 
-    Deviation: the loss is over the group's linears' outputs, not a whole block's output
-    (the reference code inspects the attention or MLP block for some groups); it needs no
-    knowledge of what a "block" is, which the graph does not give.
+    `loss_fn`, given the group's fake-quantized weights (one per linear, unscaled), returns the
+    error measured further downstream (the group's region: passes/_region.py), as the reference
+    code measures it at a block's output; without it, the loss is the MSE of the linears' own
+    outputs over x.
     """
     w = torch.cat([wi.float() for wi in weights], dim=0)
     x = x.float()
-    h = _gram(x)
+    h = _gram(x) if loss_fn is None else None
     size = size or w.shape[1]
     xm = _to_absorber_space(x_mean.float(), channel_map, size)
     wm = _to_absorber_space(weight_saliency(w, group_size), channel_map, size)
@@ -92,7 +96,10 @@ def search_scale(
         s = s / (s.max() * s.min()).sqrt()
         se = expand_scale(s, channel_map)
         wq = fake_quantize(w * se, group_size, zero_point) / se
-        loss = _output_mse(x, h, wq - w)
+        if loss_fn is not None:
+            loss = loss_fn(list(wq.split([wi.shape[0] for wi in weights])))
+        else:
+            loss = _output_mse(x, h, wq - w)
         losses.append(loss)
         if loss < best[0]:
             best = (loss, a, s)

@@ -21,6 +21,7 @@ import torch
 from torch import fx
 
 from ._absorbers import VALUE_PATH, Absorber, find_absorber
+from ._region import Region, find_region
 from ._graph import LinearMatch, iter_linears, match_linear, node_val, param_name, real_users
 
 __all__ = ["ScaleGroup", "LinearInfo", "annotate_scale_groups", "scale_groups", "linear_infos",
@@ -52,6 +53,7 @@ class ScaleGroup:
     in_features: int
     absorber: Absorber
     searchable: bool  # False when a weight is shared beyond this group (s stays 1)
+    region: Region | None = None  # where the search measures the error (None: the linears)
     scale: torch.Tensor | None = None  # [absorber size], written by search_scales
     alpha: float | None = None
 
@@ -85,6 +87,7 @@ def annotate_scale_groups(gm: fx.GraphModule, skip: tuple[str, ...] = ()) -> fx.
             in_features=int(node_val(members[0].weight).shape[1]),
             absorber=absorber,
             searchable=searchable,
+            region=_region(gm, members) if searchable else None,
         )
         x.meta["awq_group"] = group
         groups.append(group)
@@ -120,6 +123,16 @@ def set_group(gm: fx.GraphModule, group: ScaleGroup) -> None:
     for node in gm.graph.nodes:
         if node.name == group.input:
             node.meta["awq_group"] = group
+
+
+def _region(gm: fx.GraphModule, members: list[LinearMatch]) -> Region | None:
+    """The group's region, unless it is just its own linears (then the search's cheaper
+    direct loss measures the same thing)."""
+    region = find_region(gm, [m.node for m in members])
+    names = {m.node.name for m in members}
+    if region is None or set(region.nodes) <= names:
+        return None
+    return region
 
 
 def _weight_only_here(m: LinearMatch, members: list[LinearMatch]) -> bool:

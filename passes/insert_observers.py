@@ -20,7 +20,8 @@ from torch import fx
 
 from .annotate_scale_groups import ScaleGroup, scale_groups
 
-__all__ = ["GroupObserver", "insert_observers", "remove_observers"]
+__all__ = ["GroupObserver", "ValueRecorder", "insert_observers", "remove_observers",
+           "recorded_inputs"]
 
 _PREFIX = "awq_observer_"
 
@@ -66,6 +67,27 @@ class GroupObserver(torch.nn.Module):
         return torch.cat(self.samples, dim=0)
 
 
+class ValueRecorder(torch.nn.Module):
+    """Keeps the value of one node from the first calibration batch: the inputs a group's
+    region (passes/_region.py) is replayed on. Whole sequences, since attention mixes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value = None
+        self.calls = 0
+
+    def forward(self, v) -> None:
+        if self.calls == 0:
+            self.value = v.detach().cpu() if isinstance(v, torch.Tensor) else v
+        self.calls += 1
+
+
+def recorded_inputs(gm: fx.GraphModule, names: tuple[str, ...]) -> list:
+    """The values the recorders kept for these nodes (first calibration batch)."""
+    recorders = gm.meta.get("awq_recorders", {})
+    return [recorders[n].value for n in names]
+
+
 def insert_observers(
     gm: fx.GraphModule, max_tokens: int = 4096, n_batches: int = 1, seed: int = 0
 ) -> dict[int, GroupObserver]:
@@ -81,7 +103,16 @@ def insert_observers(
         gm.add_submodule(f"{_PREFIX}{group.index}", obs)
         with gm.graph.inserting_after(node):
             gm.graph.call_module(f"{_PREFIX}{group.index}", (node,))
-    if observers:
+    by_name = {n.name: n for n in gm.graph.nodes}
+    wanted = dict.fromkeys(n for g in scale_groups(gm) if g.region for n in g.region.inputs)
+    recorders = gm.meta.setdefault("awq_recorders", {})
+    for name in wanted:
+        node = by_name[name]
+        recorders[name] = ValueRecorder()
+        gm.add_submodule(f"{_PREFIX}rec_{name}", recorders[name])
+        with gm.graph.inserting_after(node):
+            gm.graph.call_module(f"{_PREFIX}rec_{name}", (node,))
+    if observers or wanted:
         gm.graph.lint()
         gm.recompile()
     return observers

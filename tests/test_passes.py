@@ -54,6 +54,14 @@ def test_llama_groups_from_dataflow():
     assert o.absorber.targets[0].name == "model.layers.0.self_attn.v_proj.weight"
     assert o.absorber.size == 32
     assert o.absorber.channel_map == tuple(list(range(16)) * 2 + list(range(16, 32)) * 2)
+    # the error of q/k/v is measured after attention and o_proj, gate/up's after down_proj
+    by_name = {n.name: n for n in gm.graph.nodes}
+    def out_weight(g):
+        return [str(by_name[o].args[1].target) for o in g.region.outputs]
+    assert out_weight(q) == ["model.layers.0.self_attn.o_proj.weight"]
+    assert out_weight(up) == ["model.layers.0.mlp.down_proj.weight"]
+    assert o.region is None and down.region is None  # their own outputs: the direct loss
+    assert q.region.inputs[0] == q.input  # plus rotary tables / mask recorded at calibration
     clip = {i.weight.rsplit(".", 2)[-2]: i.clip for _, i in P.linear_infos(gm)}
     assert clip == {"q_proj": False, "k_proj": False, "v_proj": True, "o_proj": True,
                     "gate_proj": True, "up_proj": True, "down_proj": True}
@@ -136,13 +144,15 @@ def test_observers_statistics_and_budget():
     def observer_nodes():
         return [n for n in gm.graph.nodes if str(n.target).startswith("awq_observer_")]
 
-    assert len(observer_nodes()) == 2
+    # one observer per group, one recorder for the fc1 group's region input (fc1 -> gelu -> fc2)
+    assert sorted(str(n.target) for n in observer_nodes()) == [
+        "awq_observer_0", "awq_observer_1", "awq_observer_rec_layer_norm"]
     for x in xs:
         gm(x)
     ln_out = torch.cat([model.ln(x).reshape(-1, 32) for x in xs])
     torch.testing.assert_close(obs[0].x_mean, ln_out.abs().mean(0), rtol=1e-5, atol=1e-6)
     assert obs[0].x_sample.shape == (20, 32)  # ceil(20/3)=7 per batch, capped at 20
-    assert P.remove_observers(gm) == 2
+    assert P.remove_observers(gm) == 3
     assert not observer_nodes()
 
 
