@@ -126,6 +126,7 @@ def save_quantized(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-tmp-", dir=out.parent))
     try:
         _write_folder(tmp, model, tensors, config, config_dict, tokenizer)
+        _normal_permissions(tmp)
         _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -228,6 +229,15 @@ def _write_folder(tmp: Path, model, tensors, config: AWQConfig, config_dict, tok
         gen.to_json_file(str(tmp / "generation_config.json"))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
+
+
+def _normal_permissions(folder: Path) -> None:
+    """mkdtemp (and safetensors) create owner-only files; a checkpoint gets the umask's modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for f in folder.rglob("*"):
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--text", type=Path, help="UTF-8 text file (default: the shipped WikiText-2 test split)")
     _add_eval_window(b, windows=8)
     b.add_argument("--repeat", type=int, default=5, help="timed forward passes (default: %(default)s)")
+    _add_dtype(b)
 
     d = sub.add_parser("demo", formatter_class=fmt, help="quantize SmolLM2 and print a before/after table",
                        description="Quantize the embedded SmolLM2-135M with the shipped calibration "
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--windows", type=int, default=4, help="evaluation windows of 512 tokens (default: %(default)s)")
     d.add_argument("--out", type=Path, help="also save the checkpoint to this folder")
     d.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: %(default)s)")
+    _add_dtype(d)
     return parser
 
 
@@ -142,6 +144,9 @@ def _add_model(p) -> None:
 def _add_dtype(p) -> None:
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32",
                    help="dtype of the model's float weights (default: %(default)s)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device to run on, e.g. cuda (default: %(default)s; the CUDA INT4 "
+                        "kernels want --dtype float16 or bfloat16)")
 
 
 def _add_calibration(p) -> None:
@@ -183,18 +188,37 @@ def _add_eval_window(p, windows: int) -> None:
 # ----------------------------------------------------------------------------- shared steps
 
 
-def _load(spec: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for 'smollm2', a Hugging Face folder or an AWQ checkpoint folder."""
+def _load(spec: str, args):
+    """(model, tokenizer) for 'smollm2', a Hugging Face folder or an AWQ checkpoint folder, in
+    args.dtype on args.device."""
     from .checkpoint import is_awq_checkpoint, load_quantized
 
+    dtype, device = _DTYPES[args.dtype], _device(args.device)
     if spec != "smollm2" and is_awq_checkpoint(spec):
         model, tokenizer = load_quantized(spec, dtype=dtype)
         if tokenizer is None:
             raise ValueError(f"checkpoint {spec} has no tokenizer files: save it with a tokenizer")
-        return model, tokenizer
-    from .models import load_model
+    else:
+        from .models import load_model
 
-    return load_model(spec, dtype=dtype)
+        model, tokenizer = load_model(spec, dtype=dtype)
+    return model.to(device), tokenizer
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r}: {_first_line(e)}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _check_out(out: Path | None, overwrite: bool) -> None:
+    """Refuse an output folder up front, before minutes of quantization."""
+    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ValueError(f"--out {out} exists and is not an empty folder (pass --overwrite)")
 
 
 def _calibration_text(args) -> str:
@@ -307,14 +331,18 @@ def _weight_bytes(model, names) -> int:
 
 def _latency_ms(model, seq_len: int, repeat: int) -> float:
     """Median wall time of one no-cache forward over [1, seq_len] token ids."""
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     with torch.inference_mode():
         model(ids, use_cache=False)  # warm-up
         for _ in range(repeat):
+            sync()
             t0 = time.perf_counter()
             model(ids, use_cache=False)
+            sync()
             times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2] * 1e3
 
@@ -344,10 +372,9 @@ def _cmd_quantize(args) -> int:
 
     _check_positive(n_samples=args.n_samples, seq_len=args.seq_len, n_grid=args.n_grid,
                     max_search_tokens=args.max_search_tokens)
-    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.overwrite:
-        raise ValueError(f"--out {args.out} exists and is not an empty folder (pass --overwrite)")
+    _check_out(args.out, args.overwrite)
     text = _calibration_text(args)
-    model, tokenizer = _load(args.model, _DTYPES[args.dtype])
+    model, tokenizer = _load(args.model, args)
     config = _awq_config(args, _pick_group_size(model, args.group_size, args.skip))
     qmodel, seconds = _quantize(model, tokenizer, text, config)
     save_quantized(qmodel, args.out, tokenizer, overwrite=args.overwrite,
@@ -359,7 +386,7 @@ def _cmd_quantize(args) -> int:
 
 def _cmd_eval(args) -> int:
     text = _eval_text(args.text)
-    model, tokenizer = _load(args.model, _DTYPES[args.dtype])
+    model, tokenizer = _load(args.model, args)
     ppl = _ppl(model, tokenizer, text, args.seq_len, args.windows)
     print(f"perplexity {ppl:.4f}  ({args.model}, {args.windows} windows x {args.seq_len} tokens at most)")
     return 0
@@ -394,12 +421,12 @@ def _cmd_bench(args) -> int:
 
     _check_positive(repeat=args.repeat)
     text = _eval_text(args.text)
-    qmodel, tokenizer = _load(str(args.checkpoint))
+    qmodel, tokenizer = _load(str(args.checkpoint), args)
     if not hasattr(qmodel, "awq_config"):
         raise ValueError(f"{args.checkpoint} is not an AWQ checkpoint")
     base_spec = args.base or _recorded_base(args.checkpoint)
     print(f"base model: {base_spec}")
-    base, _ = _load(base_spec)
+    base, _ = _load(base_spec, args)
     names = [n for n, m in qmodel.named_modules() if isinstance(m, Int4Linear)]
     rows = [("", "float", "INT4 (AWQ)")]
     ppl = [_ppl(m, tokenizer, text, args.seq_len, args.windows) for m in (base, qmodel)]
@@ -409,7 +436,7 @@ def _cmd_bench(args) -> int:
     rows.append((f"weights of the {len(names)} quantized linears",
                  _mib(_weight_bytes(base, names)), _mib(_weight_bytes(qmodel, names))))
     print(_table(rows))
-    print(f"device: {_device_name()}")
+    print(f"device: {_device_name(_device(args.device))}")
     return 0
 
 
@@ -418,7 +445,8 @@ def _cmd_demo(args) -> int:
     from .checkpoint import save_quantized
 
     _check_positive(n_samples=args.n_samples, seq_len=args.seq_len, windows=args.windows)
-    model, tokenizer = _load(args.model)
+    _check_out(args.out, False)
+    model, tokenizer = _load(args.model, args)
     group_size = _pick_group_size(model, args.group_size, ("lm_head",))
     config = _awq_config(argparse.Namespace(
         symmetric=False, no_clip=False, n_grid=20, skip=["lm_head"], n_samples=args.n_samples,
@@ -432,7 +460,7 @@ def _cmd_demo(args) -> int:
     qmodel, seconds = _quantize(model, tokenizer, calibration_text(), config)
     ppl_int4 = _ppl(qmodel, tokenizer, text, 512, args.windows)
     names = [n for n in _linear_shapes(model, config.skip)]
-    rows = [("", "float32", f"INT4 AWQ (g={group_size})"),
+    rows = [("", args.dtype, f"INT4 AWQ (g={group_size})"),
             (f"perplexity, WikiText-2 test ({args.windows} x 512 tokens)", f"{ppl_float:.3f}", f"{ppl_int4:.3f}"),
             (f"weights of the {len(names)} quantized linears",
              _mib(_weight_bytes(model, names)), _mib(_weight_bytes(qmodel, names))),
@@ -451,9 +479,11 @@ def _recorded_base(checkpoint: Path) -> str:
     return recorded if recorded and Path(recorded).is_dir() else "smollm2"
 
 
-def _device_name() -> str:
+def _device_name(device: torch.device) -> str:
     import platform
 
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
 
 

@@ -4,6 +4,7 @@ writer (plain Python integers, from the published format), and every refusal."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import struct
 
@@ -291,6 +292,10 @@ def test_non_empty_out_dir_needs_overwrite_then_is_replaced_whole(tmp_path):
     save_quantized(model, out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temp or old folder left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask  # not mkdtemp's owner-only mode
+    assert ((out / "model.safetensors").stat().st_mode & 0o777) == 0o666 & ~umask
 
 
 def test_failed_write_leaves_nothing(tmp_path):
