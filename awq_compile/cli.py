@@ -115,12 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--group-size", type=int, choices=_GROUP_SIZES, help="default: the largest that divides every K")
     d.add_argument("--windows", type=int, default=4, help="evaluation windows of 512 tokens (default: %(default)s)")
     d.add_argument("--out", type=Path, help="also save the checkpoint to this folder")
+    d.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     d.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: %(default)s)")
     _add_dtype(d)
     return parser
 
 
-# The demo's defaults keep it to minutes on 2 CPU cores; quantize's are AWQ's published ones.
+# The demo's defaults keep a CPU run short (docs/cli.md has a measured run); quantize's are AWQ's
+# published ones.
 DEMO_N_SAMPLES = 16
 DEMO_SEARCH_TOKENS = 1024
 
@@ -445,16 +447,16 @@ def _cmd_demo(args) -> int:
     from .checkpoint import save_quantized
 
     _check_positive(n_samples=args.n_samples, seq_len=args.seq_len, windows=args.windows)
-    _check_out(args.out, False)
+    _check_out(args.out, args.overwrite)
     model, tokenizer = _load(args.model, args)
     group_size = _pick_group_size(model, args.group_size, ("lm_head",))
     config = _awq_config(argparse.Namespace(
         symmetric=False, no_clip=False, n_grid=20, skip=["lm_head"], n_samples=args.n_samples,
         seq_len=args.seq_len, max_search_tokens=args.max_search_tokens, seed=args.seed), group_size)
     print(f"calibration: {args.n_samples} windows x {args.seq_len} tokens of the shipped WikiText-2 "
-          f"validation text, {args.max_search_tokens} tokens per scale search: small settings for "
-          "a few minutes on a CPU (AWQ's published setting: --n-samples 128 --max-search-tokens "
-          "4096, as 'awq-compile quantize' uses)")
+          f"validation text, {args.max_search_tokens} tokens per scale search: small settings to "
+          "keep a CPU run short (AWQ's published setting, which 'awq-compile quantize' uses: "
+          "--n-samples 128 --max-search-tokens 4096)")
     text = evaluation_text()
     ppl_float = _ppl(model, tokenizer, text, 512, args.windows)
     qmodel, seconds = _quantize(model, tokenizer, calibration_text(), config)
@@ -467,7 +469,7 @@ def _cmd_demo(args) -> int:
             ("quantization wall time", "-", f"{seconds:.1f} s")]
     print(_table(rows))
     if args.out is not None:
-        save_quantized(qmodel, args.out, tokenizer)
+        save_quantized(qmodel, args.out, tokenizer, overwrite=args.overwrite)
         print(f"checkpoint saved to {args.out}")
     return 0
 

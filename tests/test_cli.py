@@ -102,7 +102,11 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, tiny_model_dir, text
         (["eval", str(tiny_model_dir), "--text", str(text_file), "--windows", "1", "--seq-len",
           "100000"], "fewer than one window"),
         (["bench", str(tiny_model_dir), "--base", str(tiny_model_dir)], "not an AWQ checkpoint"),
+        (["demo", "--out", str(tiny_model_dir)], "not an empty folder (pass --overwrite)"),
+        (["eval", str(tiny_model_dir), "--device", "nonsense"], "--device 'nonsense'"),
     ]
+    if not torch.cuda.is_available():
+        cases.append((["eval", str(tiny_model_dir), "--device", "cuda"], "CUDA is not available"))
     for argv, message in cases:
         assert main(argv) == 2, argv
         assert message in _error_line(capsys)
