@@ -179,7 +179,24 @@ def rewrite_for_serving(
         )
     gm.graph.lint()
     gm.recompile()
+    _name_new_tensors(gm)
     return swapped
+
+
+def _name_new_tensors(gm: fx.GraphModule) -> None:
+    """AOT autograd lifts a dynamo graph's own parameters and buffers to inputs and looks each
+    up in `gm._param_name_to_source` (the guard source dynamo recorded). The INT4 tensors are
+    constants of the compiled graph, so each gets a constant source of its own name."""
+    table = getattr(gm, "_param_name_to_source", None)
+    if table is None:
+        return
+    from torch._dynamo.source import ConstantSource
+
+    table = dict(table)
+    for name, _ in (*gm.named_parameters(remove_duplicate=False),
+                    *gm.named_buffers(remove_duplicate=False)):
+        table.setdefault(name, ConstantSource(f"__awq_{name}"))
+    gm._param_name_to_source = table
 
 
 def _swap_linear(gm: fx.GraphModule, node: fx.Node, path: str, mod: Int4Linear,

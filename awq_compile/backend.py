@@ -36,7 +36,8 @@ from .config import AWQConfig
 
 __all__ = ["awq_backend", "parse_options", "BackendOptions", "VALID_OPTIONS", "serve_graph"]
 
-_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(AWQConfig) if f.name != "version")
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(AWQConfig)
+                       if f.name not in ("version", "n_samples", "seq_len"))  # data is the user's
 _OWN = {
     "checkpoint": "path of a checkpoint saved by awq_compile (save_quantized or "
                   "calibration(...).save): serve it, no calibration",
@@ -122,15 +123,14 @@ def awq_backend(
     opts = parse_options(options)
     patches = _mode_patches(mode)
     state = find_state(example_inputs) or _frame_state(example_inputs)
-    if state is not None:
-        code = _current_code()
-        if code is not None:
-            state.codes.add(code)
+    code = _current_code()
+    if state is not None and code is not None:
+        state.codes.add(code)
     if state is not None and state.active is not None:
         if opts.checkpoint is not None:
             raise ValueError("awq backend: option checkpoint cannot be combined with calibration")
         torch._dynamo.utils.counters["awq"]["calibration_graphs"] += 1
-        return state.active.graph(gm, example_inputs, opts.config)
+        return state.active.graph(gm, example_inputs, opts.config, code)
     plan = _checkpoint_plan(state, opts.checkpoint) if opts.checkpoint else None
     return serve_graph(state, gm, example_inputs, opts.inductor, patches, plan, opts.config)
 

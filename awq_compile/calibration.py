@@ -113,6 +113,7 @@ class Calibration:
     def __init__(self, model: Any, n_batches: int | None = None) -> None:
         if n_batches is not None and (not isinstance(n_batches, int) or n_batches <= 0):
             raise ValueError(f"awq_compile.calibration: n_batches={n_batches!r} must be a positive int")
+        _check_backend(model)
         self.state = model_state(root_module(model))
         self.n_batches = n_batches or 1
         self.config: AWQConfig | None = None
@@ -142,7 +143,8 @@ class Calibration:
             self.observers.clear()
             self.state.drop_compiled()
 
-    def graph(self, gm: fx.GraphModule, example_inputs: Sequence[Any], config: AWQConfig):
+    def graph(self, gm: fx.GraphModule, example_inputs: Sequence[Any], config: AWQConfig,
+              code: Any = None):
         """The callable the backend returns for a graph compiled during calibration."""
         if self.config is None:
             self.config = config
@@ -151,7 +153,7 @@ class Calibration:
                 f"awq backend: two graphs of one calibration have different options "
                 f"({self.config} vs {config})"
             )
-        cg = _CalibratedGraph(self, gm, example_inputs)
+        cg = _CalibratedGraph(self, gm, example_inputs, code if code is not None else object())
         self.graphs.append(cg)
         return cg
 
@@ -355,8 +357,10 @@ class _CalibratedGraph:
     """One dynamo graph while calibrating: runs its ATen form (one export per input shape)
     with shared observers; after calibration (should dynamo still call it) the INT4 graph."""
 
-    def __init__(self, calib: Calibration, gm: fx.GraphModule, example_inputs: Sequence[Any]):
+    def __init__(self, calib: Calibration, gm: fx.GraphModule, example_inputs: Sequence[Any],
+                 code: Any):
         self.calib = calib
+        self.code = code
         self.gm = gm
         names = TensorNames(calib.state.root)
         self.attr_gm, self.keep = to_attr_graph(gm, example_inputs, names)
@@ -381,6 +385,7 @@ class _CalibratedGraph:
         steps = _steps(ep, observers, cfg, self.calib.n_batches)
         for name in _BEFORE:
             steps[name]()
+        _assign_keys(ep, self.code)
         for node in ep.graph.nodes:
             mod = ep.get_submodule(node.target) if node.op == "call_module" else None
             if isinstance(mod, P.GroupObserver):
@@ -402,16 +407,46 @@ class _CalibratedGraph:
         return self.served(*args)
 
 
+def _check_backend(target: Any) -> None:
+    """Fail early on an OptimizedModule compiled with another backend or bad options (for other
+    targets the backend checks its options at the first compiled call)."""
+    obj = getattr(getattr(target, "dynamo_ctx", None), "callback", None)
+    for _ in range(8):
+        if obj is None or hasattr(obj, "compiler_name") and hasattr(obj, "kwargs"):
+            break
+        obj = getattr(obj, "_torchdynamo_orig_backend", None)
+    if obj is None or not hasattr(obj, "kwargs"):
+        return
+    from .backend import awq_backend, parse_options
+
+    if obj.compiler_name != "awq" and getattr(obj, "compiler_fn", None) is not awq_backend:
+        raise ValueError(
+            f"awq_compile.calibration: the model was compiled with backend={obj.compiler_name!r}; "
+            "use torch.compile(model, backend='awq')"
+        )
+    parse_options(obj.kwargs.get("options"))
+
+
 def _signature(values: list[Any]) -> tuple:
     return tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else v
                  for v in values)
 
 
 def _key(ep: fx.GraphModule, group: P.ScaleGroup) -> tuple:
-    """A group's identity across graphs: its linears, and which of the groups with the same
-    linears it is (one Linear called on two inputs gives two groups)."""
-    same = [g for g in P.scale_groups(ep) if g.linears == group.linears]
-    return group.linears, [g.index for g in same].index(group.index)
+    return ep.meta["awq_keys"][group.index]
+
+
+def _assign_keys(ep: fx.GraphModule, code: Any) -> None:
+    """Give each group an identity that holds across graphs: the frame's code object (the
+    recompiles of a frame for other shapes share it, the graphs of a graph break do not), its
+    linears and absorber, and which of the groups alike it is (one Linear called on two inputs
+    gives two groups). Groups of one key share their observers and are searched once."""
+    keys, seen = {}, {}
+    for g in P.scale_groups(ep):
+        like = (code, g.linears, g.absorber.kind, tuple(t.name for t in g.absorber.targets))
+        keys[g.index] = (*like, seen.get(like, 0))
+        seen[like] = seen.get(like, 0) + 1
+    ep.meta["awq_keys"] = keys
 
 
 def _steps(ep, observers, config, n_batches=1):

@@ -1,0 +1,216 @@
+"""The torch.compile backend "awq": options, calibration on dynamo graphs, serving, checkpoints.
+
+Toy models cover graph breaks and errors in seconds; the real SmolLM2 (cut to 2 layers, tiny
+search grids) covers inductor, dynamic shapes, generate and checkpoints; the whole 30-layer
+model goes through the backend from an RTN checkpoint (no calibration needed).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.utils import counters
+
+import awq_compile
+from awq_compile import AWQConfig, Int4Linear
+from awq_compile.backend import VALID_OPTIONS, awq_backend, parse_options
+from awq_compile.calibration import calibration
+
+SEARCH = dict(n_grid=2, clip_grid=2, max_search_tokens=128, max_clip_tokens=32)
+"""Tiny search grids: the tests compare the backend with quantize, not AWQ's quality."""
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, brk: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+        self.brk = brk
+
+    def forward(self, x):
+        h = F.gelu(self.up(self.norm(x)))
+        if self.brk:
+            torch._dynamo.graph_break()  # inside a submodule: a graph break in a nested frame
+        return x + self.down(h)
+
+
+class Toy(nn.Module):
+    """Two blocks and a head; `brk` puts a graph break between the blocks ("top"), inside the
+    second block ("nested"), or in a loop dynamo then runs eagerly ("loop")."""
+
+    def __init__(self, brk: str | None = None, d: int = 128) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(d), Block(d, brk == "nested")])
+        self.head = nn.Linear(d, 64)
+        self.brk = brk
+
+    def forward(self, x):
+        if self.brk == "loop":
+            for b in self.blocks:
+                x = b(x)
+                torch._dynamo.graph_break()
+            return self.head(x)
+        x = self.blocks[0](x)
+        if self.brk == "top":
+            torch._dynamo.graph_break()
+        return self.head(self.blocks[1](x))
+
+
+def _toy(brk=None):
+    torch.manual_seed(0)
+    return Toy(brk).eval()
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(2, 16, 128, generator=g) for _ in range(2)]
+
+
+def _calibrated(model, options, batches, call=lambda c, b: c(b)):
+    compiled = torch.compile(model, backend="awq", options=options)
+    with torch.no_grad(), calibration(compiled) as calib:
+        for b in batches:
+            call(compiled, b)
+    return compiled, calib
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def test_entry_point_registers_the_backend():
+    eps = importlib.metadata.entry_points(group="torch_dynamo_backends")
+    assert any(ep.name == "awq" and ep.value == "awq_compile.backend:awq_backend" for ep in eps)
+    from torch._dynamo.backends.registry import lookup_backend
+
+    assert lookup_backend("awq") is awq_backend
+
+
+def test_options_accept_config_fields():
+    opts = parse_options({"group_size": 64, "skip": ["lm_head", "head"], "inductor": False})
+    assert opts.config == AWQConfig(group_size=64, skip=("lm_head", "head"))
+    assert opts.inductor is False and opts.checkpoint is None
+    assert parse_options({"config": {"group_size": 32}}).config.group_size == 32
+    assert {"checkpoint", "inductor", "config", "group_size", "zero_point"} <= set(VALID_OPTIONS)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"grup_size": 64}, r"unknown option\(s\) \['grup_size'\]; valid options are \[.*'group_size'"),
+    ({"group_size": 48}, r"invalid option: AWQConfig.group_size=48"),
+    ({"inductor": "yes"}, r"inductor='yes' must be True or False"),
+    ({"checkpoint": 3}, r"checkpoint=3 must be a path"),
+    ({"checkpoint": "ck", "group_size": 64}, r"checkpoint takes its configuration from the checkpoint"),
+    ({"config": AWQConfig(), "n_grid": 4}, r"either option config or AWQConfig fields"),
+])
+def test_bad_options_raise(options, match):
+    with pytest.raises(ValueError, match=match):
+        parse_options(options)
+
+
+def test_bad_option_through_torch_compile_lists_valid_ones():
+    compiled = torch.compile(_toy(), backend="awq", options={"bogus": 1})
+    with pytest.raises(Exception, match=r"unknown option\(s\) \['bogus'\]; valid options are"):
+        compiled(torch.randn(1, 4, 128))
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['bogus'\]"):
+        calibration(compiled)  # an OptimizedModule's options are checked up front
+
+
+def test_calibration_refuses_another_backend():
+    with pytest.raises(ValueError, match=r"compiled with backend='eager'; use .*backend='awq'"):
+        calibration(torch.compile(_toy(), backend="eager"))
+    with pytest.raises(TypeError, match=r"expected what torch.compile"):
+        calibration(lambda x: x)
+
+
+def test_call_before_calibration_says_how_to_calibrate():
+    compiled = torch.compile(_toy(), backend="awq")
+    with pytest.raises(Exception, match=r"have no INT4 weights yet\. Calibrate first"):
+        compiled(torch.randn(1, 4, 128))
+
+
+def test_no_calibration_data_raises():
+    compiled = torch.compile(_toy(), backend="awq")
+    with pytest.raises(RuntimeError, match=r"no calibration data reached a linear layer"):
+        with calibration(compiled):
+            pass
+
+
+# ----------------------------------------------------------------------------- toy models
+
+
+@pytest.mark.parametrize("brk", [None, "top", "nested"])
+def test_graph_breaks_serve_what_quantize_returns(brk):
+    model = _toy(brk)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = AWQConfig(group_size=64, **SEARCH)
+    ref = awq_compile.quantize(model, _batches(), cfg)
+    compiled, calib = _calibrated(model, {"group_size": 64, **SEARCH, "inductor": False}, _batches())
+    assert counters["awq"]["calibration_graphs"] >= (1 if brk is None else 2)
+    assert calib.stats["linears"] == 5
+    with torch.no_grad():
+        for t in (16, 7, 9):
+            x = torch.randn(1, t, 128)
+            torch.testing.assert_close(compiled(x), ref(x), rtol=0, atol=1e-6)
+    assert counters["awq"]["quantize"] == 1
+    # the user's model is untouched: float Linear layers, same tensors
+    assert not any(isinstance(m, Int4Linear) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class SharedAcrossBreak(nn.Module):
+    """One Linear called before and after a graph break, on two different inputs."""
+
+    def __init__(self, d: int = 128) -> None:
+        super().__init__()
+        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.shared = nn.Linear(d, d)
+
+    def forward(self, x):
+        y = self.shared(self.n1(x))
+        torch._dynamo.graph_break()
+        return self.shared(self.n2(y))
+
+
+def test_weight_shared_across_graphs_is_quantized_once_unscaled():
+    torch.manual_seed(0)
+    model = SharedAcrossBreak().eval()
+    cfg = AWQConfig(group_size=64, **SEARCH)
+    ref = awq_compile.quantize(model, _batches(), cfg)  # one graph: the weight keeps s = 1
+    compiled, calib = _calibrated(model, {"group_size": 64, **SEARCH, "inductor": False}, _batches())
+    assert list(calib.plan.linears) == ["shared"]
+    with torch.no_grad():
+        x = torch.randn(1, 5, 128)
+        torch.testing.assert_close(compiled(x), ref(x), rtol=0, atol=1e-6)
+
+
+def test_linears_run_outside_graphs_are_reported():
+    model = _toy("loop")  # dynamo runs the frame after a break in a loop eagerly
+    with pytest.warns(UserWarning, match=r"never ran inside a compiled graph .*stay in floating point"):
+        _calibrated(model, {"group_size": 64, **SEARCH, "inductor": False}, _batches())
+
+
+def test_recalibration_replaces_the_plan():
+    model = _toy()
+    opts = {"group_size": 64, **SEARCH, "inductor": False}
+    compiled, first = _calibrated(model, opts, _batches())
+    with torch.no_grad(), calibration(compiled) as second:
+        compiled(torch.randn(2, 16, 128) * 3)
+    assert counters["awq"]["quantize"] == 2
+    assert second.plan is not first.plan
+    q = second.quantized_model()
+    with torch.no_grad():
+        x = torch.randn(1, 8, 128)
+        torch.testing.assert_close(compiled(x), q(x), rtol=0, atol=1e-6)
