@@ -75,12 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="formats:\n"
                               "  onnx      ONNX, each INT4 linear as com.microsoft::MatMulNBits (ONNX Runtime)\n"
                               "            or, with --onnx-op qdq, as int4/uint4 DequantizeLinear + MatMul\n"
-                              "  tensorrt  ONNX in TensorRT's INT4 form: signed int4 DequantizeLinear, no\n"
-                              "            zero points (an exact correction term where needed);\n"
-                              "            build the engine with trtexec --onnx=FILE\n"
+                              "  tensorrt  fp16 ONNX in TensorRT's INT4 form: signed int4 DequantizeLinear, no\n"
+                              "            zero points (an exact correction term where needed); build the\n"
+                              "            engine with trtexec --onnx=FILE --stronglyTyped\n"
+                              "  engine    a serialized TensorRT engine (needs TensorRT and an NVIDIA GPU)\n"
                               "  pt2       torch.export program (torch.export.load after import awq_compile)")
     x.add_argument("checkpoint", type=Path, help="AWQ checkpoint folder (from 'awq-compile quantize')")
-    x.add_argument("--format", choices=("onnx", "tensorrt", "pt2"), default="onnx",
+    x.add_argument("--format", choices=("onnx", "tensorrt", "engine", "pt2"), default="onnx",
                    help="output format (default: %(default)s)")
     x.add_argument("--onnx-op", choices=("matmulnbits", "qdq"), default="matmulnbits",
                    help="how --format onnx writes INT4 linears (default: %(default)s)")
@@ -406,15 +407,25 @@ def _cmd_export(args) -> int:
         from .export import export  # lazy: the exporters are not needed elsewhere
 
         torch.export.save(export(model, example), str(args.out))
-    else:
+    elif args.format == "onnx":
         from .onnx_export import to_onnx
 
-        op, signed = ("qdq", True) if args.format == "tensorrt" else (args.onnx_op, False)
-        result = to_onnx(model, args.out, op, args=example, signed=signed)
-        kinds = sorted(set(result.routes.values()))
-        print(f"{len(result.routes)} INT4 linears written as {', '.join(kinds)}")
+        _print_routes(to_onnx(model, args.out, args.onnx_op, args=example).routes)
+    elif args.format == "tensorrt":
+        from .tensorrt import tensorrt_onnx
+
+        _print_routes(tensorrt_onnx(model, args.out, args=example).routes)
+    else:
+        from .tensorrt import to_tensorrt
+
+        _print_routes(to_tensorrt(model, args.out, args=example).layers)
     print(f"exported {args.checkpoint} -> {args.out} ({args.format})")
     return 0
+
+
+def _print_routes(routes: dict[str, str]) -> None:
+    kinds = sorted(set(routes.values()))
+    print(f"{len(routes)} INT4 linears written as {', '.join(kinds)}")
 
 
 def _cmd_bench(args) -> int:

@@ -197,3 +197,17 @@ def test_export_onnx_runs_in_onnxruntime_like_the_checkpoint(checkpoint, tmp_pat
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits
     torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_export_tensorrt_writes_trt_int4_onnx_and_engine_needs_tensorrt(checkpoint, tmp_path, capsys):
+    from awq_compile.tensorrt import check_tensorrt_onnx
+
+    out = tmp_path / "tiny.trt.onnx"
+    assert main(["export", str(checkpoint), "--format", "tensorrt", "--out", str(out)]) == 0
+    assert check_tensorrt_onnx(out) == []
+    capsys.readouterr()
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert main(["export", str(checkpoint), "--format", "engine", "--out", str(tmp_path / "e")]) == 2
+        assert "needs the Python package 'tensorrt'" in _error_line(capsys)
