@@ -10,6 +10,8 @@ from . import _cuda  # noqa: F401  (CUDA kernels over the op, when the library i
 from .config import AWQConfig, Int4Format
 from .nn import Int4Linear
 from .api import quantize, quantize_rtn
+from .checkpoint import apply_checkpoint, load_quantized, save_quantized
 
-__all__ = ["AWQConfig", "Int4Format", "Int4Linear", "quantize", "quantize_rtn"]
+__all__ = ["AWQConfig", "Int4Format", "Int4Linear", "quantize", "quantize_rtn", "save_quantized",
+           "load_quantized", "apply_checkpoint"]
 __version__ = "0.1.0"
