@@ -383,6 +383,25 @@ def test_asymmetric_config_to_symmetric_only_target(asym_program, tmp_path):
         torch.testing.assert_close(_ort(signed.path, x), qm(x), rtol=1e-5, atol=1e-5)
 
 
+def test_asymmetric_config_refused_by_tensorrt_without_correction(asym_program, tmp_path):
+    from awq_compile.tensorrt import tensorrt_onnx
+
+    _, ep = asym_program
+    with pytest.raises(ValueError, match="asymmetric layers have groups with q - z outside "
+                       r"\[-8, 7\].*quantize symmetrically \(AWQConfig\(zero_point=False\)\)"):
+        tensorrt_onnx(ep, tmp_path / "trt.onnx", zero_point_correction=False)
+
+
+@pytest.mark.xfail(strict=True, reason="F21: tensorrt_onnx writes the ONNX file, then refuses: "
+                   "the refused file stays on disk (and an existing one is replaced)")
+def test_refused_tensorrt_export_leaves_no_file(asym_program, tmp_path):
+    from awq_compile.tensorrt import tensorrt_onnx
+
+    _, ep = asym_program
+    _refused(lambda: tensorrt_onnx(ep, tmp_path / "trt.onnx", zero_point_correction=False), None,
+             ValueError, "asymmetric layers", folder=tmp_path)
+
+
 def test_export_argument_errors(asym_program, tmp_path):
     from awq_compile.export import export
     from awq_compile.onnx_export import to_onnx
