@@ -22,31 +22,35 @@ import time
 import torch
 
 
-def llama7b_config(layers: int = 32):
+DEV = "cuda"  # --device cpu (with --tiny) smoke-tests this script where there is no GPU
+
+
+def llama_config(layers: int = 32, tiny: bool = False):
+    """Llama-2-7B's shapes (or a tiny stand-in for a smoke test)."""
     from transformers import LlamaConfig
 
+    if tiny:
+        return LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=4, vocab_size=1000)
     return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
                        num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
                        max_position_embeddings=4096, tie_word_embeddings=False)
 
 
 def random_model(cfg, device: str, dtype=torch.bfloat16):
-    """A LlamaForCausalLM with random weights, built on the GPU (fast) and moved to `device`."""
+    """A LlamaForCausalLM with random weights, filled where computing is fast (the GPU), then
+    moved to `device`."""
     from transformers import LlamaForCausalLM
 
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
-    model = model.to_empty(device="cuda").to(dtype)
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    model = model.to_empty(device=DEV).to(dtype)
+    gen = torch.Generator(device=DEV).manual_seed(0)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen, device="cuda"))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen, device="cuda") * p.shape[1] ** -0.5)
-        for name, b in model.named_buffers():  # rotary inv_freq: recompute from the config
-            pass
-    model.model.rotary_emb.__init__(cfg, device="cuda")
+        for p in model.parameters():
+            r = torch.randn(p.shape, generator=gen, device=DEV)
+            p.copy_(1 + 0.1 * r if p.dim() == 1 else r * p.shape[-1] ** -0.5)
+    model.model.rotary_emb = type(model.model.rotary_emb)(cfg).to(DEV)  # meta left it empty
     return model.to(device).eval()
 
 
@@ -55,39 +59,41 @@ def _decode(model, batch: int, prompt: int, new: int, compile_kwargs: dict) -> d
     from transformers import StaticCache
 
     cfg = model.config
-    cache = StaticCache(config=cfg, max_batch_size=batch, max_cache_len=prompt + new,
-                        device="cuda", dtype=torch.bfloat16)
+    cache = StaticCache(config=cfg, max_cache_len=prompt + new)
     step = torch.compile(model, **compile_kwargs)
-    ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device="cuda")
+    ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device=DEV)
+    sync = torch.cuda.synchronize if DEV == "cuda" else (lambda: None)
 
     def run(ids):
         cache.reset()
-        pos = torch.arange(prompt, device="cuda")
-        torch.cuda.synchronize()
+        pos = torch.arange(prompt, device=DEV)
+        sync()
         t0 = time.perf_counter()
         logits = model(ids, past_key_values=cache, cache_position=pos, use_cache=True).logits
         tok = logits[:, -1:].argmax(-1)
-        torch.cuda.synchronize()
+        sync()
         t1 = time.perf_counter()
         for i in range(new - 1):
-            p = torch.tensor([prompt + i], device="cuda")
+            p = torch.tensor([prompt + i], device=DEV)
             tok = step(tok, past_key_values=cache, cache_position=p, use_cache=True).logits.argmax(-1)
-            tok = tok.clone()
-        torch.cuda.synchronize()
+            tok = tok.clone()  # the next step's input must not alias a CUDA graph's output
+        sync()
         return t1 - t0, time.perf_counter() - t1
 
     run(ids)  # compile and capture the graphs
-    torch.cuda.reset_peak_memory_stats()
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     ttft, dec = run(ids)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else float("nan")
     return {"batch": batch, "ttft_ms": ttft * 1e3, "decode_tok_s": batch * (new - 1) / dec,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+            "peak_gib": peak}
 
 
 def decode(args) -> list[dict]:
     import awq_compile
 
-    cfg = llama7b_config(args.layers)
-    model = random_model(cfg, "cuda")
+    cfg = llama_config(args.layers, args.tiny)
+    model = random_model(cfg, DEV)
     rows = []
     for b in args.batch:
         r = _decode(model, b, args.prompt, args.new, {"mode": "reduce-overhead", "fullgraph": True})
@@ -109,17 +115,18 @@ def decode(args) -> list[dict]:
 def quantize(args) -> list[dict]:
     import awq_compile
 
-    cfg = llama7b_config(args.layers)
+    cfg = llama_config(args.layers, args.tiny)
     model = random_model(cfg, "cpu")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     ids = torch.randint(0, cfg.vocab_size, (args.n_samples, 512),
                         generator=torch.Generator().manual_seed(0))
-    torch.cuda.reset_peak_memory_stats()
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     q = awq_compile.quantize(model, ids, awq_compile.AWQConfig(group_size=128, compute_dtype="bfloat16"),
-                             device="cuda", progress=True)
+                             device=DEV, stream=True, progress=True)
     dt = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated()
+    peak = torch.cuda.max_memory_allocated() if DEV == "cuda" else float("nan")
     row = {"layers": args.layers, "n_samples": args.n_samples, "seconds": dt,
            "peak_gpu_gib": peak / 2**30, "bf16_weights_gib": weight_bytes / 2**30,
            "peak_over_weights": peak / weight_bytes}
@@ -137,12 +144,17 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="a tiny config, to smoke-test the script")
     args = ap.parse_args()
-    print(torch.cuda.get_device_name(), flush=True)
+    global DEV
+    DEV = args.device
+    card = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
+    print(card, flush=True)
     rows = decode(args) if args.what == "decode" else quantize(args)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"card": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+            json.dump({"card": card, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
