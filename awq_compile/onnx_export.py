@@ -99,7 +99,7 @@ def to_onnx(
     program's metadata or `model.awq_config`) goes into metadata_props["awq_compile.config"].
 
     >>> out = to_onnx(qmodel, "model.onnx", "matmulnbits", args=(ids,))  # doctest: +SKIP
-    >>> out.routes["model.layers.0.mlp.down_proj"]  # doctest: +SKIP
+    >>> out.routes["model.model.layers.0.mlp.down_proj"]  # HF models: wrapper prefix  # doctest: +SKIP
     'matmulnbits'
     """
     import onnx_ir as ir  # lazy: keeps `import awq_compile` light

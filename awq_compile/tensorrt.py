@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .export import export
+from .export import INT4_OP, export
 from .onnx_export import OnnxExport, OnnxFormat, to_onnx
 
 __all__ = ["to_tensorrt", "tensorrt_onnx", "check_tensorrt_onnx", "TensorRTBuild"]
@@ -196,7 +196,7 @@ def _build_plugin(source, engine_path: Path, args, dtype, seq_range) -> TensorRT
         custom_op("awq::int4_linear", supports_dynamic_shapes=True)
     except (ImportError, AttributeError):  # Torch-TensorRT < 2.6 / TensorRT < 10.7
         route = "plugin:pytorch_fallback"
-        options = {"torch_executed_ops": {"torch.ops.awq.int4_linear.default"}}
+        options = {"torch_executed_ops": {INT4_OP}}
     inputs = [
         torch_trt.Input(min_shape=_with_seq(a, seq_range[0]), opt_shape=_with_seq(a, seq_range[1]),
                         max_shape=_with_seq(a, seq_range[2]), dtype=a.dtype)
