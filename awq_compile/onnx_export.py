@@ -2,11 +2,13 @@
 
 Every `awq.int4_linear` (N outputs, K inputs, group g, G = ceil(K / g) groups) becomes one of:
 
-    "matmulnbits":  y = com.microsoft::MatMulNBits(x, B, scales, zero_points)  {K, N, bits=4, block_size=g}
+    "matmulnbits":  y = com.microsoft::MatMulNBits(x, B, scales, zero_points)
+                        {K, N, bits=4, block_size=g}
                     B uint8 [N, G, g/2] = qweight's bytes unchanged (docs/format.md), scales [N, G],
                     zero_points uint8 [N, ceil(G/2)] (two per byte, low nibble first; omitted when
                     every z = 8, MatMulNBits' default). ONNX Runtime's fast INT4 path.
-    "qdq":          y = MatMul(x, DequantizeLinear(Wq [K, N], scale [G, N], zp [G, N]) {axis=0, block_size=g})
+    "qdq":          y = MatMul(x, DequantizeLinear(Wq [K, N], scale [G, N], zp [G, N]))
+                        {axis=0, block_size=g}
                     opset >= 21 blocked quantization. Symmetric layers: Wq int4 = q - 8, no zp.
                     Asymmetric layers: Wq uint4 = q, zp uint4 = z: (q - z) * s exactly.
     "qdq", signed:  TensorRT's form: int4 only, no zero points. An asymmetric layer whose every
@@ -56,7 +58,7 @@ class OnnxFormat(str, Enum):
     """How an INT4 linear is written in ONNX (see the module docstring for the exact tensors)."""
 
     MATMULNBITS = "matmulnbits"
-    """com.microsoft::MatMulNBits: B uint8 [N, G, g/2] (NK_U8 bytes as they are), ONNX Runtime only."""
+    """com.microsoft::MatMulNBits: B uint8 [N, G, g/2] (the NK_U8 bytes), ONNX Runtime only."""
     QDQ = "qdq"
     """Standard DequantizeLinear (int4/uint4, blocked along K, opset >= 21) + MatMul."""
 
@@ -99,7 +101,7 @@ def to_onnx(
     program's metadata or `model.awq_config`) goes into metadata_props["awq_compile.config"].
 
     >>> out = to_onnx(qmodel, "model.onnx", "matmulnbits", args=(ids,))  # doctest: +SKIP
-    >>> out.routes["model.model.layers.0.mlp.down_proj"]  # HF models: wrapper prefix  # doctest: +SKIP
+    >>> out.routes["model.model.layers.0.mlp.down_proj"]  # doctest: +SKIP
     'matmulnbits'
     """
     import onnx_ir as ir  # lazy: keeps `import awq_compile` light
@@ -283,13 +285,14 @@ def _qdq_constants(ir, graph, w: _Int4Weights, layer, signed):
         zp = _init_packed(ir, graph, f"{layer}.weight_zero_point", w.zeros.T, ir.DataType.UINT4)
         return wq, scale, zp, None, "qdq_uint4"
     if v.min() >= -8 and v.max() <= 7:  # exact as signed int4 without a zero point
-        return _init_packed(ir, graph, f"{layer}.weight_q", v.T, ir.DataType.INT4), scale, None, None, "qdq_int4"
+        wq = _init_packed(ir, graph, f"{layer}.weight_q", v.T, ir.DataType.INT4)
+        return wq, scale, None, None, "qdq_int4"
     wq = _init_packed(ir, graph, f"{layer}.weight_q", w.q.T.astype(np.int16) - 8, ir.DataType.INT4)
-    groups = w.scales.shape[1]
-    e = np.zeros((w.k, groups), np.float32)
+    e = np.zeros((w.k, w.scales.shape[1]), np.float32)  # [K, G]: 1 where column k is in group G
     e[np.arange(w.k), np.arange(w.k) // g] = 1.0
-    c = ((8.0 - w.zeros.astype(np.float32)) * w.scales.astype(np.float32)).T
-    corr = (_init(ir, graph, f"{layer}.group_sum", e), _init(ir, graph, f"{layer}.zp_correction", c))
+    c = ((8.0 - w.zeros.astype(np.float32)) * w.scales.astype(np.float32)).T  # [G, N], exact
+    corr = (_init(ir, graph, f"{layer}.group_sum", e),
+            _init(ir, graph, f"{layer}.zp_correction", c))
     return wq, scale, None, corr, "qdq_int4+zp_correction"
 
 
