@@ -43,6 +43,8 @@ _OWN = {
                   "calibration(...).save): serve it, no calibration",
     "config": "an AWQConfig (or its dict), instead of separate AWQConfig fields",
     "inductor": "True (default): compile with inductor after the rewrite; False: run eagerly",
+    "mode": "inductor's mode, e.g. 'reduce-overhead' (CUDA graphs): torch.compile refuses "
+            "mode= together with options=",
 }
 VALID_OPTIONS = tuple(sorted((*_OWN, *_CONFIG_FIELDS)))
 """Every key `options=` accepts: the backend's own and each AWQConfig field."""
@@ -57,6 +59,7 @@ class BackendOptions:
     config: AWQConfig
     checkpoint: Path | None = None
     inductor: bool = True
+    mode: str | None = None
 
 
 def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
@@ -90,8 +93,11 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
                 "awq backend: option checkpoint takes its configuration from the checkpoint; "
                 f"drop {sorted([*fields, *(['config'] if 'config' in options else [])])}"
             )
+    mode = options.get("mode")
+    if mode is not None:
+        _mode_patches(mode)  # raises for an unknown mode
     return BackendOptions(_config(options, fields),
-                          None if checkpoint is None else Path(checkpoint), inductor)
+                          None if checkpoint is None else Path(checkpoint), inductor, mode)
 
 
 def _config(options: Mapping[str, Any], fields: dict[str, Any]) -> AWQConfig:
@@ -121,7 +127,7 @@ def awq_backend(
 ):
     """The torch.compile backend `"awq"` (see the module docstring)."""
     opts = parse_options(options)
-    patches = _mode_patches(mode)
+    patches = _mode_patches(mode or opts.mode)
     state = find_state(example_inputs) or _frame_state(example_inputs)
     code = _current_code()
     if state is not None and code is not None:

@@ -104,7 +104,8 @@ def test_options_accept_config_fields():
     assert opts.config == AWQConfig(group_size=64, skip=("lm_head", "head"))
     assert opts.inductor is False and opts.checkpoint is None
     assert parse_options({"config": {"group_size": 32}}).config.group_size == 32
-    assert {"checkpoint", "inductor", "config", "group_size", "zero_point"} <= set(VALID_OPTIONS)
+    assert {"checkpoint", "inductor", "mode", "config", "group_size", "zero_point"} <= set(VALID_OPTIONS)
+    assert parse_options({"mode": "reduce-overhead"}).mode == "reduce-overhead"
 
 
 @pytest.mark.parametrize("options, match", [
@@ -114,6 +115,7 @@ def test_options_accept_config_fields():
     ({"checkpoint": 3}, r"checkpoint=3 must be a path"),
     ({"checkpoint": "ck", "group_size": 64}, r"checkpoint takes its configuration from the checkpoint"),
     ({"config": AWQConfig(), "n_grid": 4}, r"either option config or AWQConfig fields"),
+    ({"mode": "fast"}, r"mode='fast'; choose one of \['default', 'reduce-overhead'"),
 ])
 def test_bad_options_raise(options, match):
     with pytest.raises(ValueError, match=match):
@@ -214,3 +216,142 @@ def test_recalibration_replaces_the_plan():
     with torch.no_grad():
         x = torch.randn(1, 8, 128)
         torch.testing.assert_close(compiled(x), q(x), rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the real model
+
+
+def _cut(model: nn.Module, n_layers: int) -> nn.Module:
+    m = copy.deepcopy(model).eval()
+    m.model.layers = m.model.layers[:n_layers]
+    m.config.num_hidden_layers = n_layers
+    return m
+
+
+@pytest.fixture(scope="module")
+def real(smollm2):
+    """SmolLM2 cut to 2 layers, quantized by `quantize` and calibrated through the backend on
+    the same 4 x 128 tokens (use_cache=False: the graph `quantize` captures)."""
+    from types import SimpleNamespace
+
+    from awq_compile.calib import calibration_text, sample_calibration
+
+    model, tok = smollm2
+    m = _cut(model, 2)
+    ids = sample_calibration(tok, calibration_text(), 4, 128)
+    ref = awq_compile.quantize(m, ids, AWQConfig(group_size=64, **SEARCH))
+    compiled, calib = _calibrated(m, {"group_size": 64, **SEARCH}, [ids],
+                                  call=lambda c, b: c(b, use_cache=False))
+    return SimpleNamespace(model=m, tok=tok, ids=ids, ref=ref, compiled=compiled, calib=calib)
+
+
+@pytest.mark.slow
+def test_real_model_through_inductor_matches_quantize_without_recompiles(real):
+    assert real.calib.stats["linears"] == 14
+    assert not any(isinstance(m, Int4Linear) for m in real.model.modules())
+    with torch.no_grad():
+        for i, t in enumerate((20, 33, 47, 61)):
+            x = real.ids[:1, :t].clone()
+            if i == 0:
+                torch._dynamo.maybe_mark_dynamic(x, 1)
+            y = real.compiled(x, use_cache=False).logits
+            # same INT4 weights; inductor's fused float ops differ from eager by rounding only
+            torch.testing.assert_close(y, real.ref(x, use_cache=False).logits, rtol=1e-4, atol=2e-3)
+            if i == 0:
+                graphs = dict(counters["awq"]), counters["stats"]["unique_graphs"]
+    assert graphs[0]["serve_graphs"] == 1 and graphs[0]["linears_swapped"] == 14
+    # three more sequence lengths: no recompile, no re-quantization
+    assert (dict(counters["awq"]), counters["stats"]["unique_graphs"]) == graphs
+    assert counters["awq"]["quantize"] == 0
+
+
+@pytest.mark.slow
+def test_real_model_generate_greedy(real):
+    m = real.model
+    m.forward = torch.compile(m.forward, backend="awq", options={"inductor": False})
+    try:
+        prompt = real.tok("The capital of France is", return_tensors="pt")
+        out = m.generate(**prompt, max_new_tokens=8, do_sample=False)
+    finally:
+        del m.forward
+    want = real.ref.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == prompt.input_ids.shape[1] + 8
+    assert torch.equal(out, want)
+    assert counters["awq"]["serve_graphs"] >= 2 and counters["awq"]["quantize"] == 0
+
+
+@pytest.mark.slow
+def test_real_model_checkpoints_serve_without_calibration(real, smollm2, tmp_path):
+    from awq_compile.checkpoint import save_quantized
+
+    real.calib.save(tmp_path / "flow1", real.tok)
+    save_quantized(real.ref, tmp_path / "quantize")
+    x = real.ids[:1, :40]
+    with torch.no_grad():
+        want = real.ref(x, use_cache=False).logits
+        for name in ("flow1", "quantize"):
+            fresh = _cut(smollm2[0], 2)
+            compiled = torch.compile(fresh, backend="awq",
+                                     options={"checkpoint": str(tmp_path / name), "inductor": False})
+            torch.testing.assert_close(compiled(x, use_cache=False).logits, want, rtol=0, atol=1e-5)
+        assert counters["awq"]["quantize"] == 0 and counters["awq"]["linears_swapped"] == 28
+        wrong = torch.compile(_cut(smollm2[0], 3), backend="awq",
+                              options={"checkpoint": str(tmp_path / "flow1"), "inductor": False})
+        with pytest.raises(Exception, match=r"has no tensor for model\.layers\.2\..*does it match"):
+            wrong(x, use_cache=False)
+
+
+@pytest.mark.slow
+def test_full_real_model_serves_an_rtn_checkpoint(smollm2, tmp_path):
+    from awq_compile.checkpoint import save_quantized
+
+    model, tok = smollm2
+    rtn = awq_compile.quantize_rtn(model, AWQConfig(group_size=64))
+    save_quantized(rtn, tmp_path / "rtn")
+    compiled = torch.compile(model, backend="awq",
+                             options={"checkpoint": str(tmp_path / "rtn"), "inductor": False})
+    x = tok("INT4 weights, float activations.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x).logits, rtn(x).logits, rtol=0, atol=1e-4)
+    assert counters["awq"]["linears_swapped"] == 30 * 7
+    assert not any(isinstance(m, Int4Linear) for m in model.modules())
+
+
+# ----------------------------------------------------------------------------- the GPU
+
+
+SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                     num_key_value_heads=3, head_dim=64, num_hidden_layers=30, vocab_size=49152,
+                     tie_word_embeddings=True, max_position_embeddings=8192, rms_norm_eps=1e-5)
+"""SmolLM2-135M's architecture: the GPU machine has no copy of its weights, random ones serve."""
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_reduce_overhead_real_architecture():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE)).to("cuda", torch.float16).eval()
+    ids = torch.randint(0, SMOLLM2_SHAPE["vocab_size"], (4, 128), device="cuda")
+    ref = awq_compile.quantize(model, ids, AWQConfig(group_size=64, **SEARCH))
+    compiled = torch.compile(model, backend="awq",
+                             options={"mode": "reduce-overhead", "group_size": 64, **SEARCH})
+    with torch.no_grad():
+        with calibration(compiled) as calib:
+            compiled(ids, use_cache=False)
+        assert calib.stats["linears"] == 30 * 7
+        for i, t in enumerate((20, 33, 47, 61)):
+            x = ids[:1, :t].clone()
+            if i == 0:
+                torch._dynamo.maybe_mark_dynamic(x, 1)
+            for _ in range(3):  # CUDA graphs: warm-up, record, replay
+                y = compiled(x, use_cache=False).logits.float().clone()
+            want = ref(x, use_cache=False).logits.float()
+            rel = ((y - want).norm() / want.norm()).item()
+            assert rel < 2e-2, f"seq {t}: relative error {rel:.2e} against quantize"
+            if i == 0:
+                graphs = dict(counters["awq"]), counters["stats"]["unique_graphs"]
+    assert graphs[0]["linears_swapped"] == 30 * 7
+    assert (dict(counters["awq"]), counters["stats"]["unique_graphs"]) == graphs  # no recompile
+    assert counters["inductor"]["cudagraph_skips"] == 0  # CUDA graphs ran, nothing fell back
