@@ -13,6 +13,7 @@ torch's deserializer; the node metadata printed with that failure names the impo
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any, Sequence
 
@@ -81,8 +82,10 @@ def export(
     config = config or getattr(model, "awq_config", None)
     wrapped = CausalLMLogits(model) if _is_hf_causal_lm(model) else model
     args = tuple(args)
+    # quantize(output="graph") records the keyword arguments its capture used (use_cache=False)
+    kwargs = {**getattr(model, "awq_capture_kwargs", {}), **(kwargs or {})}
     if dynamic_shapes is None and seq_dim is not None:
-        dynamic_shapes = _seq_dynamic_shapes(args, seq_dim, max_seq)
+        dynamic_shapes = _seq_dynamic_shapes(wrapped, args, kwargs, seq_dim, max_seq)
     with torch.no_grad():
         ep = torch.export.export(
             wrapped, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=strict
@@ -118,11 +121,16 @@ def _annotate(ep: torch.export.ExportedProgram, config: AWQConfig | None) -> Non
         node.meta.setdefault("custom", {})[_META_KEY] = meta
 
 
-def _seq_dynamic_shapes(args: tuple, seq_dim: int, max_seq: int | None) -> tuple:
+def _seq_dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict, seq_dim: int,
+                        max_seq: int | None) -> dict[str, Any]:
+    """One Dim("seq") on dimension `seq_dim` of every tensor argument, keyed by parameter name."""
     seq = torch.export.Dim("seq", min=1, max=max_seq) if max_seq else torch.export.Dim("seq", min=1)
-    return tuple(
-        {seq_dim: seq} if isinstance(a, torch.Tensor) and a.dim() > seq_dim else None for a in args
-    )
+    names = list(inspect.signature(module.forward).parameters)
+    values = {**dict(zip(names, args)), **kwargs}
+    return {
+        k: {seq_dim: seq} if isinstance(v, torch.Tensor) and v.dim() > seq_dim else None
+        for k, v in values.items()
+    }
 
 
 def _has_int4(model: nn.Module) -> bool:

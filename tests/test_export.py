@@ -129,3 +129,19 @@ def test_export_refuses_a_float_model():
         export(tiny_llama(quantized=False), (ids(4),))
     with pytest.raises(ValueError, match="without calibration"):
         export(tiny_llama(quantized=False), (ids(4),), config=AWQConfig())
+
+
+def test_export_a_quantized_graph_module():
+    """quantize(output="graph") gives a GraphModule calling the op directly (no Int4Linear);
+    export reuses the keyword arguments of its capture (use_cache=False)."""
+    from awq_compile import quantize
+
+    config = AWQConfig(group_size=32, n_grid=2, clip_grid=2)
+    gm = quantize(tiny_llama(quantized=False), torch.randint(0, 128, (2, 16)), config,
+                  output="graph")
+    ep = export(gm, (ids(7),))
+    assert len(int4_nodes(ep)) == 14 and config_of(ep) == config
+    x = ids(19, seed=4)
+    with torch.no_grad():
+        got, ref = ep.module()(x, use_cache=False).logits, gm(x, use_cache=False).logits
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
