@@ -174,10 +174,22 @@ def serve_graph(
     warn_unplanned(left, plan.source if plan is not None else "")
     torch._dynamo.utils.counters["awq"]["serve_graphs"] += 1
     if not inductor:
-        return gm.forward
+        return _inference_only(gm.forward)
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, list(example_inputs), config_patches=patches or None)
+    with torch.no_grad():
+        return _inference_only(compile_fx(gm, list(example_inputs), config_patches=patches or None))
+
+
+def _inference_only(fn):
+    """Serve without autograd: INT4 layers have no gradient (the op registers none), and a
+    parameter that still requires grad upstream of one would otherwise make AOT autograd trace
+    a backward."""
+    def run(*args):
+        with torch.no_grad():
+            return fn(*args)
+
+    return run
 
 
 def _mode_patches(mode: str | None) -> dict[str, Any]:

@@ -218,6 +218,42 @@ def test_recalibration_replaces_the_plan():
         torch.testing.assert_close(compiled(x), q(x), rtol=0, atol=1e-6)
 
 
+class Pre(nn.Module):
+    """A float parameter that requires grad upstream of every INT4 layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Parameter(torch.ones(128))
+        self.toy = _toy()
+
+    def forward(self, x):
+        return self.toy(x * self.pre)
+
+
+def test_serving_under_grad_mode_is_inference_only():
+    model = Pre().eval()
+    ref = awq_compile.quantize(model, _batches(), AWQConfig(group_size=64, **SEARCH))
+    compiled, _ = _calibrated(model, {"group_size": 64, **SEARCH}, _batches())  # inductor
+    x = torch.randn(1, 8, 128)
+    y = compiled(x)  # grad mode on: no backward graph is traced through the INT4 op
+    assert not y.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_graph_left_in_dynamos_cache_still_serves_int4(monkeypatch):
+    """Should dropping dynamo's cache fail, a calibration graph called later serves INT4."""
+    model = _toy()
+    ref = awq_compile.quantize(model, _batches(), AWQConfig(group_size=64, **SEARCH))
+    monkeypatch.setattr(torch._dynamo, "reset_code", lambda code: None)
+    compiled, _ = _calibrated(model, {"group_size": 64, **SEARCH, "inductor": False}, _batches())
+    with torch.no_grad():
+        x = _batches()[0]  # the calibration shape: dynamo's cached calibration graph runs
+        torch.testing.assert_close(compiled(x), ref(x), rtol=0, atol=1e-6)
+    assert counters["awq"]["calibration_graphs"] == 1 and counters["stats"]["unique_graphs"] == 1
+    assert counters["awq"]["serve_graphs"] == 1  # served by the cached graph, not a recompile
+
+
 # ----------------------------------------------------------------------------- the real model
 
 
