@@ -8,9 +8,9 @@
     calib.save("smollm2-awq", tokenizer)  # optional: a checkpoint for options={"checkpoint": ...}
 
 While calibrating, each dynamo graph is lowered to ATen with its parameters as `get_attr` nodes
-and run eagerly with the observers of `awq_compile.passes` in it. Observers are keyed by their
-group's linears, so the graphs of a graph break and the recompiles of other shapes feed the same
-statistics. On exit the passes after `calibrate` in `passes.PIPELINE` run (scale search,
+and run eagerly with the observers of `awq_compile.passes` in it. Observers are shared by
+group identity (`awq_compile._plan.assign_keys`), so a frame's recompiles for other shapes feed
+the same statistics. On exit the passes after `calibrate` in `passes.PIPELINE` run (scale search,
 folding, clip search), `awq_compile.api.apply_plan` (the function `quantize` uses) turns the
 result into Int4Linear modules held apart from the user's model, and dynamo's cache for the
 model's code is dropped so the next call recompiles into the serving graph.
@@ -19,7 +19,6 @@ model's code is dropped so the next call recompiles into the serving graph.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import warnings
 import weakref
 from typing import Any, Sequence
@@ -29,11 +28,9 @@ from torch import fx, nn
 
 from . import passes as P
 from ._dynamo_graph import ServePlan, TensorNames, to_attr_graph
-from .api import apply_plan, capture
+from ._plan import assign_keys, collect, key, resolve_conflicts, set_tensor, shadow_plan
+from .api import capture
 from .config import AWQConfig
-from .passes._absorbers import MUL
-from .passes._graph import fetch_attr
-from .passes.annotate_scale_groups import set_group
 
 __all__ = ["calibration", "Calibration", "model_state", "find_state", "root_module"]
 
@@ -166,13 +163,13 @@ class Calibration:
             )
         unique, covered = [], set()
         for ep, obs in exports:  # recompiles and re-exports of one graph add no new group
-            keys = {_key(ep, g) for g in P.scale_groups(ep)}
+            keys = {key(ep, g) for g in P.scale_groups(ep)}
             if keys - covered:
                 unique.append((ep, obs))
                 covered |= keys
         root = self.state.root
         names = TensorNames(root)
-        _resolve_conflicts([ep for ep, _ in unique], names)
+        resolve_conflicts([ep for ep, _ in unique], names)
         groups: list[P.ScaleGroup] = []
         infos: list[P.LinearInfo] = []
         done: set[tuple] = set()
@@ -181,8 +178,8 @@ class Calibration:
                 steps = _steps(ep, obs, self.config)
                 for name in _AFTER:
                     self.stats[name] = self.stats.get(name, 0) + int(steps[name]() or 0)
-                _collect(ep, done, groups, infos)
-            plan = _shadow_plan(root, groups, infos, self.config)
+                collect(ep, done, groups, infos)
+            plan = shadow_plan(root, groups, infos, self.config)
         torch._dynamo.utils.counters["awq"]["quantize"] += 1
         self.stats["linears"] = len(plan.linears)
         unseen = [p for p, m in root.named_modules() if isinstance(m, nn.Linear)
@@ -211,7 +208,7 @@ class Calibration:
             parent, _, child = path.rpartition(".")
             setattr(target.get_submodule(parent), child, mod)
         for name, t in self.plan.tensors.items():
-            _set_tensor(target, name, t)
+            set_tensor(target, name, t)
         target.awq_config = self.config
         return target
 
@@ -241,116 +238,6 @@ def calibration(model: Any, *, n_batches: int | None = None) -> Calibration:
 
 def _skipped(path: str, skip: tuple[str, ...]) -> bool:
     return any(path == s or path.endswith("." + s) for s in skip)
-
-
-def _collect(ep, done, groups, infos) -> None:
-    """Append `ep`'s groups not collected before, renumbered globally, and their linears."""
-    renum = {}
-    for g in P.scale_groups(ep):
-        k = _key(ep, g)
-        if k in done:
-            continue
-        done.add(k)
-        renum[g.index] = len(groups)
-        groups.append(dataclasses.replace(g, index=len(groups)))
-    for _, info in P.linear_infos(ep):
-        if info.group in renum:
-            infos.append(dataclasses.replace(info, group=renum[info.group]))
-
-
-def _resolve_conflicts(eps: list[fx.GraphModule], names: TensorNames) -> None:
-    """Keep a tensor that several graphs use from being scaled inconsistently: a group whose
-    weight another graph reads (outside the same group) keeps s = 1; a group whose absorber
-    another graph reads gets an explicit `x * (1/s)` instead. One graph alone needs none of
-    this (annotate_scale_groups checks users there)."""
-    def canon(ep, name):
-        t = fetch_attr(ep, name)
-        return names.canonical(t) if names.owns(t) else name
-
-    claims: dict[str, set] = {}
-    readers: dict[str, set[int]] = {}
-    keys = []
-    for i, ep in enumerate(eps):
-        keys.append({_key(ep, g) for g in P.scale_groups(ep)})
-        for n in ep.graph.nodes:
-            if n.op == "get_attr":
-                readers.setdefault(canon(ep, n.target), set()).add(i)
-        for g in P.scale_groups(ep):
-            for w in g.linears:
-                claims.setdefault(canon(ep, w), set()).add(("w", _key(ep, g)))
-            for t in g.absorber.targets:
-                claims.setdefault(canon(ep, t.name), set()).add(("a", _key(ep, g)))
-    for ep in eps:
-        for g in P.scale_groups(ep):
-            k = _key(ep, g)
-
-            def shared(name, role):
-                c = canon(ep, name)
-                rivals = {x for x in claims[c] if x[0] == role and x[1] != k}
-                return bool(rivals) or any(k not in keys[j] for j in readers.get(c, ()))
-
-            new = g
-            if g.searchable and any(shared(w, "w") for w in g.linears):
-                new = dataclasses.replace(new, searchable=False)
-            if g.absorber.kind == "params" and any(shared(t.name, "a") for t in g.absorber.targets):
-                new = dataclasses.replace(new, absorber=MUL)
-            if new is not g:
-                set_group(ep, new)
-
-
-def _shadow_plan(root: nn.Module, groups, infos, config: AWQConfig) -> ServePlan:
-    """Run `apply_plan` on a shadow of `root` holding only the tensors the plan touches (the
-    same tensor objects; apply_plan replaces, never writes in place), and keep the result."""
-    shadow = nn.Module()
-    paths = {i.weight.rpartition(".")[0] for i in infos}
-    for path in sorted(paths):
-        mod = root.get_submodule(path)
-        if isinstance(mod, nn.Linear):
-            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
-                            device="meta")
-            lin.weight, lin.bias = mod.weight, mod.bias
-            _set_module(shadow, path, lin)
-    wanted = [n for i in infos for n in (i.weight, i.bias) if n]
-    wanted += [n for g in groups for n in (*g.linears, *(t.name for t in g.absorber.targets))]
-    for name in wanted:
-        if not _has_attr(shadow, name):
-            _set_tensor(shadow, name, fetch_attr(root, name))
-    apply_plan(shadow, groups, infos, config)
-    linears = {p: shadow.get_submodule(p) for p in sorted(paths)}
-    tensors = {t.name: fetch_attr(shadow, t.name)
-               for g in groups if g.scale is not None and g.absorber.kind == "params"
-               for t in g.absorber.targets if t.name.rpartition(".")[0] not in linears}
-    return ServePlan(linears, tensors, source="calibration", config=config)
-
-
-def _set_module(root: nn.Module, path: str, mod: nn.Module) -> None:
-    parent = root
-    *dirs, leaf = path.split(".")
-    for d in dirs:
-        if not hasattr(parent, d):
-            parent.add_module(d, nn.Module())
-        parent = getattr(parent, d)
-    parent.add_module(leaf, mod)
-
-
-def _set_tensor(root: nn.Module, name: str, t: torch.Tensor) -> None:
-    path, _, leaf = name.rpartition(".")
-    if path and not _has_attr(root, path):
-        _set_module(root, path, nn.Module())
-    owner = root.get_submodule(path)
-    if isinstance(t, nn.Parameter) or isinstance(getattr(owner, leaf, None), nn.Parameter):
-        owner._parameters[leaf] = t if isinstance(t, nn.Parameter) else nn.Parameter(t, False)
-    else:
-        owner._buffers[leaf] = t
-
-
-def _has_attr(root: nn.Module, name: str) -> bool:
-    obj: Any = root
-    for part in name.split("."):
-        if not hasattr(obj, part):
-            return False
-        obj = getattr(obj, part)
-    return True
 
 
 class _CalibratedGraph:
@@ -385,11 +272,11 @@ class _CalibratedGraph:
         steps = _steps(ep, observers, cfg, self.calib.n_batches)
         for name in _BEFORE:
             steps[name]()
-        _assign_keys(ep, self.code)
+        assign_keys(ep, self.code)
         for node in ep.graph.nodes:
             mod = ep.get_submodule(node.target) if node.op == "call_module" else None
             if isinstance(mod, P.GroupObserver):
-                shared = self.calib.observers.setdefault(_key(ep, mod.group), mod)
+                shared = self.calib.observers.setdefault(key(ep, mod.group), mod)
                 ep.add_submodule(node.target, shared)
                 observers[mod.group.index] = shared
         return ep, observers
@@ -430,23 +317,6 @@ def _check_backend(target: Any) -> None:
 def _signature(values: list[Any]) -> tuple:
     return tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else v
                  for v in values)
-
-
-def _key(ep: fx.GraphModule, group: P.ScaleGroup) -> tuple:
-    return ep.meta["awq_keys"][group.index]
-
-
-def _assign_keys(ep: fx.GraphModule, code: Any) -> None:
-    """Give each group an identity that holds across graphs: the frame's code object (the
-    recompiles of a frame for other shapes share it, the graphs of a graph break do not), its
-    linears and absorber, and which of the groups alike it is (one Linear called on two inputs
-    gives two groups). Groups of one key share their observers and are searched once."""
-    keys, seen = {}, {}
-    for g in P.scale_groups(ep):
-        like = (code, g.linears, g.absorber.kind, tuple(t.name for t in g.absorber.targets))
-        keys[g.index] = (*like, seen.get(like, 0))
-        seen[like] = seen.get(like, 0) + 1
-    ep.meta["awq_keys"] = keys
 
 
 def _steps(ep, observers, config, n_batches=1):
