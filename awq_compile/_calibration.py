@@ -1,4 +1,5 @@
 """Flow 1 of the `"awq"` backend: calibrate on the graphs dynamo produces, then serve INT4.
+(`calibration` is public as `awq_compile.calibration` and `awq_compile.backend.calibration`.)
 
     compiled = torch.compile(model, backend="awq", options={"group_size": 64})
     with awq_compile.calibration(compiled) as calib:

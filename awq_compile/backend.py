@@ -8,7 +8,7 @@ works without importing awq_compile. Per graph dynamo hands over, the backend
 1. validates `options` (unknown or bad ones raise a ValueError listing the valid ones);
 2. finds the model the graph's parameter inputs belong to (their tensors are the model's own);
 3. while `awq_compile.calibration(compiled)` is open: returns the calibrating form of the
-   graph (see `awq_compile.calibration`);
+   graph (`calibration`, awq_compile/_calibration.py);
 4. otherwise applies the quantization it has for the model (from calibration, or
    `options={"checkpoint": path}`) with `rewrite_for_serving`, each quantized linear becoming
    an `Int4Linear` call whose op has a fake kernel, so it causes no graph break;
@@ -31,10 +31,11 @@ import torch
 from torch import fx, nn
 
 from ._dynamo_graph import ServePlan, TensorNames, float_linears, rewrite_for_serving, warn_unplanned
-from .calibration import ModelState, find_state, model_state
+from ._calibration import Calibration, ModelState, calibration, find_state, model_state
 from .config import AWQConfig
 
-__all__ = ["awq_backend", "parse_options", "BackendOptions", "VALID_OPTIONS", "serve_graph"]
+__all__ = ["awq_backend", "calibration", "Calibration", "parse_options", "BackendOptions",
+           "VALID_OPTIONS", "serve_graph"]
 
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(AWQConfig)
                        if f.name not in ("version", "n_samples", "seq_len"))  # data is the user's

@@ -18,8 +18,7 @@ from torch._dynamo.utils import counters
 
 import awq_compile
 from awq_compile import AWQConfig, Int4Linear
-from awq_compile.backend import VALID_OPTIONS, awq_backend, parse_options
-from awq_compile.calibration import calibration
+from awq_compile.backend import VALID_OPTIONS, awq_backend, calibration, parse_options
 
 SEARCH = dict(n_grid=2, clip_grid=2, max_search_tokens=128, max_clip_tokens=32)
 """Tiny search grids: the tests compare the backend with quantize, not AWQ's quality."""
