@@ -5,9 +5,10 @@ torch's C++ ABI. Lookup: $AWQ_COMPILE_CUDA_LIB, else awq_compile/_lib/libawq_int
 `python -m awq_compile.build_kernels`; docs/kernels.md). If it is missing or fails to load, nothing
 is registered and the op keeps its reference implementation: importing this module never fails.
 
-Dispatch by M (tokens): M <= `mma_max_m(N, K)` runs the weight-streaming tensor-core kernel
-(int4_gemv_mma.cu); larger M dequantizes the weight (int4_dequant.cu) and calls cuBLAS through
-torch (an interim until a mixed-input GEMM exists; csrc/NOTES.md).
+Dispatch by M (tokens): M <= `simt_max_m(N, K)` runs the CUDA-core GEMV (int4_gemv_simt.cu),
+M <= `mma_max_m(N, K)` the weight-streaming tensor-core kernel (int4_gemv_mma.cu); larger M
+dequantizes the weight (int4_dequant.cu) and calls cuBLAS through torch (an interim until a
+mixed-input GEMM exists; csrc/NOTES.md).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import torch.nn.functional as F
 
 from .ops import check_int4_linear_args
 
-__all__ = ["library_path", "load_library", "available", "gemm_mma", "dequantize_cuda",
-           "int4_linear_cuda", "mma_max_m", "ENV_VAR"]
+__all__ = ["library_path", "load_library", "available", "gemm_mma", "gemm_simt", "dequantize_cuda",
+           "int4_linear_cuda", "mma_max_m", "simt_max_m", "ENV_VAR"]
 
 ENV_VAR = "AWQ_COMPILE_CUDA_LIB"
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 
 # Largest M served by the weight-streaming kernel; above it, dequantize + cuBLAS. Measured on an
@@ -35,10 +36,22 @@ _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 MMA_MAX_M = 64
 
 
+# Largest M served by the CUDA-core GEMV (int4_gemv_simt.cu; it accepts M <= 8). Measured on an
+# H200 (benchmarks/results_kernels.md): at M = 1 it beats the mma kernel on every shape timed
+# (55.6 / 54.9 / 20.4 us vs 66.0 / 66.6 / 27.5 on 8192x28672, 28672x8192, 8192x8192); at M = 2 it
+# loses on the two large shapes (72 vs 66.5 us), so M >= 2 stays on the mma kernel.
+SIMT_MAX_M = 1
+
+
 def mma_max_m(n: int, k: int) -> int:
     """Crossover M between the two paths for an N x K weight. One measured threshold serves every
     shape timed so far; the signature leaves room for a per-shape table."""
     return MMA_MAX_M
+
+
+def simt_max_m(n: int, k: int) -> int:
+    """Largest M that goes to the CUDA-core GEMV rather than the tensor-core kernel."""
+    return SIMT_MAX_M
 
 
 def library_path() -> Path:
@@ -66,6 +79,10 @@ def load_library() -> ctypes.CDLL | None:
     lib.awq_int4_gemm_mma.restype = i32
     lib.awq_int4_dequant.argtypes = [p, p, p, p, i64, i64, i64, i32, i32, p]
     lib.awq_int4_dequant.restype = i32
+    lib.awq_int4_gemm_simt.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i32, i32, p]
+    lib.awq_int4_gemm_simt.restype = i32
+    lib.awq_int4_gemm_simt_workspace.argtypes = [i64, i64, i64, i64, i32, i32]
+    lib.awq_int4_gemm_simt_workspace.restype = i64
     return lib
 
 
@@ -124,6 +141,45 @@ def _workspace(numel: int, device: torch.device) -> torch.Tensor:
     return ws
 
 
+_SIMT_WORKSPACES: dict[tuple[int, int], torch.Tensor] = {}
+
+
+@functools.lru_cache(maxsize=256)
+def _simt_workspace_floats(device: int, m, n, k, kp, g, dtype: int, cfg: str | None) -> int:
+    # cfg: $AWQ_SIMT_CFG, which the library reads on every call and which changes the K split.
+    with torch.cuda.device(device):
+        need = load_library().awq_int4_gemm_simt_workspace(m, n, k, kp, g, dtype)
+    if need < 0:
+        _check(1)
+    return need
+
+
+def gemm_simt(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor:
+    """out[M, N] = x2d[M, K] @ W^T + bias via the CUDA-core GEMV (M <= 8); arguments as
+    gemm_mma's. Its split-K workspace may hold anything, so it is not the mma kernel's."""
+    m, k = x2d.shape
+    n, kp = qweight.shape[0], qweight.shape[1] * 2
+    if not x2d.is_contiguous() or out.shape != (m, n) or out.dtype != x2d.dtype or not out.is_contiguous():
+        raise ValueError(f"gemm_simt: x {tuple(x2d.shape)} must be contiguous, out "
+                         f"{tuple(out.shape)} {out.dtype} must be contiguous [{m}, {n}] {x2d.dtype}")
+    dev = x2d.device
+    dt = _DTYPES[x2d.dtype]
+    need = _simt_workspace_floats(dev.index, m, n, k, kp, group_size, dt, os.environ.get("AWQ_SIMT_CFG"))
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    ws = None
+    if need > 0:
+        ws = _SIMT_WORKSPACES.get((dev.index, stream))
+        if ws is None or ws.numel() < need:
+            ws = torch.empty(max(need, 1 << 20), dtype=torch.float32, device=dev)
+            _SIMT_WORKSPACES[(dev.index, stream)] = ws
+    _check(load_library().awq_int4_gemm_simt(
+        x2d.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+        None if bias is None else bias.data_ptr(), out.data_ptr(),
+        None if ws is None else ws.data_ptr(), 0 if ws is None else ws.numel(),
+        m, n, k, kp, group_size, dt, stream))
+    return out
+
+
 def gemm_mma(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T + bias via the weight-streaming kernel; arguments as the op's,
     x2d contiguous, out preallocated (tests poison it first)."""
@@ -164,7 +220,9 @@ def int4_linear_cuda(x, qweight, scales, zeros, group_size, bias=None) -> torch.
     if x.device.index != torch.cuda.current_device():
         with torch.cuda.device(x.device):
             return int4_linear_cuda(x, qweight, scales, zeros, group_size, bias)
-    if m <= mma_max_m(n, k):
+    if m <= simt_max_m(n, k):
+        y = gemm_simt(x2d, qweight, scales, zeros, group_size, bias, x2d.new_empty((m, n)))
+    elif m <= mma_max_m(n, k):
         y = gemm_mma(x2d, qweight, scales, zeros, group_size, bias, x2d.new_empty((m, n)))
     else:
         y = F.linear(x2d, dequantize_cuda(qweight, scales, zeros, group_size, k), bias)

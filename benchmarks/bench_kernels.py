@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -73,7 +74,7 @@ def _rel(y, ref):
     return ((y.float() - ref).norm() / ref.norm()).item()
 
 
-def bench_shape(k, n, g, ms, bw, only=None, check=True):
+def bench_shape(k, n, g, ms, bw, only=None, check=True, simt_cfgs=()):
     wbytes = n * padded_k(k, g) // 2 + n * (padded_k(k, g) // g) * 3
     copies = max(2, min(8, math.ceil(ROT_BYTES / (n * k * 2))))
     ws = _weights(k, n, g, copies)
@@ -95,6 +96,10 @@ def bench_shape(k, n, g, ms, bw, only=None, check=True):
             "deq+cublas": (lambda a: F.linear(x, _cuda.dequantize_cuda(*a, g, k)), ws),
             "op": (lambda a: torch.ops.awq.int4_linear(x, *a, g, None), ws),
         }
+        if m <= 8:
+            variants["simt"] = (lambda a: _cuda.gemm_simt(x, *a, g, None, out), ws)
+            for c in simt_cfgs:  # the same kernel under $AWQ_SIMT_CFG=c (experiments)
+                variants[f"simt{c}"] = (lambda a: _cuda.gemm_simt(x, *a, g, None, out), ws)
         if tg is not None:
             variants["tinygemm"] = (lambda a: torch._weight_int4pack_mm(x, a[0], g, a[1]), tg)
         r = {"M": m}
@@ -103,13 +108,17 @@ def bench_shape(k, n, g, ms, bw, only=None, check=True):
                 del variants[name]
                 r[name] = float("nan")
         for name, (fn, sets) in variants.items():
+            cfg = name[4:] if name.startswith("simt") and name != "simt" else None
+            if cfg is not None:
+                os.environ["AWQ_SIMT_CFG"] = cfg
             err = _rel(fn(sets[0]), ref)
             r[name + "_err"] = err
             if check and not err < 2e-2:
                 r[name] = float("nan")
-                continue
-            rot = Rot(sets)
-            r[name] = _bench(lambda: fn(rot.next()))
+            else:
+                rot = Rot(sets)
+                r[name] = _bench(lambda: fn(rot.next()))
+            os.environ.pop("AWQ_SIMT_CFG", None)
         floor_bytes = wbytes + m * k * 2 + m * n * 2
         r["floor_us"] = floor_bytes / bw * 1e6
         rows.append(r)
@@ -125,17 +134,29 @@ def _fmt(v, spec=".1f"):
 def table(card, bw, results) -> str:
     lines = [f"Card: {card}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write); group size 128, "
              "bf16; times are do_bench medians in us, L2 flushed.", "",
-             "| K x N | M | cuBLAS bf16 | tinygemm | op (dispatch) | mma kernel | deq+cuBLAS | "
-             "op vs cuBLAS | op vs tinygemm | % of DRAM floor (floor us) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| K x N | M | cuBLAS bf16 | tinygemm | op (dispatch) | mma kernel | simt kernel | "
+             "deq+cuBLAS | op vs cuBLAS | op vs tinygemm | % of DRAM floor (floor us) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    nan = float("nan")
     for (k, n), rows in results.items():
         for r in rows:
             op = r["op"] if not math.isnan(r["op"]) else r["mma"]
-            cb, tgm = r["cublas"], r.get("tinygemm", float("nan"))
+            cb, tgm = r["cublas"], r.get("tinygemm", nan)
             lines.append(
                 f"| {k}x{n} | {r['M']} | {_fmt(cb)} | {_fmt(tgm)} | {_fmt(op)} | {_fmt(r['mma'])} | "
-                f"{_fmt(r['deq+cublas'])} | {_fmt(cb / op, '.2f')}x | {_fmt(tgm / op, '.2f')}x | "
-                f"{_fmt(100 * r['floor_us'] / op, '.0f')}% ({r['floor_us']:.1f}) |")
+                f"{_fmt(r.get('simt', nan))} | {_fmt(r['deq+cublas'])} | {_fmt(cb / op, '.2f')}x | "
+                f"{_fmt(tgm / op, '.2f')}x | {_fmt(100 * r['floor_us'] / op, '.0f')}% ({r['floor_us']:.1f}) |")
+    cfgs = sorted({key for rows in results.values() for r in rows for key in r
+                   if key.startswith("simt") and key[4:].isdigit()})
+    if cfgs:
+        lines += ["", "SIMT configurations ($AWQ_SIMT_CFG; us, % of DRAM floor):", "",
+                  "| K x N | M | " + " | ".join(cfgs) + " |", "|---|---|" + "---|" * len(cfgs)]
+        for (k, n), rows in results.items():
+            for r in rows:
+                if any(c in r for c in cfgs):
+                    lines.append(f"| {k}x{n} | {r['M']} | " + " | ".join(
+                        f"{_fmt(r.get(c, nan))} ({_fmt(100 * r['floor_us'] / r.get(c, nan), '.0f')}%)"
+                        for c in cfgs) + " |")
     return "\n".join(lines)
 
 
@@ -157,6 +178,7 @@ def main() -> None:
     p.add_argument("--m", default=None, help="comma list overriding the file's M values")
     p.add_argument("--only", default=None, help="comma list of variants, e.g. mma,cublas")
     p.add_argument("--no-check", action="store_true", help="time even wrong results (experiments)")
+    p.add_argument("--simt-cfgs", default="", help="comma list of $AWQ_SIMT_CFG values to time too")
     args = p.parse_args()
     cfg = json.loads(args.shapes.read_text())
     assert _cuda.available(), "CUDA kernels not available: build with python -m awq_compile.build_kernels"
@@ -168,7 +190,8 @@ def main() -> None:
     only = set(args.only.split(",")) if args.only else None
     results = {}
     for k, n in cfg["shapes"]:
-        results[(k, n)] = bench_shape(k, n, cfg["group_size"], ms, bw, only, not args.no_check)
+        simt_cfgs = [c for c in args.simt_cfgs.split(",") if c]
+        results[(k, n)] = bench_shape(k, n, cfg["group_size"], ms, bw, only, not args.no_check, simt_cfgs)
         print(f"timed {k}x{n}", flush=True)
     text = table(card, bw, results) + "\n\nDispatcher crossover (mma vs dequantize + cuBLAS):\n" + crossover(results)
     errs = "\n".join(f"{k}x{n} M={r['M']}: " + ", ".join(f"{key[:-4]} {v:.1e}" for key, v in r.items() if key.endswith("_err"))

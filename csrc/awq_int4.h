@@ -39,6 +39,22 @@ int awq_int4_gemm_mma(const void* x, const uint8_t* qweight, const void* scales,
                       int64_t M, int64_t N, int64_t K, int64_t Kp, int group_size, int dtype,
                       void* stream);
 
+// Largest M the CUDA-core decode kernel accepts (int4_gemv_simt.cu): 8.
+int64_t awq_int4_simt_max_m(void);
+
+// Floats of workspace awq_int4_gemm_simt needs for these sizes on the current device (0 when it
+// does not split K), or -1 for bad sizes (the message is in awq_int4_last_error()).
+int64_t awq_int4_gemm_simt_workspace(int64_t M, int64_t N, int64_t K, int64_t Kp, int group_size,
+                                     int dtype);
+
+// y = x @ W^T + bias through the CUDA-core weight-streaming GEMV (int4_gemv_simt.cu), M <= 8.
+// workspace: float32, at least awq_int4_gemm_simt_workspace(...) floats (may be NULL when that is
+// 0); its contents on entry do not matter and are left undefined. Deterministic: no atomics.
+int awq_int4_gemm_simt(const void* x, const uint8_t* qweight, const void* scales,
+                       const uint8_t* zeros, const void* bias, void* y, float* workspace,
+                       int64_t workspace_floats, int64_t M, int64_t N, int64_t K, int64_t Kp,
+                       int group_size, int dtype, void* stream);
+
 // w[N, K] = (q - z) * s in T, rounded exactly as awq_compile.quant.dequantize does in T
 // (int4_dequant.cu). Used by the large-M path (dequantize + cuBLAS).
 int awq_int4_dequant(const uint8_t* qweight, const void* scales, const uint8_t* zeros, void* w,

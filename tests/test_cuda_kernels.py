@@ -75,6 +75,72 @@ def test_gemm_sweep(k, n, g, dtype):
         assert _rel_err(y_op, ref) < TOL[dtype], f"op M={m}: rel err {_rel_err(y_op, ref):.2e}"
 
 
+SIMT_MS = (1, 2, 3, 4, 7, 8)
+
+
+def _check_simt(qw, s, z, b, w64, g, dtype, ms=SIMT_MS):
+    k, n = w64.shape[1], w64.shape[0]
+    for i, m in enumerate(ms):
+        bias = b if i % 2 else None
+        x = torch.randn(m, k, device="cuda").to(dtype)
+        ref = x.double() @ w64.T + (0 if bias is None else bias.double())
+        out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+        y = cuda_mod.gemm_simt(x, qw, s, z, g, bias, out)
+        torch.cuda.synchronize()
+        assert torch.isfinite(y).all(), f"simt M={m}: unwritten or non-finite outputs"
+        assert _rel_err(y, ref) < TOL[dtype], f"simt M={m}: rel err {_rel_err(y, ref):.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("k,n", SHAPES, ids=[f"K{k}xN{n}" for k, n in SHAPES])
+def test_simt_sweep(k, n, g, dtype):
+    """The CUDA-core decode kernel (M <= 8) with its default configuration per M."""
+    _check_simt(*_case(k, n, g, dtype), g, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("k,n,g", [(576, 1536, 128), (573, 200, 32), (4096, 4096, 64),
+                                   (28672, 8192, 128)])
+def test_simt_configs(k, n, g, dtype, monkeypatch):
+    """Every instantiated configuration (lane layout, rows per lane, ring depth)."""
+    for cfg in range(2):
+        monkeypatch.setenv("AWQ_SIMT_CFG", str(cfg))
+        _check_simt(*_case(k, n, g, dtype), g, dtype, ms=(1, 3, 8))
+
+
+def test_simt_deterministic():
+    """Split K is summed in a fixed order: two runs agree bit for bit."""
+    k, n, g = 28672, 1024, 128
+    qw, s, z, b = _random_weight(k, n, g, torch.bfloat16, seed=3)
+    for m in (1, 4):
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        y1 = cuda_mod.gemm_simt(x, qw, s, z, g, b, x.new_empty((m, n)))
+        y2 = cuda_mod.gemm_simt(x, qw, s, z, g, b, x.new_full((m, n), float("nan")))
+        assert torch.equal(y1, y2)
+
+
+def test_simt_errors():
+    k, n, g = 512, 64, 64
+    qw, s, z, _ = _random_weight(k, n, g, torch.bfloat16, seed=1)
+    x = torch.randn(9, k, device="cuda").to(torch.bfloat16)
+    lib = cuda_mod.load_library()
+    rc = lib.awq_int4_gemm_simt(x.data_ptr(), qw.data_ptr(), s.data_ptr(), z.data_ptr(), None,
+                                x.data_ptr(), None, 0, 9, n, k, k, g, 1, None)
+    with pytest.raises(RuntimeError, match="bad sizes M=9"):
+        cuda_mod._check(rc)
+    assert lib.awq_int4_gemm_simt_workspace(9, n, k, k, g, 1) == -1
+    # K = 28672 at M = 8 must split K (shared memory): without a workspace the launcher refuses.
+    k = 28672
+    qw, s, z, _ = _random_weight(k, n, g, torch.bfloat16, seed=2)
+    x = torch.randn(8, k, device="cuda").to(torch.bfloat16)
+    assert lib.awq_int4_gemm_simt_workspace(8, n, k, k, g, 1) > 0
+    rc = lib.awq_int4_gemm_simt(x.data_ptr(), qw.data_ptr(), s.data_ptr(), z.data_ptr(), None,
+                                x.data_ptr(), None, 0, 8, n, k, k, g, 1, None)
+    with pytest.raises(RuntimeError, match="need a workspace"):
+        cuda_mod._check(rc)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("g", [32, 64, 128])
 def test_dequantize_bit_exact(g, dtype):

@@ -1,0 +1,531 @@
+// Weight-streaming INT4 x half/bf16 GEMV for M = 1..8 tokens (decode), on the CUDA cores (FFMA).
+//
+// Computes
+//     y[m, n] = sum_{k < K} x[m, k] * (q[n, k] - z[n, k/g]) * s[n, k/g]  +  bias[n]
+// with fp32 products and sums, directly from the NK_U8 layout (docs/format.md, csrc/awq_int4.h):
+//     qweight uint8 [N, Kp/2] (k = 2b low nibble, 2b+1 high), scales T [N, Kp/g],
+//     zeros uint8 [N, Kp/g], x T [M, K], y T [M, N], T = fp16 or bf16, g in {32, 64, 128}.
+//
+// Design. At M <= 8 the op is a stream of N*Kp/2 weight bytes with 2*M flops per weight: the
+// goal is the DRAM floor, and the instructions per weight decide whether it is reachable
+// (csrc/NOTES.md has the count).
+//   * Per 16-byte chunk (32 k, always inside one group since g >= 32) a lane computes
+//     A = sum_k (128 + q_k) * x_k in fp32, then acc += s * (A - (128 + z) * Sx), Sx = sum_k x_k
+//     of the chunk, precomputed once per block. So the zero point and scale cost 2 FFMA per
+//     chunk and token, not per weight.
+//   * Nibble -> float is one PRMT per weight: masking a word with 0x0F0F0F0F (and its >> 4)
+//     leaves one nibble per byte; PRMT moves byte i into bits 16-23 under the exponent byte of
+//     128.0f (0x43000000), which reads as exactly 128 + q. No I2F, no FADD: 11 ALU instructions
+//     per 8 weights, plus M FFMA per weight.
+//   * Lane (rg, c8) = (lane / LK, lane % LK): per load instruction a warp reads 32 / LK rows x
+//     16 * LK contiguous bytes (whole lines), and lanes with the same c8 read the same x. Each
+//     lane keeps R rows and reuses its x registers across them (configurations: Cfg below).
+//   * x is staged once per block as fp32 in shared memory, 36 floats per chunk (32 x, Sx, 3 pad:
+//     chunks 8 apart land on distinct banks), zero beyond K: padded columns and clamped tail
+//     loads contribute exactly 0, whatever the weight bytes there hold.
+//   * Weights are streamed with ld.global.nc.L1::no_allocate into a P-deep register ring (P - 1
+//     steps of loads in flight while a step computes); scales and zeros ride with them.
+//   * Work: blocks of 8 warps; blockIdx.y is a K slice (as long as shared memory and the
+//     parallelism target allow), each warp takes tiles of 4R rows strided over the slice's warps.
+//     One slice: the epilogue writes y (+ bias). Several: fp32 partials per slice go to a
+//     workspace and a second kernel sums them in slice order. No atomics: results are
+//     bit-for-bit reproducible run to run.
+//
+// Limitations:
+//   1. Measured at 52-53% of the DRAM floor at M = 1 on an H200 (55 us at 8192 x 28672; the mma
+//      kernel: 66), not the 80% target; each extra token adds ~15 us, so _cuda.py sends only
+//      M = 1 here. M <= 8 is accepted (awq_int4_simt_max_m) and tested.
+//   2. N * Kp / 2 < 2^31 (32-bit row offsets are not used, but tile and chunk counts are int).
+//   3. qweight's base pointer must be 16-byte aligned; x is read with 16-byte loads only if
+//      K % 8 == 0 and x is 16-byte aligned, else element by element.
+//   4. Only sm_90 was run; sm_80 builds the same code (shared memory budget read off the device).
+//
+// Tuning notes (csrc/NOTES.md, "SIMT decode kernel"): ~3.1 instructions per weight at M = 1 but
+// an issued IPC of ~0.4; more bytes in flight (P = 3, 24 warps/SM) and longer row bursts (LK = 32
+// vs 8) did not help, so the weight stream, not the math, is what stops it near 2.2 TB/s.
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+
+#include "int4_common.cuh"
+
+namespace awq {
+namespace {
+
+constexpr int kThreads = 256, kWarps = 8;  // 8 warps: x staging amortized over 8 * 4R rows
+constexpr int kXStride = 36;               // floats per chunk in shared memory (32 x, Sx, pad)
+constexpr uint32_t kMagic = 0x43000000u;   // 128.0f; a byte in bits 16-23 (< 16) adds exactly q
+constexpr int kMaxM = 8;
+
+// A kernel configuration.
+//   LK: lanes along K per row, so 32 / LK rows per load instruction. LK = 32 reads a row as 512
+//       contiguous bytes per instruction (long DRAM bursts), but an x load then serves 32 chunks
+//       (4 shared-memory wavefronts); LK = 8 reads 4 rows x 128 B and an x load serves 8 chunks
+//       (1 wavefront), which M >= 3 needs to stay under the shared-memory bandwidth.
+//   R:  rows per lane; more rows share each x register (fewer shared loads per weight).
+//   P:  register ring depth (P - 1 steps of loads in flight while one step computes).
+//   MINB: blocks per SM that ptxas must fit (caps registers; chosen so that nothing spills).
+template <int LK_, int R_, int P_, int MINB_>
+struct Cfg {
+  static constexpr int LK = LK_, R = R_, P = P_, MINB = MINB_, RPI = 32 / LK_;
+};
+// The instantiated configurations (AWQ_SIMT_CFG=i picks one for experiments; default by M).
+// Measured on an H200 (csrc/NOTES.md) against <32,2,3>, <8,4,2> and <8,2,3>, which were within
+// 2-4% of these (M = 1: 55.5 us vs 56-58 for the R = 4 / P = 3 ones, 65 for R = 2 / LK = 8):
+//   Cfg0: M <= 2, 4 rows per lane, 512-byte row reads (110 registers, 2 blocks per SM).
+//   Cfg1: M >= 3, 2 rows per lane (R = 4 spills from M = 4 on), 1-wavefront x loads.
+using Cfg0 = Cfg<32, 4, 2, 2>;
+using Cfg1 = Cfg<8, 2, 2, 2>;
+constexpr int default_cfg(int m) { return m <= 2 ? 0 : 1; }
+
+struct SimtArgs {
+  const void* x;
+  const uint8_t* qweight;
+  const void* scales;
+  const uint8_t* zeros;
+  const void* bias;
+  void* y;
+  float* ws;       // [n_ks, M, N] fp32 partials when n_ks > 1
+  int M, N, K, Kp, groups;
+  int gshift;      // log2(g) - 5: chunk index -> group index
+  int nchunks;     // Kp / 32
+  int cps;         // chunks per K slice (multiple of 32); shared memory holds M * cps chunks
+  int n_ks;        // K slices = gridDim.y
+  int tiles;       // row tiles of RPI * R rows (one warp each)
+  int slice_warps; // warps per slice = gridDim.x * kWarps
+  bool x_vec;
+};
+
+// 16-byte streaming load: read once, so no L1 allocation; L2::256B asks the L2 for the whole
+// 256-byte run of the row, which the next step reads.
+__device__ __forceinline__ uint4 ld_stream(const uint8_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+__device__ __forceinline__ float scale_to_float(uint32_t raw, __nv_bfloat16*) {
+  return __uint_as_float(raw << 16);
+}
+__device__ __forceinline__ float scale_to_float(uint32_t raw, __half*) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(raw)));
+}
+
+// 8 activations (16 bytes of T) -> fp32.
+__device__ __forceinline__ void unpack8(const uint4& raw, float (&v)[8], __nv_bfloat16*) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t w = word(raw, i);
+    v[2 * i] = __uint_as_float(w << 16);
+    v[2 * i + 1] = __uint_as_float(w & 0xFFFF0000u);
+  }
+}
+__device__ __forceinline__ void unpack8(const uint4& raw, float (&v)[8], __half*) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t w = word(raw, i);
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w));
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+
+// Stages x[:, chunks c0 .. c0+nck) as fp32 plus per-chunk sums; chunks nck .. cps-1 and columns
+// >= K are zero. One thread per 8 activations; the 4 threads of a chunk are adjacent lanes.
+template <typename T, int M>
+__device__ void stage_x(float* xs, const SimtArgs& a, int c0, int nck) {
+  const int units_tok = a.cps * 4, total = M * units_tok;
+  const T* x = static_cast<const T*>(a.x);
+  for (int base = 0; base < total; base += kThreads) {  // uniform trip count: shuffles below
+    const int u = base + threadIdx.x;
+    const int m = u / units_tok, rem = u - m * units_tok, ch = rem >> 2, q4 = rem & 3;
+    float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (u < total && ch < nck) {
+      const int k = (c0 + ch) * 32 + q4 * 8;
+      const T* xr = x + (size_t)m * a.K;
+      if (a.x_vec && k + 8 <= a.K) {
+        unpack8(*reinterpret_cast<const uint4*>(xr + k), v, static_cast<T*>(nullptr));
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          if (k + i < a.K) v[i] = Half2Traits<T>::to_float(xr[k + i]);
+      }
+    }
+    float s = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    s += __shfl_xor_sync(0xffffffffu, s, 2);
+    if (u < total) {
+      float* d = xs + (m * a.cps + ch) * kXStride;
+      reinterpret_cast<float4*>(d + q4 * 8)[0] = make_float4(v[0], v[1], v[2], v[3]);
+      reinterpret_cast<float4*>(d + q4 * 8)[1] = make_float4(v[4], v[5], v[6], v[7]);
+      if (q4 == 0) d[32] = s;
+    }
+  }
+}
+
+// One pipeline stage of a lane: R rows x one 16-byte chunk, with their scales and zeros.
+template <int R>
+struct Stage {
+  uint4 w[R];
+  uint32_t s[R], z[R];
+};
+
+// A lane's rows as 32-bit offsets (N * Kp / 2 < 2^31): 2 registers per row, not 6 for pointers.
+template <int R>
+struct TileRows {
+  uint32_t w[R];  // row * Kp / 2
+  uint32_t g[R];  // row * groups
+};
+
+template <int R>
+__device__ __forceinline__ void issue(Stage<R>& st, const TileRows<R>& tr, const SimtArgs& a,
+                                      int chunk) {
+  const uint32_t c = min(chunk, a.nchunks - 1);  // tail lanes reload a valid chunk; x is 0 there
+  const uint32_t gi = c >> a.gshift;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    st.w[r] = ld_stream(a.qweight + (tr.w[r] + c * 16));
+    st.s[r] = __ldg(static_cast<const uint16_t*>(a.scales) + (tr.g[r] + gi));
+    st.z[r] = __ldg(a.zeros + (tr.g[r] + gi));
+  }
+}
+
+// acc[r][m] += s * (sum_k (128 + q) x - (128 + z) * Sx) over one chunk; xc = this chunk's x.
+template <typename T, int M, int R>
+__device__ __forceinline__ void compute(float (&acc)[R][M], const Stage<R>& st, const float* xc,
+                                        int tok_stride) {
+  float A[R][M];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < M; ++m) A[r][m] = 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float4 xa[M], xb[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      xa[m] = *reinterpret_cast<const float4*>(xc + m * tok_stride + 8 * j);
+      xb[m] = *reinterpret_cast<const float4*>(xc + m * tok_stride + 8 * j + 4);
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const uint32_t w = word(st.w[r], j);
+      const uint32_t t0 = w & 0x0F0F0F0Fu, t1 = (w >> 4) & 0x0F0F0F0Fu;
+      float f[8];
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {  // byte b of t0 / t1: k = 8j + 2b / 8j + 2b + 1
+        f[2 * b] = __uint_as_float(__byte_perm(t0, kMagic, 0x7044 | (b << 8)));
+        f[2 * b + 1] = __uint_as_float(__byte_perm(t1, kMagic, 0x7044 | (b << 8)));
+      }
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        A[r][m] = fmaf(f[0], xa[m].x, A[r][m]);
+        A[r][m] = fmaf(f[1], xa[m].y, A[r][m]);
+        A[r][m] = fmaf(f[2], xa[m].z, A[r][m]);
+        A[r][m] = fmaf(f[3], xa[m].w, A[r][m]);
+        A[r][m] = fmaf(f[4], xb[m].x, A[r][m]);
+        A[r][m] = fmaf(f[5], xb[m].y, A[r][m]);
+        A[r][m] = fmaf(f[6], xb[m].z, A[r][m]);
+        A[r][m] = fmaf(f[7], xb[m].w, A[r][m]);
+      }
+    }
+  }
+  float sx[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) sx[m] = xc[m * tok_stride + 32];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const float sf = scale_to_float(st.s[r], static_cast<T*>(nullptr));
+    const float zf = __uint_as_float(__byte_perm(st.z[r], kMagic, 0x7044));  // 128 + z
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[r][m] = fmaf(sf, fmaf(-zf, sx[m], A[r][m]), acc[r][m]);
+  }
+}
+
+template <typename T, int M, class C>
+__global__ void __launch_bounds__(kThreads, C::MINB) gemv_simt_kernel(const SimtArgs a) {
+  constexpr int R = C::R, P = C::P, LK = C::LK, RPI = C::RPI;
+  extern __shared__ float4 smem4[];
+  float* xs = reinterpret_cast<float*>(smem4);
+  const int lane = threadIdx.x & 31, rg = lane / LK, c8 = lane % LK;
+  const int ks = blockIdx.y, c0 = ks * a.cps, nck = min(a.cps, a.nchunks - c0);
+  const int nsteps = (nck + LK - 1) / LK, tok_stride = a.cps * kXStride;
+  int tile = blockIdx.x * kWarps + (threadIdx.x >> 5);
+
+  TileRows<R> tr;
+  auto set_rows = [&](int t) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const uint32_t row = min(t * RPI * R + RPI * r + rg, a.N - 1);
+      tr.w[r] = row * (uint32_t)(a.Kp / 2);
+      tr.g[r] = row * (uint32_t)a.groups;
+    }
+  };
+  Stage<R> ring[P];
+  auto prime = [&](int t) {  // a tile's first P - 1 steps
+    set_rows(t);
+#pragma unroll
+    for (int q = 0; q < P - 1; ++q)
+      if (q < nsteps) issue(ring[q], tr, a, c0 + q * LK + c8);
+  };
+  // The first tile's loads are requested before x is staged, so the two latencies overlap.
+  if (tile < a.tiles) prime(tile);
+  stage_x<T, M>(xs, a, c0, nck);
+  __syncthreads();
+
+  for (; tile < a.tiles; tile += a.slice_warps) {
+    float acc[R][M];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+    for (int s = 0; s < nsteps; s += P) {
+#pragma unroll
+      for (int p = 0; p < P; ++p) {
+        if (s + p + P - 1 < nsteps) issue(ring[(p + P - 1) % P], tr, a, c0 + (s + p + P - 1) * LK + c8);
+        if (s + p < nsteps) compute<T, M, R>(acc, ring[p], xs + ((s + p) * LK + c8) * kXStride, tok_stride);
+      }
+    }
+    // Sum the LK lanes of each row (fixed butterfly order), then lane c8 == 0 stores.
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        float v = acc[r][m];
+#pragma unroll
+        for (int o = 1; o < LK; o *= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+        acc[r][m] = v;
+      }
+    const int next = tile + a.slice_warps;
+    const int row0 = tile * RPI * R + rg;
+    if (next < a.tiles) prime(next);  // next tile's loads before this tile's stores
+    if (c8 == 0) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int row = row0 + RPI * r;
+        if (row >= a.N) continue;
+        const float b = (a.n_ks == 1 && a.bias) ? Half2Traits<T>::to_float(static_cast<const T*>(a.bias)[row]) : 0.f;
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          if (a.n_ks == 1)
+            static_cast<T*>(a.y)[(size_t)m * a.N + row] = Half2Traits<T>::from_float(acc[r][m] + b);
+          else
+            a.ws[((size_t)ks * M + m) * a.N + row] = acc[r][m];
+        }
+      }
+    }
+  }
+}
+
+// y = sum over slices (in slice order) + bias, rounded to T.
+template <typename T>
+__global__ void simt_finalize(const float* ws, const T* bias, T* y, int64_t total, int N, int n_ks) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    float v = 0.f;
+    for (int k = 0; k < n_ks; ++k) v += ws[k * total + i];
+    if (bias) v += Half2Traits<T>::to_float(bias[i % N]);
+    y[i] = Half2Traits<T>::from_float(v);
+  }
+}
+
+struct SimtDevice {
+  bool init = false;
+  int sms = 0, smem_sm = 0, smem_optin = 0, smem_reserved = 0;
+  int reg_occ[2][kMaxM + 1][2] = {};  // blocks per SM allowed by registers: (dtype, M, config)
+};
+
+SimtDevice& simt_device(int dev) {
+  static SimtDevice info[64];
+  return info[dev & 63];
+}
+
+struct Plan {
+  int n_ks = 0, cps = 0, tiles = 0, blocks = 0;
+  size_t smem = 0;
+};
+
+// Slices K only as far as shared memory needs and parallelism wants: each extra slice adds a
+// partial write/read of M*N floats and a second launch. The target is half the resident warps
+// busy (1 tile each), or slices no shorter than 64 chunks.
+Plan make_plan(const SimtArgs& a, const SimtDevice& d, int reg_occ, int rows_per_tile) {
+  Plan p;
+  p.tiles = (a.N + rows_per_tile - 1) / rows_per_tile;
+  const size_t per_chunk = (size_t)a.M * kXStride * sizeof(float);
+  const size_t budget = std::min<size_t>(d.smem_optin, d.smem_sm / 2 - d.smem_reserved);
+  const int max_cps = (int)(budget / per_chunk) & ~31;
+  if (max_cps < 32) return p;
+  auto round32 = [](int c) { return (c + 31) & ~31; };
+  int n = (a.nchunks + max_cps - 1) / max_cps, occ = 1;
+  for (;; ++n) {
+    p.cps = std::min(round32((a.nchunks + n - 1) / n), max_cps);
+    p.n_ks = (a.nchunks + p.cps - 1) / p.cps;
+    p.smem = per_chunk * p.cps;
+    occ = std::max(1, std::min<int>(reg_occ, (int)(d.smem_sm / (p.smem + d.smem_reserved))));
+    const long long slots = (long long)d.sms * occ * kWarps;
+    if ((long long)p.tiles * p.n_ks * 2 >= slots || p.cps <= 64) break;
+  }
+  const long long slice_slots = std::max(1LL, (long long)d.sms * occ * kWarps / p.n_ks);
+  const long long per_warp = (p.tiles + slice_slots - 1) / slice_slots;
+  const long long warps = (p.tiles + per_warp - 1) / per_warp;
+  p.blocks = (int)((warps + kWarps - 1) / kWarps);
+  return p;
+}
+
+int device_setup(SimtDevice*& out) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return check_launch("cudaGetDevice");
+  SimtDevice& d = simt_device(dev);
+  if (!d.init) {
+    if (cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&d.smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&d.smem_reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev) != cudaSuccess)
+      return check_launch("cudaDeviceGetAttribute");
+    d.init = true;
+  }
+  out = &d;
+  return AWQ_OK;
+}
+
+template <typename T, int M, class C, int CI>
+int plan_for(const SimtArgs& a, int dtype, Plan& p) {
+  SimtDevice* d = nullptr;
+  if (int e = device_setup(d)) return e;
+  int& occ = d->reg_occ[dtype][M][CI];
+  if (occ == 0) {
+    auto kernel = gemv_simt_kernel<T, M, C>;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, d->smem_optin) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kThreads, 0) != cudaSuccess)
+      return check_launch("gemv_simt setup");
+  }
+  p = make_plan(a, *d, occ, C::RPI * C::R);
+  if (p.n_ks == 0)
+    return fail(AWQ_ERR_ARG, "awq_int4_gemm_simt: M=%d needs %d bytes of shared memory per 32 chunks, "
+                "the device grants %d", a.M, a.M * kXStride * 4 * 32, d->smem_optin);
+  return AWQ_OK;
+}
+
+template <typename T, int M, class C, int CI>
+int launch(SimtArgs a, int dtype, int64_t ws_floats, cudaStream_t stream) {
+  Plan p;
+  if (int e = plan_for<T, M, C, CI>(a, dtype, p)) return e;
+  a.cps = p.cps; a.n_ks = p.n_ks; a.tiles = p.tiles; a.slice_warps = p.blocks * kWarps;
+  if (p.n_ks > 1 && (a.ws == nullptr || ws_floats < (int64_t)p.n_ks * a.M * a.N))
+    return fail(AWQ_ERR_ARG, "awq_int4_gemm_simt: %d K slices need a workspace of %lld floats, got %lld",
+                p.n_ks, (long long)p.n_ks * a.M * a.N, (long long)ws_floats);
+  gemv_simt_kernel<T, M, C><<<dim3(p.blocks, p.n_ks), kThreads, p.smem, stream>>>(a);
+  if (int e = check_launch("gemv_simt_kernel")) return e;
+  if (p.n_ks > 1) {
+    const int64_t total = (int64_t)a.M * a.N;
+    const int blocks = (int)std::min<int64_t>((total + 255) / 256, 4096);
+    simt_finalize<T><<<blocks, 256, 0, stream>>>(a.ws, static_cast<const T*>(a.bias),
+                                                 static_cast<T*>(a.y), total, a.N, p.n_ks);
+    return check_launch("simt_finalize");
+  }
+  return AWQ_OK;
+}
+
+// Read on every call (a getenv costs ~100 ns), so a benchmark can switch configurations in-process.
+int cfg_override() {
+  const char* e = getenv("AWQ_SIMT_CFG");
+  return e && *e ? atoi(e) : -1;
+}
+
+// Runs F<T, M, Cfg_i, i>::run for the configuration in use.
+template <typename T, int M, template <typename, int, class, int> class F, typename... Args>
+int by_cfg(Args&&... args) {
+  const int cfg = cfg_override() >= 0 ? cfg_override() : default_cfg(M);
+  return cfg == 0 ? F<T, M, Cfg0, 0>::run(args...) : F<T, M, Cfg1, 1>::run(args...);
+}
+
+template <typename T, int M, class C, int CI>
+struct LaunchC {
+  static int run(const SimtArgs& a, int dtype, int64_t ws, cudaStream_t s) { return launch<T, M, C, CI>(a, dtype, ws, s); }
+};
+template <typename T, int M, class C, int CI>
+struct NeedC {
+  static int run(const SimtArgs& a, int dtype, int64_t* out) {
+    Plan p;
+    if (int e = plan_for<T, M, C, CI>(a, dtype, p)) return e;
+    *out = p.n_ks > 1 ? (int64_t)p.n_ks * a.M * a.N : 0;
+    return AWQ_OK;
+  }
+};
+template <typename T, int M>
+struct Launch {
+  static int run(const SimtArgs& a, int dtype, int64_t ws, cudaStream_t s) { return by_cfg<T, M, LaunchC>(a, dtype, ws, s); }
+};
+template <typename T, int M>
+struct Need {
+  static int run(const SimtArgs& a, int dtype, int64_t* out) { return by_cfg<T, M, NeedC>(a, dtype, out); }
+};
+
+// One instance per M: the accumulators and the x registers are arrays sized by M.
+template <typename T, template <typename, int> class F, typename... Args>
+int by_m(int m, Args&&... args) {
+  switch (m) {
+    case 1: return F<T, 1>::run(args...);
+    case 2: return F<T, 2>::run(args...);
+    case 3: return F<T, 3>::run(args...);
+    case 4: return F<T, 4>::run(args...);
+    case 5: return F<T, 5>::run(args...);
+    case 6: return F<T, 6>::run(args...);
+    case 7: return F<T, 7>::run(args...);
+    default: return F<T, 8>::run(args...);
+  }
+}
+
+int make_args(SimtArgs& a, int64_t M, int64_t N, int64_t K, int64_t Kp, int group_size, int dtype) {
+  const int log2g = group_size == 32 ? 5 : group_size == 64 ? 6 : group_size == 128 ? 7 : -1;
+  if (log2g < 0 || M < 1 || M > kMaxM || N < 1 || Kp % group_size || K <= Kp - group_size || K > Kp ||
+      N * (Kp / 2) >= (1LL << 31) || (dtype != AWQ_DTYPE_F16 && dtype != AWQ_DTYPE_BF16))
+    return fail(AWQ_ERR_ARG,
+                "awq_int4_gemm_simt: bad sizes M=%lld N=%lld K=%lld Kp=%lld group_size=%d dtype=%d",
+                (long long)M, (long long)N, (long long)K, (long long)Kp, group_size, dtype);
+  a.M = (int)M; a.N = (int)N; a.K = (int)K; a.Kp = (int)Kp;
+  a.groups = (int)(Kp / group_size);
+  a.gshift = log2g - 5;
+  a.nchunks = (int)(Kp / 32);
+  return AWQ_OK;
+}
+
+}  // namespace
+}  // namespace awq
+
+extern "C" int64_t awq_int4_simt_max_m(void) { return awq::kMaxM; }
+
+extern "C" int64_t awq_int4_gemm_simt_workspace(int64_t M, int64_t N, int64_t K, int64_t Kp,
+                                                int group_size, int dtype) {
+  using namespace awq;
+  SimtArgs a{};
+  if (make_args(a, M, N, K, Kp, group_size, dtype)) return -1;
+  int64_t need = 0;
+  const int e = dtype == AWQ_DTYPE_BF16 ? by_m<__nv_bfloat16, Need>(a.M, a, dtype, &need)
+                                        : by_m<__half, Need>(a.M, a, dtype, &need);
+  return e ? -1 : need;
+}
+
+extern "C" int awq_int4_gemm_simt(const void* x, const uint8_t* qweight, const void* scales,
+                                  const uint8_t* zeros, const void* bias, void* y, float* workspace,
+                                  int64_t workspace_floats, int64_t M, int64_t N, int64_t K,
+                                  int64_t Kp, int group_size, int dtype, void* stream) {
+  using namespace awq;
+  SimtArgs a{};
+  if (int e = make_args(a, M, N, K, Kp, group_size, dtype)) return e;
+  if (!x || !qweight || !scales || !zeros || !y || ((uintptr_t)qweight & 15))
+    return fail(AWQ_ERR_ARG, "awq_int4_gemm_simt: null pointer or qweight not 16-byte aligned");
+  a.x = x; a.qweight = qweight; a.scales = scales; a.zeros = zeros; a.bias = bias; a.y = y;
+  a.ws = workspace;
+  a.x_vec = (K % 8 == 0) && (((uintptr_t)x & 15) == 0);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return dtype == AWQ_DTYPE_BF16 ? by_m<__nv_bfloat16, Launch>(a.M, a, dtype, workspace_floats, s)
+                                 : by_m<__half, Launch>(a.M, a, dtype, workspace_floats, s);
+}
