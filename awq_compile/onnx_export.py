@@ -91,6 +91,7 @@ def to_onnx(
     accuracy_level: int = 0,
     external_data: bool | None = None,
     opset: int = _OPSET,
+    overwrite: bool = False,
 ) -> OnnxExport:
     """Write an INT4 program (or a quantized model, exported first with `args`) as ONNX.
 
@@ -99,18 +100,33 @@ def to_onnx(
     compute; 4: int8 activations, faster on CPU, not bit-faithful). `external_data=None` stores
     weights in `<path>.data` only when they exceed 1 GiB. The AWQConfig (from `config`, the
     program's metadata or `model.awq_config`) goes into metadata_props["awq_compile.config"].
+    An existing `path` (or its `.data`) is an error unless `overwrite`.
 
     >>> out = to_onnx(qmodel, "model.onnx", "matmulnbits", args=(ids,))  # doctest: +SKIP
     >>> out.routes["model.model.layers.0.mlp.down_proj"]  # doctest: +SKIP
     'matmulnbits'
     """
-    import onnx_ir as ir  # lazy: keeps `import awq_compile` light
+    fmt = _check_target(path, format, signed, opset, overwrite)
+    model, routes = _build(program_or_model, fmt, args, config, signed, accuracy_level, opset)
+    return _save(model, Path(path), fmt, routes, external_data)
 
+
+def _check_target(path, format, signed: bool, opset: int, overwrite: bool) -> OnnxFormat:
+    """Argument checks that need no export, so a refusal costs nothing and writes nothing."""
     fmt = OnnxFormat(format)
     if signed and fmt is not OnnxFormat.QDQ:
         raise ValueError(f"to_onnx: signed=True needs format='qdq', got format={fmt.value!r}")
     if fmt is OnnxFormat.QDQ and opset < 21:
         raise ValueError(f"to_onnx: format 'qdq' needs opset >= 21 (int4 blocked), got {opset}")
+    path = Path(path)
+    for f in (path, path.with_name(path.name + ".data")):
+        if f.exists() and not overwrite:
+            raise FileExistsError(f"to_onnx: {f} exists; pass overwrite=True to replace it")
+    return fmt
+
+
+def _build(program_or_model, fmt: OnnxFormat, args, config, signed, accuracy_level, opset):
+    """(lowered onnx_ir.Model with metadata, layer -> route), nothing written yet."""
     if isinstance(program_or_model, torch.export.ExportedProgram):
         ep = program_or_model
     elif args is None:
@@ -120,13 +136,12 @@ def to_onnx(
     config = config or config_of(ep) or config_of(program_or_model)
     if not int4_nodes(ep):
         raise ValueError("to_onnx: the program has no awq.int4_linear op; quantize the model first")
-
     model = _placeholder_model(ep, opset)
     routes = _lower(model, fmt, signed=signed, accuracy_level=accuracy_level)
     model.metadata_props[METADATA_CONFIG_KEY] = config.to_json() if config else ""
     model.metadata_props["awq_compile.format"] = fmt.value + ("+signed" if signed else "")
     model.metadata_props["awq_compile.config_version"] = str(CONFIG_VERSION)
-    return _save(ir, model, Path(path), fmt, routes, external_data)
+    return model, routes
 
 
 @functools.lru_cache(maxsize=1)
@@ -363,13 +378,15 @@ def _init_packed(ir, graph, name: str, values: np.ndarray, dtype):
     return value
 
 
-def _save(ir, model, path: Path, fmt, routes, external_data: bool | None) -> OnnxExport:
+def _save(model, path: Path, fmt, routes, external_data: bool | None) -> OnnxExport:
+    import onnx_ir as ir
+
     total = sum(v.const_value.nbytes for v in model.graph.initializers.values())
     if external_data is None:
         external_data = total > _EXTERNAL_DATA_THRESHOLD
     path.parent.mkdir(parents=True, exist_ok=True)
     data = path.with_name(path.name + ".data") if external_data else None
     if data is not None and data.exists():
-        data.unlink()  # ir.save appends to an existing file
+        data.unlink()  # ir.save appends to an existing file (overwrite was checked)
     ir.save(model, path, external_data=data.name if data else None)
     return OnnxExport(path, fmt, routes, data)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .export import INT4_OP, export
-from .onnx_export import OnnxExport, OnnxFormat, to_onnx
+from .onnx_export import OnnxExport, OnnxFormat, _build, _check_target, _save
 
 __all__ = ["to_tensorrt", "tensorrt_onnx", "check_tensorrt_onnx", "TensorRTBuild"]
 
@@ -65,16 +65,19 @@ def tensorrt_onnx(
     args: Sequence[Any] | None = None,
     dtype: torch.dtype | None = torch.float16,
     zero_point_correction: bool = True,
+    overwrite: bool = False,
 ) -> OnnxExport:
     """Write the QDQ ONNX TensorRT builds from: signed int4, no zero points, in `dtype`
     (a model is converted to it first; None keeps its dtype; a program keeps its own).
 
-    Raises if a layer needs the zero-point correction and `zero_point_correction` is False.
+    Raises, writing nothing, if a layer needs the zero-point correction and
+    `zero_point_correction` is False.
     """
+    fmt = _check_target(path, OnnxFormat.QDQ, True, 21, overwrite)
     if isinstance(program_or_model, nn.Module) and dtype is not None:
         program_or_model = copy.deepcopy(program_or_model).to(dtype)
-    out = to_onnx(program_or_model, path, OnnxFormat.QDQ, args=args, signed=True)
-    corrected = sorted(k for k, v in out.routes.items() if v == "qdq_int4+zp_correction")
+    model, routes = _build(program_or_model, fmt, args, None, True, 0, 21)
+    corrected = sorted(k for k, v in routes.items() if v == "qdq_int4+zp_correction")
     if corrected and not zero_point_correction:
         raise ValueError(
             f"tensorrt_onnx: {len(corrected)} asymmetric layers have groups with q - z outside "
@@ -83,7 +86,7 @@ def tensorrt_onnx(
             "route='plugin' (our CUDA kernel inside the engine), or quantize symmetrically "
             "(AWQConfig(zero_point=False))"
         )
-    return out
+    return _save(model, Path(path), fmt, routes, None)
 
 
 def check_tensorrt_onnx(path: str | os.PathLike) -> list[str]:
@@ -122,12 +125,14 @@ def to_tensorrt(
     seq_range: tuple[int, int, int] = (1, 128, 2048),
     workspace_bytes: int = 4 << 30,
     onnx_path: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> TensorRTBuild:
     """Build a TensorRT engine from a quantized model, its exported program or a QDQ ONNX file.
 
     `seq_range` = (min, opt, max) of every dynamic input dimension (the sequence length).
     route="qdq" writes the QDQ ONNX to `onnx_path` (default: the engine path with suffix .onnx)
-    and builds a strongly typed engine; route="plugin" compiles with Torch-TensorRT.
+    and builds a strongly typed engine; route="plugin" compiles with Torch-TensorRT. Existing
+    files are an error unless `overwrite`.
 
     >>> build = to_tensorrt(qmodel, "model.engine", args=(ids,))  # doctest: +SKIP
     >>> build.layers["model.model.layers.0.mlp.down_proj"]  # doctest: +SKIP
@@ -136,6 +141,8 @@ def to_tensorrt(
     if route not in _ROUTES:
         raise ValueError(f"to_tensorrt: route={route!r}; choose one of {list(_ROUTES)}")
     engine_path = Path(engine_path)
+    if engine_path.exists() and not overwrite:
+        raise FileExistsError(f"to_tensorrt: {engine_path} exists; pass overwrite=True to replace it")
     if route == "plugin":
         return _build_plugin(source, engine_path, args, dtype, seq_range)
     trt = _import("tensorrt", _TRT_HINT)  # fail before the slow export
@@ -144,7 +151,7 @@ def to_tensorrt(
     else:
         onnx_file = Path(onnx_path) if onnx_path else engine_path.with_suffix(".onnx")
         out = tensorrt_onnx(source, onnx_file, args=args, dtype=dtype,
-                            zero_point_correction=zero_point_correction)
+                            zero_point_correction=zero_point_correction, overwrite=overwrite)
     problems = check_tensorrt_onnx(onnx_file)
     if problems:
         raise ValueError(f"to_tensorrt: {onnx_file} is not TensorRT's INT4 form: {problems[:5]}")

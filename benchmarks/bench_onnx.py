@@ -41,6 +41,7 @@ def float_onnx(model, path: Path, input_ids: torch.Tensor) -> int:
                                 opset_version=21, dynamic_shapes=({1: seq},), verbose=False)
     common.ClearMetadataAndDocStringPass()(program.model)
     data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # ir.save appends to an existing data file
     ir.save(program.model, path, external_data=data.name)  # fp32 of 135M params is > 512 MB
     return path.stat().st_size + data.stat().st_size
 
@@ -122,9 +123,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
 
     ep = export(qmodel, (prompt[:, :8],))
-    int4 = to_onnx(ep, work / "smollm2_int4.onnx", "matmulnbits")
-    acc4 = to_onnx(ep, work / "smollm2_int4_acc4.onnx", "matmulnbits", accuracy_level=4)
-    qdq = to_onnx(ep, work / "smollm2_int4_qdq.onnx", "qdq")
+    int4 = to_onnx(ep, work / "smollm2_int4.onnx", "matmulnbits", overwrite=True)
+    acc4 = to_onnx(ep, work / "smollm2_int4_acc4.onnx", "matmulnbits", accuracy_level=4,
+                   overwrite=True)
+    qdq = to_onnx(ep, work / "smollm2_int4_qdq.onnx", "qdq", overwrite=True)
     fp32_bytes = float_onnx(copy.deepcopy(model), work / "smollm2_fp32.onnx", prompt[:, :8])
     with torch.no_grad():
         ref_int4 = qmodel(input_ids=prompt, use_cache=False).logits.numpy()

@@ -159,6 +159,17 @@ def test_errors(tmp_path):
         to_onnx(model, tmp_path / "a.onnx", "int8", args=(torch.randn(1, 3, 80),))
     with pytest.raises(ValueError, match="no Int4Linear"):
         to_onnx(nn.Linear(4, 4), tmp_path / "a.onnx", args=(torch.randn(1, 3, 4),))
+    assert not list(tmp_path.iterdir())
+
+
+def test_existing_file_is_kept_unless_overwrite(tmp_path):
+    target = tmp_path / "mlp.onnx"
+    target.write_text("mine")
+    with pytest.raises(FileExistsError, match=r"mlp.onnx exists; pass overwrite=True"):
+        to_onnx(MLP(True), target, args=(torch.randn(1, 3, 80),))
+    assert target.read_text() == "mine"
+    out = to_onnx(MLP(True), target, args=(torch.randn(1, 3, 80),), overwrite=True)
+    onnx.checker.check_model(str(out.path))
 
 
 # -- the real model ------------------------------------------------------------------------------

@@ -125,6 +125,7 @@ def test_refuses_the_correction_when_asked(tmp_path):
     with pytest.raises(ValueError, match=r"1 asymmetric layers .*\['c'\].*route='plugin'"):
         tensorrt_onnx(HandMLP(), tmp_path / "x.onnx", args=(torch.randn(1, 3, 80),),
                       dtype=None, zero_point_correction=False)
+    assert not list(tmp_path.iterdir())  # refused before writing
 
 
 def test_check_flags_files_tensorrt_cannot_take(tmp_path):
