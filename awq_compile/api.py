@@ -59,6 +59,9 @@ def quantize(
         raise ValueError(f"quantize: output={output!r}; choose 'module' or 'graph'")
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"quantize: batch_size={batch_size!r}: must be a positive integer")
+    _check_parameters(model)
     home = _device_of(model)
     device = torch.device(device) if device is not None else home
     stream = device != home if stream is None else stream
@@ -102,6 +105,23 @@ def quantize_rtn(model: nn.Module, config: AWQConfig | None = None) -> nn.Module
     return target
 
 
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_parameters(model: nn.Module) -> None:
+    """Refuse, naming it, a parameter of a dtype we cannot quantize from or with NaN/Inf."""
+    for name, p in model.named_parameters():
+        if not p.is_floating_point():
+            continue
+        if p.dtype not in _FLOATS:
+            raise ValueError(
+                f"quantize: parameter {name} has dtype {p.dtype}; supported model dtypes are "
+                "float32, float16, bfloat16 (and float64)"
+            )
+        if p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+            raise ValueError(f"quantize: parameter {name} contains NaN or Inf")
+
+
 def capture(model: nn.Module, batch: Batch, dynamic: bool = False) -> fx.GraphModule:
     """The model as an ATen-level GraphModule (torch.export of `batch`'s shapes; with
     `dynamic`, every tensor dimension may vary where the model allows it).
@@ -117,7 +137,13 @@ def capture(model: nn.Module, batch: Batch, dynamic: bool = False) -> fx.GraphMo
         def auto(v):
             return {d: torch.export.Dim.AUTO for d in range(v.dim())} if isinstance(v, torch.Tensor) else None
         dyn = _dynamic_spec(model, args, kwargs, auto)
-    ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dyn)
+    try:
+        ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dyn)
+    except Exception as e:
+        raise RuntimeError(
+            f"quantize: could not capture the model (torch.export) on calibration batch 0: "
+            f"{type(e).__name__}: {e}"
+        ) from e
     gm = ep.module()
     gm.awq_capture_kwargs = {k: v for k, v in kwargs.items() if k == "use_cache"}
     return gm
@@ -182,30 +208,40 @@ def apply_plan(
 ) -> int:
     """Fold searched scales into `model`'s parameters and swap its nn.Linear modules for
     Int4Linear, following the plan the passes wrote; returns the number swapped. Each weight
-    is quantized on `device` (default: where it is) and the result put back where it was."""
+    is quantized once, on `device` (default: where it is), at its first call site's clip
+    range; every nn.Linear holding it (tied modules too) gets an Int4Linear over the same
+    packed tensors. Nothing is changed before the whole plan is known to apply."""
     groups = list(groups)
-    for g in groups:
-        if g.scale is not None:
-            fold_group_tensors(model, g)
-    inv = {g.index: inverse_input_scale(g) for g in groups
-           if g.scale is not None and g.absorber.kind == "mul"}
-    swapped = 0
+    owners: dict[int, list[str]] = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        if isinstance(mod, nn.Linear):
+            owners.setdefault(id(mod.weight), []).append(path)
+    todo: dict[str, tuple[P.LinearInfo, list[str]]] = {}
     for info in infos:
-        path, _, leaf = info.weight.rpartition(".")
-        owner = model.get_submodule(path)
-        if isinstance(owner, Int4Linear):
-            continue  # one Linear called at several places: quantized at its first
-        if not isinstance(owner, nn.Linear) or leaf != "weight":
+        if info.weight in todo:
+            continue  # one weight at several call sites: quantized at its first
+        paths = owners.get(id(fetch_attr(model, info.weight)))
+        if not paths:
             raise ValueError(
                 f"quantize: {info.weight} is used by a functional linear, not an nn.Linear "
                 "module; use quantize(..., output='graph') for such models"
             )
-        w = fetch_attr(model, info.weight).detach()
+        todo[info.weight] = (info, paths)
+    for g in groups:
+        if g.scale is not None:
+            fold_group_tensors(model, g)
+    inv = {g.index: inverse_input_scale(g) for g in groups
+           if g.scale is not None and g.searchable and g.absorber.kind == "mul"}
+    swapped = 0
+    for name, (info, paths) in todo.items():
+        w = fetch_attr(model, name).detach()
         qw = P.quantize_linear(w.to(device), info, config)
-        new = Int4Linear.from_quantized(qw, config.group_size, owner.bias, inv.get(info.group))
-        parent_path, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent_path), child, new.to(owner.weight.device))
-        swapped += 1
+        for path in paths:
+            owner = model.get_submodule(path)
+            new = Int4Linear.from_quantized(qw, config.group_size, owner.bias, inv.get(info.group))
+            parent_path, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_path), child, new.to(owner.weight.device))
+            swapped += 1
     return swapped
 
 
@@ -280,12 +316,19 @@ def _calibrate(gm: fx.GraphModule, batches: list[Batch], progress: bool,
         from tqdm.auto import tqdm
 
         it = tqdm(batches, desc="calibrate", unit="batch")
-    for args, kwargs in it:
-        if stream_to is None:
-            gm(*args, **{**extra, **kwargs})
-        else:
-            _StreamingRunner(gm, stream_to).run(*args, *[{**extra, **kwargs}[k] for k in
-                                                          _kwarg_order(gm, {**extra, **kwargs})])
+    for i, (args, kwargs) in enumerate(it):
+        kw = {**extra, **kwargs}
+        try:
+            if stream_to is None:
+                gm(*args, **kw)
+            else:
+                _StreamingRunner(gm, stream_to).run(*args, *[kw[k] for k in _kwarg_order(gm, kw)])
+        except ValueError:
+            raise  # our own checks (NaN/Inf activations) say what went wrong already
+        except Exception as e:
+            raise RuntimeError(
+                f"quantize: the model failed on calibration batch {i}: {type(e).__name__}: {e}"
+            ) from e
     return len(batches)
 
 

@@ -40,13 +40,18 @@ def quantize_linear(w: torch.Tensor, info: LinearInfo, config: AWQConfig) -> Qua
 def swap_linear_int4(gm: fx.GraphModule, config: AWQConfig) -> int:
     """Swap every annotated linear; returns the number of linears swapped."""
     swapped = 0
+    done: set[str] = set()  # a weight at several call sites is quantized once, at its first
     for node, info in linear_infos(gm):
         w_node = node.args[1]
-        qw = quantize_linear(fetch_attr(gm, info.weight), info, config)
         owner, prefix = _owner(gm, info.weight)
+        if info.weight not in done:
+            qw = quantize_linear(fetch_attr(gm, info.weight), info, config)
+            for leaf, t in (("qweight", qw.qweight), ("scales", qw.scales), ("zeros", qw.zeros)):
+                owner.register_buffer(prefix.rsplit(".", 1)[-1] + leaf, t)
+            done.add(info.weight)
         getters = []
-        for leaf, t in (("qweight", qw.qweight), ("scales", qw.scales), ("zeros", qw.zeros)):
-            owner.register_buffer(prefix.rsplit(".", 1)[-1] + leaf, t)
+        for leaf in ("qweight", "scales", "zeros"):
+            t = fetch_attr(gm, prefix + leaf)
             with gm.graph.inserting_before(node):
                 g = gm.graph.get_attr(prefix + leaf)
                 g.meta["val"] = t

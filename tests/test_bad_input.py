@@ -71,6 +71,16 @@ def _files(folder: Path | None) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality, NaN included (torch.equal says NaN != NaN)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
+    return torch.equal(a, b)
+
+
 def _refused(fn, model, exc, match, folder: Path | None = None):
     """fn() must raise `exc` matching `match`, leaving `model` and `folder` bit-for-bit as they were."""
     before = {k: v.detach().clone() for k, v in model.state_dict().items()} if model is not None else {}
@@ -80,7 +90,7 @@ def _refused(fn, model, exc, match, folder: Path | None = None):
     if model is not None:
         after = model.state_dict()
         assert list(after) == list(before)
-        assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
+        assert all(_same_bits(after[k], v) for k, v in before.items())
         assert not any(isinstance(m, Int4Linear) for m in model.modules())
     assert _files(folder) == files
     return info.value
@@ -141,8 +151,6 @@ def test_non_finite_weight_is_refused():
     _refused(lambda: quantize(m, [_x(2, 8, 64)], AWQConfig(**FAST)), m, ValueError, "NaN or Inf")
 
 
-@pytest.mark.xfail(strict=True, reason="F11: a NaN weight in `a` is reported as NaN activations at "
-                   "the input of b.weight; an up-front parameter check would name a.weight")
 def test_non_finite_weight_names_the_parameter():
     m = MLP()
     with torch.no_grad():
@@ -172,8 +180,6 @@ def test_unknown_config_field_from_a_file():
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn])
-@pytest.mark.xfail(strict=True, reason="F12: a float8 model fails inside the observer with "
-                   "NotImplementedError('isfinite' not implemented for 'Float8_e4m3fn')")
 def test_unsupported_model_dtype(dtype):
     m = MLP().to(dtype)
     _refused(lambda: quantize(m, [_x(2, 8, 64).to(dtype)], AWQConfig(**FAST)), m, ValueError,
@@ -207,16 +213,12 @@ def test_bad_arguments(call, exc, match):
     _refused(lambda: call(m), m, exc, match)
 
 
-@pytest.mark.xfail(strict=True, reason="F13: batch_size=0 raises 'max() arg is an empty sequence'")
 def test_batch_size_zero():
     m = MLP()
     _refused(lambda: quantize(m, torch.zeros(4, 8, dtype=torch.long), batch_size=0), m, ValueError,
              "batch_size")
 
 
-@pytest.mark.xfail(strict=True, reason="F14: calibration the model cannot run surfaces the model's "
-                   "own RuntimeError ('a and b must have same reduction dim') without saying that "
-                   "calibration batch 0 was being traced")
 def test_calibration_the_model_cannot_run():
     m = MLP()
     _refused(lambda: quantize(m, [_x(2, 8, 63)], AWQConfig(**FAST)), m, Exception, "calibration")
@@ -228,8 +230,6 @@ def test_functional_linear_in_module_output():
              "w is used by a functional linear.*output='graph'")
 
 
-@pytest.mark.xfail(strict=True, reason="F15: with inplace=True, apply_plan folds every group's "
-                   "scales into the model before it finds the functional linear and raises")
 def test_failed_inplace_quantize_leaves_model_unchanged():
     m = FunctionalHead()
     _refused(lambda: quantize(m, [_x(2, 8, 64)], AWQConfig(**FAST), inplace=True), m, ValueError,

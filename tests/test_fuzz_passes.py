@@ -508,8 +508,6 @@ def test_tied_weights_graph_output(variant):
     assert res["int4"] == 2
 
 
-@pytest.mark.xfail(strict=True, reason="output='module' swaps only the first of two nn.Linear "
-                   "modules tied to one weight; the other stays float (benchmarks/results_reliability.md, F3)")
 @pytest.mark.parametrize("variant", ["same", "chain"])
 def test_tied_weights_module_output(variant):
     model = FuzzNet(_tied_spec(variant))
@@ -517,8 +515,6 @@ def test_tied_weights_module_output(variant):
     assert [type(m).__name__ for m in (qm.blocks[0].first, qm.blocks[0].second)] == ["Int4Linear"] * 2
 
 
-@pytest.mark.xfail(strict=True, reason="F19: search_clip picks one clip range per call site; "
-                   "output='graph' keeps the last call's, output='module' the first's")
 def test_linear_called_twice_clips_alike():
     spec = Spec(32, (Block("shared", norm="layer", act="silu", bias=False, variant="chain"),),
                 "float32", "none", False, True, 1782)
