@@ -89,9 +89,21 @@ def _decode(model, batch: int, prompt: int, new: int, compile_kwargs: dict) -> d
             "peak_gib": peak}
 
 
+def _ensure_backend() -> None:
+    """backend="awq" comes from the package's entry point; where the package was not pip
+    installed (a bare checkout on the GPU machine), register the same function by hand."""
+    import torch._dynamo
+
+    if "awq" not in torch._dynamo.list_backends(exclude_tags=()):
+        from awq_compile.backend import awq_backend
+
+        torch._dynamo.register_backend(awq_backend, "awq")
+
+
 def decode(args) -> list[dict]:
     import awq_compile
 
+    _ensure_backend()
     cfg = llama_config(args.layers, args.tiny)
     model = random_model(cfg, DEV)
     rows = []

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One device call for the end-to-end figures (issue 7's, and the backend under CUDA graphs):
+#   run: bash benchmarks/gpu_e2e.sh LAYERS     carry: awq_compile/_lib (the CUDA library)
+set -u -o pipefail
+OUT=${OUT:-/tmp/awq_e2e_out}
+LAYERS=${1:-32}
+mkdir -p "$OUT"
+[ -e awq_compile/passes ] || ln -s ../passes awq_compile/passes
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -c "import awq_compile._cuda as c; print('cuda kernels:', c.available())"
+timeout 70 python3 benchmarks/bench_e2e_gpu.py quantize --layers "$LAYERS" --n-samples 128 \
+  --out "$OUT/quantize.json" 2>&1 | grep -v "it/s\]" | tail -5
+timeout 150 python3 benchmarks/bench_e2e_gpu.py decode --layers "$LAYERS" --batch 1 8 \
+  --prompt 128 --new 256 --out "$OUT/decode.json" 2>&1 | grep -E "^\{|^NVIDIA|Error|error" | tail -12
