@@ -128,20 +128,15 @@ def _raise_bad_args(x, qweight, scales, zeros, bias) -> None:
     raise ValueError(f"awq::int4_linear (cuda): {msg} ({shapes})")
 
 
-_WORKSPACES: dict[tuple[int, int], torch.Tensor] = {}
 
 
 def _workspace(numel: int, device: torch.device) -> torch.Tensor:
-    """A zeroed float32 buffer the split-K kernel leaves zeroed, one per (device, stream)."""
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
-    ws = _WORKSPACES.get(key)
-    if ws is None or ws.numel() < numel:
-        ws = torch.zeros(max(numel, 1 << 20), dtype=torch.float32, device=device)
-        _WORKSPACES[key] = ws
-    return ws
+    """A zeroed float32 split-K buffer, allocated per call (one memset): a cached buffer first
+    allocated during torch.compile's CUDA-graph warm-up would sit in the graph's private pool
+    untracked, which mode="reduce-overhead" refuses."""
+    return torch.zeros(max(numel, 1), dtype=torch.float32, device=device)
 
 
-_SIMT_WORKSPACES: dict[tuple[int, int], torch.Tensor] = {}
 
 
 @functools.lru_cache(maxsize=256)
@@ -167,11 +162,8 @@ def gemm_simt(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tenso
     need = _simt_workspace_floats(dev.index, m, n, k, kp, group_size, dt, os.environ.get("AWQ_SIMT_CFG"))
     stream = torch.cuda.current_stream(dev).cuda_stream
     ws = None
-    if need > 0:
-        ws = _SIMT_WORKSPACES.get((dev.index, stream))
-        if ws is None or ws.numel() < need:
-            ws = torch.empty(max(need, 1 << 20), dtype=torch.float32, device=dev)
-            _SIMT_WORKSPACES[(dev.index, stream)] = ws
+    if need > 0:  # per call, for the reason _workspace gives
+        ws = torch.empty(need, dtype=torch.float32, device=dev)
     _check(load_library().awq_int4_gemm_simt(
         x2d.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
         None if bias is None else bias.data_ptr(), out.data_ptr(),

@@ -9,7 +9,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import awq_compile._cuda as c; print('cuda kernels:', c.available())"
-timeout 70 python3 benchmarks/bench_e2e_gpu.py quantize --layers "$LAYERS" --n-samples 128 \
+[ -n "${SKIP_QUANT:-}" ] || timeout 70 python3 benchmarks/bench_e2e_gpu.py quantize --layers "$LAYERS" --n-samples 128 \
   --out "$OUT/quantize.json" 2>&1 | grep -v "it/s\]" | tail -5
 timeout 150 python3 benchmarks/bench_e2e_gpu.py decode --layers "$LAYERS" --batch 1 8 \
   --prompt 128 --new 256 --out "$OUT/decode.json" 2>&1 | grep -E "^\{|^NVIDIA|Error|error" | tail -12
