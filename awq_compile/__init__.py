@@ -11,7 +11,11 @@ from .config import AWQConfig, Int4Format
 from .nn import Int4Linear
 from .api import quantize, quantize_rtn
 from .checkpoint import apply_checkpoint, load_quantized, save_quantized
+from .backend import calibration
+from .export import export
+from .onnx_export import to_onnx
+from .tensorrt import to_tensorrt
 
 __all__ = ["AWQConfig", "Int4Format", "Int4Linear", "quantize", "quantize_rtn", "save_quantized",
-           "load_quantized", "apply_checkpoint"]
+           "load_quantized", "apply_checkpoint", "calibration", "export", "to_onnx", "to_tensorrt"]
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ Expected failures (bad paths, bad flags, unreadable checkpoints) print one line,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--onnx-op", choices=("matmulnbits", "qdq"), default="matmulnbits",
                    help="how --format onnx writes INT4 linears (default: %(default)s)")
     x.add_argument("--out", required=True, type=Path, help="output file")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     x.add_argument("--seq-len", type=int, default=16,
                    help="example sequence length; the exported sequence length is dynamic "
                         "(default: %(default)s)")
@@ -401,24 +403,29 @@ def _cmd_export(args) -> int:
     _check_positive(seq_len=args.seq_len)
     if args.out.exists() and args.out.is_dir():
         raise ValueError(f"--out {args.out} is a folder; give a file name")
+    if args.out.exists() and not args.overwrite:
+        raise ValueError(f"--out {args.out} exists (pass --overwrite to replace it)")
     model, _ = load_quantized(args.checkpoint)
     example = (torch.zeros(1, args.seq_len, dtype=torch.long),)
     if args.format == "pt2":
         from .export import export  # lazy: the exporters are not needed elsewhere
 
-        torch.export.save(export(model, example), str(args.out))
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        torch.export.save(export(model, example), str(tmp))
+        os.replace(tmp, args.out)  # atomic: a failed export leaves no half-written file
     elif args.format == "onnx":
         from .onnx_export import to_onnx
 
-        _print_routes(to_onnx(model, args.out, args.onnx_op, args=example).routes)
+        _print_routes(to_onnx(model, args.out, args.onnx_op, args=example,
+                              overwrite=args.overwrite).routes)
     elif args.format == "tensorrt":
         from .tensorrt import tensorrt_onnx
 
-        _print_routes(tensorrt_onnx(model, args.out, args=example).routes)
+        _print_routes(tensorrt_onnx(model, args.out, args=example, overwrite=args.overwrite).routes)
     else:
         from .tensorrt import to_tensorrt
 
-        _print_routes(to_tensorrt(model, args.out, args=example).layers)
+        _print_routes(to_tensorrt(model, args.out, args=example, overwrite=args.overwrite).layers)
     print(f"exported {args.checkpoint} -> {args.out} ({args.format})")
     return 0
 

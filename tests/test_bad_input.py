@@ -392,8 +392,6 @@ def test_asymmetric_config_refused_by_tensorrt_without_correction(asym_program, 
         tensorrt_onnx(ep, tmp_path / "trt.onnx", zero_point_correction=False)
 
 
-@pytest.mark.xfail(strict=True, reason="F21: tensorrt_onnx writes the ONNX file, then refuses: "
-                   "the refused file stays on disk (and an existing one is replaced)")
 def test_refused_tensorrt_export_leaves_no_file(asym_program, tmp_path):
     from awq_compile.tensorrt import tensorrt_onnx
 
@@ -416,8 +414,6 @@ def test_export_argument_errors(asym_program, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.xfail(strict=True, reason="F10: to_onnx (and `awq-compile export --out`) silently "
-                   "overwrite an existing file")
 def test_onnx_output_path_that_exists(asym_program, tmp_path):
     from awq_compile.onnx_export import to_onnx
 
