@@ -31,13 +31,13 @@ _ABI_VERSION = 2
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 
 # Largest M served by the weight-streaming kernel; above it, dequantize + cuBLAS. Measured on an
-# H200 (benchmarks/results_kernels.md): the kernel wins at M = 64 on 8192x28672, 28672x8192 and
+# H200 (benchmarks/RESULTS.md, section 4): the kernel wins at M = 64 on 8192x28672, 28672x8192 and
 # 8192x8192 (237/249/76 us vs 291/297/93) and loses from M = 128 on; 4096x4096 ties at M = 64.
 MMA_MAX_M = 64
 
 
 # Largest M served by the CUDA-core GEMV (int4_gemv_simt.cu; it accepts M <= 8). Measured on an
-# H200 (benchmarks/results_kernels.md): at M = 1 it beats the mma kernel on every shape timed
+# H200 (benchmarks/RESULTS.md, section 4): at M = 1 it beats the mma kernel on every shape timed
 # (55.6 / 54.9 / 20.4 us vs 66.0 / 66.6 / 27.5 on 8192x28672, 28672x8192, 8192x8192); at M = 2 it
 # loses on the two large shapes (72 vs 66.5 us), so M >= 2 stays on the mma kernel.
 SIMT_MAX_M = 1

@@ -416,11 +416,22 @@ def apply_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Checkpoin
     `model.awq_config` is set. Returns the model, in eval mode."""
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
     _check_model_type(model, ck)
-    for name, state in ck.linears.items():
-        _replace_linear(model, name, state)
-    _load_other_tensors(model, ck)
+    replaced: list[tuple[str, nn.Module]] = []
+    try:
+        for name, state in ck.linears.items():
+            replaced.append((name, _replace_linear(model, name, state)))
+        _load_other_tensors(model, ck)  # checks every key and shape before it copies any
+    except Exception:
+        for name, old in reversed(replaced):  # a mismatch leaves the model as it was
+            _set_submodule(model, name, old)
+        raise
     model.awq_config = ck.awq_config
     return model.eval()
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def _check_model_type(model: nn.Module, ck: Checkpoint) -> None:
@@ -432,7 +443,8 @@ def _check_model_type(model: nn.Module, ck: Checkpoint) -> None:
         )
 
 
-def _replace_linear(model: nn.Module, name: str, state: QuantizedLinearState) -> None:
+def _replace_linear(model: nn.Module, name: str, state: QuantizedLinearState) -> nn.Module:
+    """Swap in the checkpoint's Int4Linear; returns the module it replaced."""
     try:
         old = model.get_submodule(name)
     except AttributeError:
@@ -452,9 +464,8 @@ def _replace_linear(model: nn.Module, name: str, state: QuantizedLinearState) ->
         has = "has" if new.bias is not None else "has no"
         raise CheckpointError(f"checkpoint: {name} {has} bias, unlike the model's layer")
     device = old.qweight.device if isinstance(old, Int4Linear) else old.weight.device
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new.to(device))
+    _set_submodule(model, name, new.to(device))
+    return old
 
 
 def _load_other_tensors(model: nn.Module, ck: Checkpoint) -> None:

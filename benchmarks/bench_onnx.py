@@ -1,6 +1,6 @@
 """ONNX Runtime CPU: the real model (SmolLM2-135M) as INT4 MatMulNBits vs a float32 ONNX export.
 
-    python benchmarks/bench_onnx.py --seqs 1 128 512 --threads 2 --out benchmarks/results_onnx.md
+    python benchmarks/bench_onnx.py --seqs 1 128 512 --threads 2 --out /tmp/results_onnx.md  (then copy into benchmarks/RESULTS.md, section 6)
 
 Both files come from the same exporter settings (torch.onnx dynamo, unoptimized, metadata
 stripped; ONNX Runtime applies its own graph optimizations at load). Batch 1, no KV cache: a
