@@ -30,7 +30,7 @@ from torch import fx, nn
 from . import passes as P
 from ._dynamo_graph import ServePlan, TensorNames, to_attr_graph
 from ._plan import assign_keys, collect, key, resolve_conflicts, set_tensor, shadow_plan
-from .api import capture
+from .api import capture, pipeline_steps
 from .config import AWQConfig
 
 __all__ = ["calibration", "Calibration", "model_state", "find_state", "root_module"]
@@ -176,7 +176,7 @@ class Calibration:
         done: set[tuple] = set()
         with torch.no_grad():
             for ep, obs in unique:
-                steps = _steps(ep, obs, self.config)
+                steps = pipeline_steps(ep, obs, self.config, 1)
                 for name in _AFTER:
                     self.stats[name] = self.stats.get(name, 0) + int(steps[name]() or 0)
                 collect(ep, done, groups, infos)
@@ -270,7 +270,7 @@ class _CalibratedGraph:
         with torch.no_grad():
             ep = capture(self.attr_gm, (tuple(user), {}))
         observers: dict[int, P.GroupObserver] = {}
-        steps = _steps(ep, observers, cfg, self.calib.n_batches)
+        steps = pipeline_steps(ep, observers, cfg, self.calib.n_batches)
         for name in _BEFORE:
             steps[name]()
         assign_keys(ep, self.code)
@@ -318,16 +318,3 @@ def _check_backend(target: Any) -> None:
 def _signature(values: list[Any]) -> tuple:
     return tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else v
                  for v in values)
-
-
-def _steps(ep, observers, config, n_batches=1):
-    """The pipeline steps around `calibrate`, as `awq_compile.api.run_pipeline` names them."""
-    return {
-        "annotate_scale_groups": lambda: P.annotate_scale_groups(ep, config.skip),
-        "insert_observers": lambda: observers.update(
-            P.insert_observers(ep, config.max_search_tokens, n_batches, config.seed)),
-        "remove_observers": lambda: P.remove_observers(ep),
-        "search_scales": lambda: P.search_scales(ep, observers, config),
-        "fold_scales": lambda: P.fold_scales(ep),
-        "search_clip": lambda: P.search_clip(ep, observers, config) if config.clip else 0,
-    }

@@ -15,7 +15,8 @@ from .nn import Int4Linear
 from .passes._graph import fetch_attr
 from .passes.fold_scales import fold_group_tensors, inverse_input_scale
 
-__all__ = ["quantize", "quantize_rtn", "capture", "run_pipeline", "apply_plan", "prepare_batches", "Batch"]
+__all__ = ["quantize", "quantize_rtn", "capture", "pipeline_steps", "run_pipeline", "apply_plan",
+           "prepare_batches", "Batch"]
 
 Batch = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -157,6 +158,34 @@ def _dynamic_spec(model, args, kwargs, auto):
     return spec
 
 
+def pipeline_steps(
+    gm: fx.GraphModule,
+    observers: dict[int, P.GroupObserver],
+    config: AWQConfig,
+    n_batches: int,
+    calibrate: Callable[[fx.GraphModule], Any] | None = None,
+    progress: bool = False,
+    device: torch.device | str | None = None,
+) -> dict[str, Callable[[], Any]]:
+    """Each step of `passes.PIPELINE`, by name, as a callable over `gm`; the observers that
+    insert_observers makes land in `observers`. Each returns its count (for stats)."""
+    def observe() -> int:
+        observers.update(P.insert_observers(gm, config.max_search_tokens, n_batches, config.seed))
+        return len(observers)
+
+    return {
+        "annotate_scale_groups": lambda: len(P.linear_infos(P.annotate_scale_groups(gm, config.skip))),
+        "insert_observers": observe,
+        "calibrate": lambda: calibrate(gm) if calibrate is not None else 0,
+        "remove_observers": lambda: P.remove_observers(gm),
+        "search_scales": lambda: P.search_scales(gm, observers, config, progress, device),
+        "fold_scales": lambda: P.fold_scales(gm),
+        "search_clip": lambda: (P.search_clip(gm, observers, config, progress, device)
+                                if config.clip else 0),
+        "swap_linear_int4": lambda: P.swap_linear_int4(gm, config),
+    }
+
+
 def run_pipeline(
     gm: fx.GraphModule,
     calibrate: Callable[[fx.GraphModule], None],
@@ -167,38 +196,17 @@ def run_pipeline(
     device: torch.device | str | None = None,
 ) -> dict[str, Any]:
     """Run `passes.PIPELINE` on `gm` in order (up to `stop_before`); returns each step's count."""
-    observers: dict[int, P.GroupObserver] = {}
-
-    def annotate():
-        P.annotate_scale_groups(gm, config.skip)
-        n = len(P.linear_infos(gm))
-        if n == 0:
-            raise ValueError(
-                "quantize: the model has no linear layers to quantize "
-                f"(found none outside AWQConfig.skip={list(config.skip)})"
-            )
-        return n
-
-    def observe():
-        observers.update(P.insert_observers(gm, config.max_search_tokens, n_batches, config.seed))
-        return len(observers)
-
-    steps = {
-        "annotate_scale_groups": annotate,
-        "insert_observers": observe,
-        "calibrate": lambda: calibrate(gm),
-        "remove_observers": lambda: P.remove_observers(gm),
-        "search_scales": lambda: P.search_scales(gm, observers, config, progress, device),
-        "fold_scales": lambda: P.fold_scales(gm),
-        "search_clip": lambda: (P.search_clip(gm, observers, config, progress, device)
-                                if config.clip else 0),
-        "swap_linear_int4": lambda: P.swap_linear_int4(gm, config),
-    }
+    steps = pipeline_steps(gm, {}, config, n_batches, calibrate, progress, device)
     stats = {}
     for name in P.PIPELINE:
         if name == stop_before:
             break
         stats[name] = steps[name]()
+        if name == "annotate_scale_groups" and stats[name] == 0:
+            raise ValueError(
+                "quantize: the model has no linear layers to quantize "
+                f"(found none outside AWQConfig.skip={list(config.skip)})"
+            )
     return stats
 
 
