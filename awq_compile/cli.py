@@ -436,7 +436,6 @@ def _print_routes(routes: dict[str, str]) -> None:
 
 
 def _cmd_bench(args) -> int:
-    from .checkpoint import load_quantized
     from .nn import Int4Linear
 
     _check_positive(repeat=args.repeat)

@@ -10,7 +10,6 @@ error would be; when it is fixed the test XPASSes and the marker must go.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 

@@ -7,7 +7,6 @@ in the padded columns, which the kernels must ignore.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
