@@ -5,10 +5,11 @@ torch's C++ ABI. Lookup: $AWQ_COMPILE_CUDA_LIB, else awq_compile/_lib/libawq_int
 `python -m awq_compile.build_kernels`; docs/kernels.md). If it is missing or fails to load, nothing
 is registered and the op keeps its reference implementation: importing this module never fails.
 
-Dispatch by M (tokens): M <= `simt_max_m(N, K)` runs the CUDA-core GEMV (int4_gemv_simt.cu),
-M <= `mma_max_m(N, K)` the weight-streaming tensor-core kernel (int4_gemv_mma.cu); larger M
-dequantizes the weight (int4_dequant.cu) and calls cuBLAS through torch (an interim until a
-mixed-input GEMM exists; csrc/NOTES.md).
+Dispatch by M (tokens) and N: M <= `simt_max_m(N, K)` runs the CUDA-core GEMV
+(int4_gemv_simt.cu), M <= `tc_max_m(N, K)` the register-streaming tensor-core kernel
+(int4_gemv_tc.cu), M <= `mma_max_m(N, K)` the cp.async tensor-core kernel (int4_gemv_mma.cu);
+larger M dequantizes the weight (int4_dequant.cu) and calls cuBLAS through torch (an interim until
+a mixed-input GEMM exists; csrc/NOTES.md).
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ import torch.nn.functional as F
 
 from .ops import check_int4_linear_args
 
-__all__ = ["library_path", "load_library", "available", "gemm_mma", "gemm_simt", "dequantize_cuda",
-           "int4_linear_cuda", "mma_max_m", "simt_max_m", "ENV_VAR"]
+__all__ = ["library_path", "load_library", "available", "gemm_mma", "gemm_simt", "gemm_tc", "dequantize_cuda",
+           "int4_linear_cuda", "mma_max_m", "simt_max_m", "tc_max_m", "ENV_VAR"]
 
 ENV_VAR = "AWQ_COMPILE_CUDA_LIB"
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 
 # Largest M served by the weight-streaming kernel; above it, dequantize + cuBLAS. Measured on an
@@ -41,6 +42,18 @@ MMA_MAX_M = 64
 # (55.6 / 54.9 / 20.4 us vs 66.0 / 66.6 / 27.5 on 8192x28672, 28672x8192, 8192x8192); at M = 2 it
 # loses on the two large shapes (72 vs 66.5 us), so M >= 2 stays on the mma kernel.
 SIMT_MAX_M = 1
+
+
+# The register-streaming kernel (int4_gemv_tc.cu, M <= 8) against the cp.async one, measured on
+# an H100 and an H200 (benchmarks/RESULTS.md, section 4): 5-15% faster at M = 2..8 when N <= 8192
+# (28672x8192, 8192x8192, 4096x4096), slower when N = 28672; at M = 1 the CUDA-core GEMV wins.
+TC_MAX_M = 8
+TC_MAX_N = 8192
+
+
+def tc_max_m(n: int, k: int) -> int:
+    """Largest M that goes to the register-streaming tensor-core kernel (0: none, for this N)."""
+    return TC_MAX_M if n <= TC_MAX_N else 0
 
 
 def mma_max_m(n: int, k: int) -> int:
@@ -83,6 +96,9 @@ def load_library() -> ctypes.CDLL | None:
     lib.awq_int4_gemm_simt.restype = i32
     lib.awq_int4_gemm_simt_workspace.argtypes = [i64, i64, i64, i64, i32, i32]
     lib.awq_int4_gemm_simt_workspace.restype = i64
+    lib.awq_int4_gemm_tc.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i32, i32, p]
+    lib.awq_int4_gemm_tc.restype = i32
+    lib.awq_int4_tc_max_m.restype = i64
     return lib
 
 
@@ -172,6 +188,22 @@ def gemm_simt(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tenso
     return out
 
 
+def gemm_tc(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor:
+    """out[M, N] = x2d[M, K] @ W^T + bias via the register-streaming tensor-core decode kernel
+    (int4_gemv_tc.cu, M <= 32); arguments as gemm_mma's. Needs no workspace."""
+    m, k = x2d.shape
+    n, kp = qweight.shape[0], qweight.shape[1] * 2
+    if not x2d.is_contiguous() or out.shape != (m, n) or out.dtype != x2d.dtype or not out.is_contiguous():
+        raise ValueError(f"gemm_tc: x {tuple(x2d.shape)} must be contiguous, out "
+                         f"{tuple(out.shape)} {out.dtype} must be contiguous [{m}, {n}] {x2d.dtype}")
+    stream = torch.cuda.current_stream(x2d.device).cuda_stream
+    _check(load_library().awq_int4_gemm_tc(
+        x2d.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+        None if bias is None else bias.data_ptr(), out.data_ptr(),
+        m, n, k, kp, group_size, _DTYPES[x2d.dtype], stream))
+    return out
+
+
 def gemm_mma(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T + bias via the weight-streaming kernel; arguments as the op's,
     x2d contiguous, out preallocated (tests poison it first)."""
@@ -214,6 +246,8 @@ def int4_linear_cuda(x, qweight, scales, zeros, group_size, bias=None) -> torch.
             return int4_linear_cuda(x, qweight, scales, zeros, group_size, bias)
     if m <= simt_max_m(n, k):
         y = gemm_simt(x2d, qweight, scales, zeros, group_size, bias, x2d.new_empty((m, n)))
+    elif m <= tc_max_m(n, k):
+        y = gemm_tc(x2d, qweight, scales, zeros, group_size, bias, x2d.new_empty((m, n)))
     elif m <= mma_max_m(n, k):
         y = gemm_mma(x2d, qweight, scales, zeros, group_size, bias, x2d.new_empty((m, n)))
     else:

@@ -97,6 +97,8 @@ def bench_shape(k, n, g, ms, bw, only=None, check=True, simt_cfgs=()):
             "op": (lambda a: torch.ops.awq.int4_linear(x, *a, g, None), ws),
         }
         if m <= 8:
+            variants["tc"] = (lambda a: _cuda.gemm_tc(x, *a, g, None, out), ws)
+        if m <= 8:
             variants["simt"] = (lambda a: _cuda.gemm_simt(x, *a, g, None, out), ws)
             for c in simt_cfgs:  # the same kernel under $AWQ_SIMT_CFG=c (experiments)
                 variants[f"simt{c}"] = (lambda a: _cuda.gemm_simt(x, *a, g, None, out), ws)
@@ -134,16 +136,16 @@ def _fmt(v, spec=".1f"):
 def table(card, bw, results) -> str:
     lines = [f"Card: {card}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write); group size 128, "
              "bf16; times are do_bench medians in us, L2 flushed.", "",
-             "| K x N | M | cuBLAS bf16 | tinygemm | op (dispatch) | mma kernel | simt kernel | "
+             "| K x N | M | cuBLAS bf16 | tinygemm | op (dispatch) | tc kernel | mma kernel | simt kernel | "
              "deq+cuBLAS | op vs cuBLAS | op vs tinygemm | % of DRAM floor (floor us) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     nan = float("nan")
     for (k, n), rows in results.items():
         for r in rows:
             op = r["op"] if not math.isnan(r["op"]) else r["mma"]
             cb, tgm = r["cublas"], r.get("tinygemm", nan)
             lines.append(
-                f"| {k}x{n} | {r['M']} | {_fmt(cb)} | {_fmt(tgm)} | {_fmt(op)} | {_fmt(r['mma'])} | "
+                f"| {k}x{n} | {r['M']} | {_fmt(cb)} | {_fmt(tgm)} | {_fmt(op)} | {_fmt(r.get('tc', nan))} | {_fmt(r['mma'])} | "
                 f"{_fmt(r.get('simt', nan))} | {_fmt(r['deq+cublas'])} | {_fmt(cb / op, '.2f')}x | "
                 f"{_fmt(tgm / op, '.2f')}x | {_fmt(100 * r['floor_us'] / op, '.0f')}% ({r['floor_us']:.1f}) |")
     cfgs = sorted({key for rows in results.values() for r in rows for key in r

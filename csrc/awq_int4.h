@@ -55,6 +55,15 @@ int awq_int4_gemm_simt(const void* x, const uint8_t* qweight, const void* scales
                        int64_t workspace_floats, int64_t M, int64_t N, int64_t K, int64_t Kp,
                        int group_size, int dtype, void* stream);
 
+// Largest M the register-streaming tensor-core decode kernel accepts (int4_gemv_tc.cu): 8.
+int64_t awq_int4_tc_max_m(void);
+
+// y = x @ W^T + bias through the register-streaming tensor-core decode kernel (int4_gemv_tc.cu),
+// M <= 8. No workspace; deterministic (no atomics).
+int awq_int4_gemm_tc(const void* x, const uint8_t* qweight, const void* scales, const uint8_t* zeros,
+                     const void* bias, void* y, int64_t M, int64_t N, int64_t K, int64_t Kp,
+                     int group_size, int dtype, void* stream);
+
 // w[N, K] = (q - z) * s in T, rounded exactly as awq_compile.quant.dequantize does in T
 // (int4_dequant.cu). Used by the large-M path (dequantize + cuBLAS).
 int awq_int4_dequant(const uint8_t* qweight, const void* scales, const uint8_t* zeros, void* w,

@@ -27,6 +27,6 @@ int check_launch(const char* what) {
 }  // namespace awq
 
 extern "C" {
-int awq_int4_abi_version(void) { return 2; }  // 2: awq_int4_gemm_simt added
+int awq_int4_abi_version(void) { return 3; }  // 2: awq_int4_gemm_simt added; 3: awq_int4_gemm_tc
 const char* awq_int4_last_error(void) { return awq::error_buffer(); }
 }

@@ -11,6 +11,15 @@
 
 namespace awq {
 
+struct Int4Operands {  // the op's tensors, as every kernel's arguments start
+  const void* x;
+  const uint8_t* qweight;
+  const void* scales;
+  const uint8_t* zeros;
+  const void* bias;
+  void* y;
+};
+
 // Per-thread message so two host threads launching at once cannot garble each other's error.
 char* error_buffer();
 
@@ -63,6 +72,49 @@ __device__ __forceinline__ void dequant8(uint32_t w, uint32_t zz, uint32_t ss, u
     T2 d = __hmul2(__hsub2(*reinterpret_cast<T2*>(&v), z2), s2);
     p[i] = *reinterpret_cast<uint32_t*>(&d);
   }
+}
+
+// 16-byte streaming load of weights (read once: no L1 allocation). L2_256 also asks the L2 for the
+// whole 256-byte run (the CUDA-core GEMV reads rows in such runs).
+template <bool L2_256 = false>
+__device__ __forceinline__ uint4 ld_stream(const uint8_t* p) {
+  uint4 v;
+  if (L2_256)
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  else
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+// d += A B on the tensor cores, m16n8k16, fp32 accumulate, A and B in T (fragments as registers).
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1);
+
+// volatile keeps ptxas from hoisting every dequantized fragment ahead of its mma (which blows
+// the register budget); the order inside the warp is what the data dependencies need anyway.
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], uint32_t a0, uint32_t a1,
+                                                        uint32_t a2, uint32_t a3, uint32_t b0,
+                                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4], uint32_t a0, uint32_t a1,
+                                                 uint32_t a2, uint32_t a3, uint32_t b0,
+                                                 uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 }  // namespace awq

@@ -79,13 +79,7 @@ using Cfg0 = Cfg<32, 4, 2, 2>;
 using Cfg1 = Cfg<8, 2, 2, 2>;
 constexpr int default_cfg(int m) { return m <= 2 ? 0 : 1; }
 
-struct SimtArgs {
-  const void* x;
-  const uint8_t* qweight;
-  const void* scales;
-  const uint8_t* zeros;
-  const void* bias;
-  void* y;
+struct SimtArgs : Int4Operands {
   float* ws;       // [n_ks, M, N] fp32 partials when n_ks > 1
   int M, N, K, Kp, groups;
   int gshift;      // log2(g) - 5: chunk index -> group index
@@ -96,16 +90,6 @@ struct SimtArgs {
   int slice_warps; // warps per slice = gridDim.x * kWarps
   bool x_vec;
 };
-
-// 16-byte streaming load: read once, so no L1 allocation; L2::256B asks the L2 for the whole
-// 256-byte run of the row, which the next step reads.
-__device__ __forceinline__ uint4 ld_stream(const uint8_t* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
@@ -191,7 +175,7 @@ __device__ __forceinline__ void issue(Stage<R>& st, const TileRows<R>& tr, const
   const uint32_t gi = c >> a.gshift;
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    st.w[r] = ld_stream(a.qweight + (tr.w[r] + c * 16));
+    st.w[r] = ld_stream<true>(a.qweight + (tr.w[r] + c * 16));
     st.s[r] = __ldg(static_cast<const uint16_t*>(a.scales) + (tr.g[r] + gi));
     st.z[r] = __ldg(a.zeros + (tr.g[r] + gi));
   }

@@ -61,33 +61,32 @@ def _case(k, n, g, dtype):
 @pytest.mark.parametrize("k,n", SHAPES, ids=[f"K{k}xN{n}" for k, n in SHAPES])
 def test_gemm_sweep(k, n, g, dtype):
     qw, s, z, b, w64 = _case(k, n, g, dtype)
-    for i, m in enumerate(MS):
+    _check_kernel("mma", cuda_mod.gemm_mma, qw, s, z, b, w64, g, dtype, MS, check_op=True)
+
+
+def _check_kernel(name, gemm, qw, s, z, b, w64, g, dtype, ms, check_op=False):
+    """gemm(x, ...) into a NaN-poisoned output against float64, bias on every other M; with
+    check_op, the dispatching op too."""
+    k = w64.shape[1]
+    for i, m in enumerate(ms):
         bias = b if i % 2 else None
         x = torch.randn(m, k, device="cuda").to(dtype)
         ref = x.double() @ w64.T + (0 if bias is None else bias.double())
-        out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-        y_mma = cuda_mod.gemm_mma(x, qw, s, z, g, bias, out)
+        out = torch.full((m, w64.shape[0]), float("nan"), dtype=dtype, device="cuda")
+        y = gemm(x, qw, s, z, g, bias, out)
         torch.cuda.synchronize()
-        assert torch.isfinite(y_mma).all(), f"M={m}: unwritten or non-finite outputs"
-        assert _rel_err(y_mma, ref) < TOL[dtype], f"mma M={m}: rel err {_rel_err(y_mma, ref):.2e}"
-        y_op = torch.ops.awq.int4_linear(x, qw, s, z, g, bias)
-        assert _rel_err(y_op, ref) < TOL[dtype], f"op M={m}: rel err {_rel_err(y_op, ref):.2e}"
+        assert torch.isfinite(y).all(), f"{name} M={m}: unwritten or non-finite outputs"
+        assert _rel_err(y, ref) < TOL[dtype], f"{name} M={m}: rel err {_rel_err(y, ref):.2e}"
+        if check_op:
+            y_op = torch.ops.awq.int4_linear(x, qw, s, z, g, bias)
+            assert _rel_err(y_op, ref) < TOL[dtype], f"op M={m}: rel err {_rel_err(y_op, ref):.2e}"
 
 
 SIMT_MS = (1, 2, 3, 4, 7, 8)
 
 
 def _check_simt(qw, s, z, b, w64, g, dtype, ms=SIMT_MS):
-    k, n = w64.shape[1], w64.shape[0]
-    for i, m in enumerate(ms):
-        bias = b if i % 2 else None
-        x = torch.randn(m, k, device="cuda").to(dtype)
-        ref = x.double() @ w64.T + (0 if bias is None else bias.double())
-        out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-        y = cuda_mod.gemm_simt(x, qw, s, z, g, bias, out)
-        torch.cuda.synchronize()
-        assert torch.isfinite(y).all(), f"simt M={m}: unwritten or non-finite outputs"
-        assert _rel_err(y, ref) < TOL[dtype], f"simt M={m}: rel err {_rel_err(y, ref):.2e}"
+    _check_kernel("simt", cuda_mod.gemm_simt, qw, s, z, b, w64, g, dtype, ms)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -96,6 +95,29 @@ def _check_simt(qw, s, z, b, w64, g, dtype, ms=SIMT_MS):
 def test_simt_sweep(k, n, g, dtype):
     """The CUDA-core decode kernel (M <= 8) with its default configuration per M."""
     _check_simt(*_case(k, n, g, dtype), g, dtype)
+
+
+TC_MS = (1, 2, 3, 4, 7, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("k,n", SHAPES, ids=[f"K{k}xN{n}" for k, n in SHAPES])
+def test_tc_sweep(k, n, g, dtype):
+    """The register-streaming tensor-core decode kernel (M <= 8)."""
+    _check_kernel("tc", cuda_mod.gemm_tc, *_case(k, n, g, dtype), g, dtype, TC_MS)
+
+
+def test_tc_deterministic_and_errors():
+    k, n, g, m = 4096, 4096, 128, 5
+    qw, s, z, b, _ = _case(k, n, g, torch.bfloat16)
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    y1 = cuda_mod.gemm_tc(x, qw, s, z, g, b, x.new_empty((m, n)))
+    y2 = cuda_mod.gemm_tc(x, qw, s, z, g, b, x.new_full((m, n), float("nan")))
+    assert torch.equal(y1, y2)
+    big = torch.randn(9, k, device="cuda").to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="awq_int4_gemm_tc: bad sizes M=9"):
+        cuda_mod.gemm_tc(big, qw, s, z, g, None, big.new_empty((9, n)))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

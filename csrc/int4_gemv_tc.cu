@@ -1,0 +1,246 @@
+// Tensor-core INT4 decode kernel for M = 2..8 tokens (int4 x fp16/bf16), one wave of warps.
+//
+//     y[m, n] = sum_{k < K} x[m, k] * (q[n, k] - z[n, k/g]) * s[n, k/g]  +  bias[n]
+//
+// straight from the NK_U8 layout (docs/format.md), without repacking.
+//
+// Why this shape (benchmarks/cuda/mem_patterns.cu, csrc/NOTES.md "Register-streaming tensor-core
+// kernel"): on an H200 a bare 16-byte-load walk over a 117 MB weight reads at 3.2-3.4 TB/s with
+// 32 warps a SM, 3.0-3.2 with 16 and 2.3-2.6 with 8, whatever the row order, burst length or
+// prefetch depth. So: <= 64 registers (4 blocks of 8 warps a SM), loads straight into registers
+// and the other warps hide the latency (a register ring or a cp.async ring cost occupancy and
+// measured slower), and one wave: K is split across warps until tiles x splits fill the resident
+// warps, so no SM idles in a tail.
+//
+// Mapping. A warp owns a tile of 16 output rows and a range of K. In a step, lane (g, t) =
+// (lane / 4, lane % 4) loads U chunks of 16 bytes (32 k each) of row g and of row g + 8; chunk u
+// is 4 * (U * step + u) + t, so an instruction covers 64 contiguous bytes of 8 rows and a step
+// 64 * U. mma.m16n8k16 ("swap AB": weights are A, tokens the 8 columns of B) sums over 16
+// k-slots, and any permutation of k works as long as A and B agree: slots (2t, 2t + 1) of mma
+// 2j + h take the weight pair (8j + 2h, 8j + 2h + 4) of lane t's chunk and slots (2t + 8, 2t + 9)
+// the pair (8j + 2h + 1, 8j + 2h + 5), which is what one LOP3 extracts from word j (dequant8 in
+// int4_common.cuh). The B fragment of lane (g, t) is token g's x over the same 32 k (16-byte
+// loads, one PRMT per pair), so every lane reads only its own weights and no shared memory is
+// used until the K-split sums.
+//
+// Numerics: dequant8 rounds (q - z) * s once to T (bit-identical to quant.dequantize in T); the
+// tensor cores multiply and accumulate in fp32 (two independent chains); K-split partials are
+// added in a fixed order (deterministic, no atomics).
+//
+// Measured (csrc/NOTES.md): 5-15% faster than the cp.async mma kernel at M = 2..8 for N <= 8192,
+// slower for N = 28672 and at M = 1 (the CUDA-core GEMV), so _cuda.py dispatches it only there.
+// Limitations: N * Kp / 2 < 2^31; qweight 16-byte aligned; x read with 16-byte loads only when
+// K % 8 == 0 and x is 16-byte aligned (else element by element). Only sm_90 was run.
+#include <algorithm>
+
+#include "int4_common.cuh"
+
+namespace awq {
+namespace {
+
+constexpr int kWarps = 8, kThreads = 32 * kWarps;
+constexpr int kMaxM = 8;
+
+struct TcArgs : Int4Operands {
+  int M, N, K, Kp, groups, log2g, nchunks;
+  int ksplit;       // warps per tile (K ranges), a power of two <= kWarps
+  int steps_warp;   // steps per K range
+  bool x_vec;
+};
+
+// Token row xr's 8 activations at k (zero beyond K), as 4 registers of 2 values.
+template <typename T>
+__device__ __forceinline__ uint4 load_x8(const T* xr, int k, const TcArgs& a) {
+  if (a.x_vec && k + 8 <= a.K) return __ldg(reinterpret_cast<const uint4*>(xr + k));
+  uint16_t v[8];
+  const uint16_t* xu = reinterpret_cast<const uint16_t*>(xr);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = k + i < a.K ? xu[k + i] : 0;
+  return make_uint4(v[0] | (uint32_t)v[1] << 16, v[2] | (uint32_t)v[3] << 16, v[4] | (uint32_t)v[5] << 16,
+                    v[6] | (uint32_t)v[7] << 16);
+}
+
+// Scale and zero of (row, chunk) as the two half2 operands dequant8 takes.
+template <typename T, int U>
+struct ScaleZero {
+  uint32_t s0[U], s1[U], z0[U], z1[U];  // raw loads; rows g and g + 8
+};
+
+template <typename T, int U>
+__device__ __forceinline__ void load_sz(ScaleZero<T, U>& sz, const TcArgs& a, uint32_t goff0, uint32_t goff1,
+                                        int chunk0) {
+  const uint16_t* s = static_cast<const uint16_t*>(a.scales);
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int chunk = min(chunk0 + 4 * u, a.nchunks - 1);  // past Kp: any valid group, x is 0
+    const uint32_t gi = (uint32_t)(chunk * 32) >> a.log2g;
+    sz.s0[u] = __ldg(s + goff0 + gi);
+    sz.s1[u] = __ldg(s + goff1 + gi);
+    sz.z0[u] = __ldg(a.zeros + goff0 + gi);
+    sz.z1[u] = __ldg(a.zeros + goff1 + gi);
+  }
+}
+
+template <typename T, int NT, int U>
+__device__ __forceinline__ void compute_step(float (&c)[2][NT][4], const uint4 (&w0)[U], const uint4 (&w1)[U],
+                                             const ScaleZero<T, U>& sz, const TcArgs& a, const T* const (&xr)[NT],
+                                             const bool (&xv)[NT], int chunk0) {
+  constexpr uint32_t kMagic = Half2Traits<T>::kMagic;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int chunk = chunk0 + 4 * u;
+    const bool valid = chunk < a.nchunks;
+    const uint32_t ss0 = sz.s0[u] * 0x10001u, ss1 = sz.s1[u] * 0x10001u;
+    const uint32_t zz0 = (kMagic | sz.z0[u]) * 0x10001u, zz1 = (kMagic | sz.z1[u]) * 0x10001u;
+    const uint32_t q0[4] = {w0[u].x, w0[u].y, w0[u].z, w0[u].w};
+    const uint32_t q1[4] = {w1[u].x, w1[u].y, w1[u].z, w1[u].w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t p0[4], p1[4];  // pairs (k_i, k_{i+4}) of word j, rows g and g + 8
+      dequant8<T>(q0[j], zz0, ss0, p0);
+      dequant8<T>(q1[j], zz1, ss1, p1);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        uint4 xw = make_uint4(0u, 0u, 0u, 0u);  // past Kp or past M: x = 0, whatever W holds there
+        if (xv[nt] && valid) xw = load_x8<T>(xr[nt], chunk * 32 + 8 * j, a);
+        const uint32_t xp[4] = {__byte_perm(xw.x, xw.z, 0x5410), __byte_perm(xw.x, xw.z, 0x7632),
+                                __byte_perm(xw.y, xw.w, 0x5410), __byte_perm(xw.y, xw.w, 0x7632)};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t af[4] = {p0[2 * h], p1[2 * h], p0[2 * h + 1], p1[2 * h + 1]};
+          mma16816<T>(c[h][nt], af[0], af[1], af[2], af[3], xp[2 * h], xp[2 * h + 1]);  // two independent chains
+        }
+      }
+    }
+  }
+}
+
+// Shared memory of a block: the K-split partial sums.
+template <int NT>
+constexpr size_t smem_bytes() {
+  return (size_t)kWarps * NT * 4 * 32 * sizeof(float);
+}
+
+template <typename T, int NT, int U, int MINB>
+__global__ void __launch_bounds__(kThreads, MINB) gemv_tc_kernel(const TcArgs a) {
+  extern __shared__ float4 smem[];  // the K-split partials
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int tile = blockIdx.x * (kWarps / a.ksplit) + warp / a.ksplit, part = warp % a.ksplit;
+  const int row0 = tile * 16 + g, row1 = row0 + 8;
+  const uint32_t r0 = min(row0, a.N - 1), r1 = min(row1, a.N - 1);
+  const uint8_t* q0 = a.qweight + (size_t)r0 * (a.Kp / 2);
+  const uint8_t* q1 = a.qweight + (size_t)r1 * (a.Kp / 2);
+  const uint32_t goff0 = r0 * (uint32_t)a.groups, goff1 = r1 * (uint32_t)a.groups;
+  const T* xr[NT];
+  bool xv[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int tok = nt * 8 + g;
+    xv[nt] = tok < a.M;
+    xr[nt] = static_cast<const T*>(a.x) + (size_t)min(tok, a.M - 1) * a.K;
+  }
+  float c[2][NT][4];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) c[h][nt][0] = c[h][nt][1] = c[h][nt][2] = c[h][nt][3] = 0.f;
+
+  const int s0 = part * a.steps_warp, n = max(0, min(a.steps_warp, (a.nchunks + 4 * U - 1) / (4 * U) - s0));
+  for (int i = 0; i < n; ++i) {  // load, then compute: the other warps hide the latency
+    const int chunk0 = 4 * U * (s0 + i) + t;
+    uint4 w0[U], w1[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int chunk = min(chunk0 + 4 * u, a.nchunks - 1);  // past Kp: x is 0 there
+      w0[u] = ld_stream(q0 + chunk * 16);
+      w1[u] = ld_stream(q1 + chunk * 16);
+    }
+    ScaleZero<T, U> sz;
+    load_sz<T, U>(sz, a, goff0, goff1, chunk0);
+    compute_step<T, NT, U>(c, w0, w1, sz, a, xr, xv, chunk0);
+  }
+
+  float* red = reinterpret_cast<float*>(smem);  // [warp][e][lane]  // [warp][e][lane]
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) red[(warp * NT * 4 + nt * 4 + e) * 32 + lane] = c[0][nt][e] + c[1][nt][e];
+  __syncthreads();
+  if (part != 0) return;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float v = 0.f;
+      for (int w = warp; w < warp + a.ksplit; ++w) v += red[(w * NT * 4 + nt * 4 + e) * 32 + lane];
+      // c0, c1: row g, tokens 2t, 2t + 1; c2, c3: row g + 8.
+      const int row = e < 2 ? row0 : row1, tok = nt * 8 + 2 * t + (e & 1);
+      if (row < a.N && tok < a.M) {
+        if (a.bias) v += Half2Traits<T>::to_float(static_cast<const T*>(a.bias)[row]);
+        static_cast<T*>(a.y)[(size_t)tok * a.N + row] = Half2Traits<T>::from_float(v);
+      }
+    }
+  }
+}
+
+// Picks the K split: the smallest power of two that, with the tiles, fills the resident warps
+// (one wave), but no more splits than leave each warp at least one step.
+template <typename T, int NT, int U, int MINB>
+int launch_cfg(TcArgs a, cudaStream_t stream) {
+  auto kernel = gemv_tc_kernel<T, NT, U, MINB>;
+  constexpr size_t smem = smem_bytes<NT>();
+  static int occ[64] = {};  // blocks per SM, per device
+  static int sms[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return check_launch("cudaGetDevice");
+  if (occ[dev & 63] == 0) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ[dev & 63], kernel, kThreads, smem) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms[dev & 63], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+      return check_launch("gemv_tc setup");
+    if (occ[dev & 63] == 0) return fail(AWQ_ERR_CUDA, "gemv_tc: %zu bytes of shared memory do not fit", smem);
+  }
+  const long long slots = (long long)sms[dev & 63] * occ[dev & 63] * kWarps;
+  const int tiles = (a.N + 15) / 16, steps = (a.nchunks + 4 * U - 1) / (4 * U);
+  int ks = 1;
+  while (ks < kWarps && (long long)tiles * ks < slots && ks * 2 <= steps) ks *= 2;
+  a.ksplit = ks;
+  a.steps_warp = (steps + ks - 1) / ks;
+  const int tiles_block = kWarps / ks;
+  kernel<<<(tiles + tiles_block - 1) / tiles_block, kThreads, smem, stream>>>(a);
+  return check_launch("gemv_tc_kernel");
+}
+
+// <NT = 1 token tile, U = 2 chunks a row a step, 4 blocks a SM>: measured against U = 1 and 4,
+// 3 blocks a SM and the cp.async ring (csrc/NOTES.md).
+template <typename T>
+int launch(const TcArgs& a, cudaStream_t stream) {
+  return launch_cfg<T, 1, 2, 4>(a, stream);
+}
+
+}  // namespace
+}  // namespace awq
+
+extern "C" int64_t awq_int4_tc_max_m(void) { return awq::kMaxM; }
+
+extern "C" int awq_int4_gemm_tc(const void* x, const uint8_t* qweight, const void* scales,
+                                const uint8_t* zeros, const void* bias, void* y, int64_t M, int64_t N,
+                                int64_t K, int64_t Kp, int group_size, int dtype, void* stream) {
+  using namespace awq;
+  const int log2g = group_size == 32 ? 5 : group_size == 64 ? 6 : group_size == 128 ? 7 : -1;
+  if (log2g < 0 || M < 1 || M > kMaxM || N < 1 || Kp % group_size || K <= Kp - group_size || K > Kp ||
+      N * (Kp / 2) >= (1LL << 31) || (dtype != AWQ_DTYPE_F16 && dtype != AWQ_DTYPE_BF16))
+    return fail(AWQ_ERR_ARG, "awq_int4_gemm_tc: bad sizes M=%lld N=%lld K=%lld Kp=%lld group_size=%d dtype=%d",
+                (long long)M, (long long)N, (long long)K, (long long)Kp, group_size, dtype);
+  if (!x || !qweight || !scales || !zeros || !y || ((uintptr_t)qweight & 15))
+    return fail(AWQ_ERR_ARG, "awq_int4_gemm_tc: null pointer or qweight not 16-byte aligned");
+  TcArgs a{};
+  a.x = x; a.qweight = qweight; a.scales = scales; a.zeros = zeros; a.bias = bias; a.y = y;
+  a.M = (int)M; a.N = (int)N; a.K = (int)K; a.Kp = (int)Kp;
+  a.groups = (int)(Kp / group_size);
+  a.log2g = log2g;
+  a.nchunks = (int)(Kp / 32);
+  a.x_vec = (K % 8 == 0) && (((uintptr_t)x & 15) == 0);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return dtype == AWQ_DTYPE_BF16 ? launch<__nv_bfloat16>(a, s) : launch<__half>(a, s);
+}
