@@ -7,6 +7,7 @@ import inspect
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from . import passes as P
@@ -347,9 +348,11 @@ def _kwarg_order(gm: fx.GraphModule, kwargs: dict[str, Any]) -> list[str]:
 
 
 class _StreamingRunner(fx.Interpreter):
-    """Runs the captured graph on `device` while its weights stay where they are: each is
-    copied over when read and freed after its last use (the interpreter drops dead values).
-    Devices baked into the graph at capture (arange(..., device=cpu)) are redirected."""
+    """Runs the captured graph on `device` while its weights stay where they are: a weight is
+    copied over only as an argument of the op that reads it, so the copy dies with that op
+    (an unlifted export graph reads every parameter at its top: moving them there would hold the
+    whole model on the device). Devices baked into the graph at capture
+    (arange(..., device=cpu)) are redirected."""
 
     def __init__(self, gm: fx.GraphModule, device: torch.device) -> None:
         super().__init__(gm, garbage_collect_values=True)
@@ -357,7 +360,7 @@ class _StreamingRunner(fx.Interpreter):
 
     def _move(self, v: Any) -> Any:
         if isinstance(v, torch.Tensor):
-            return v.to(self.device, non_blocking=True)
+            return v if v.device == self.device else v.to(self.device, non_blocking=True)
         if isinstance(v, torch.device):
             return self.device
         return v
@@ -365,17 +368,18 @@ class _StreamingRunner(fx.Interpreter):
     def placeholder(self, target, args, kwargs):
         return self._move(super().placeholder(target, args, kwargs))
 
-    def get_attr(self, target, args, kwargs):
-        return self._move(super().get_attr(target, args, kwargs))
-
     def call_function(self, target, args, kwargs):
-        kwargs = {k: self._move(v) if isinstance(v, torch.device) else v for k, v in kwargs.items()}
-        args = tuple(self._move(a) if isinstance(a, torch.device) else a for a in args)
+        args, kwargs = pytree.tree_map(self._move, (args, kwargs))
         return super().call_function(target, args, kwargs)
+
+    def call_method(self, target, args, kwargs):
+        args, kwargs = pytree.tree_map(self._move, (args, kwargs))
+        return super().call_method(target, args, kwargs)
 
     def call_module(self, target, args, kwargs):
         if target == "_guards_fn":  # export's input-shape guards, checked at capture already
             return None
+        args, kwargs = pytree.tree_map(self._move, (args, kwargs))
         return super().call_module(target, args, kwargs)
 
 

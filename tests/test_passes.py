@@ -224,3 +224,29 @@ def test_streaming_runner_gives_the_same_plan():
     streamed = quantize(model, ids, cfg, device="cpu", stream=True)
     for (k, a), (_, b) in zip(direct.state_dict().items(), streamed.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_streaming_runner_moves_weights_only_for_the_op_that_reads_them(monkeypatch):
+    """An unlifted export graph reads every parameter at its top: moving weights there would put
+    the whole model on the device at once. The runner must move them as op arguments only."""
+    from awq_compile.api import _calibrate, _StreamingRunner, prepare_batches
+
+    model = tiny_llama(torch.float32)
+    batches = prepare_batches(_ids(), 8, torch.device("cpu"))
+    gm = capture(model, batches[0])
+    params = {id(t) for t in list(gm.parameters()) + list(gm.buffers())}
+    seen = []
+
+    class Spy(_StreamingRunner):
+        def run_node(self, n):
+            self.op = n.op
+            return super().run_node(n)
+
+        def _move(self, v):
+            if isinstance(v, torch.Tensor) and id(v) in params:
+                seen.append(self.op)
+            return super()._move(v)
+
+    monkeypatch.setattr("awq_compile.api._StreamingRunner", Spy)
+    _calibrate(gm, batches, progress=False, stream_to=torch.device("cpu"))
+    assert seen and set(seen) <= {"call_function", "call_method"}, set(seen)
