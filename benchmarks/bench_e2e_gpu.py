@@ -1,7 +1,7 @@
 """End to end on the GPU: decode speed of a Llama-2-7B-shaped model, and AWQ quantization at scale.
 
     python benchmarks/bench_e2e_gpu.py decode  --batch 1 8 --prompt 128 --new 256
-    python benchmarks/bench_e2e_gpu.py quantize --layers 32 --n-samples 128
+    python benchmarks/bench_e2e_gpu.py quantize --n-samples 128 [--shape 13b]
 
 decode: random bf16 weights at Llama-2-7B shapes (speed does not depend on their values), static
 KV cache, CUDA graphs on both sides (torch.compile mode="reduce-overhead"): bf16 inductor vs the
@@ -25,15 +25,21 @@ import torch
 DEV = "cuda"  # --device cpu (with --tiny) smoke-tests this script where there is no GPU
 
 
-def llama_config(layers: int = 32, tiny: bool = False):
-    """Llama-2-7B's shapes (or a tiny stand-in for a smoke test)."""
+# hidden, intermediate, heads of Llama-2 7B and 13B (both 32000 tokens, untied lm_head)
+SHAPES = {"7b": (4096, 11008, 32), "13b": (5120, 13824, 40)}
+
+
+def llama_config(layers: int | None = None, tiny: bool = False, shape: str = "7b"):
+    """Llama-2-7B's (or 13B's) shapes, `layers` of them (default: all), or a tiny stand-in for a
+    smoke test."""
     from transformers import LlamaConfig
 
     if tiny:
-        return LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+        return LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=layers or 2,
                            num_attention_heads=4, num_key_value_heads=4, vocab_size=1000)
-    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+    hidden, inter, heads = SHAPES[shape]
+    return LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers or heads,
+                       num_attention_heads=heads, num_key_value_heads=heads, vocab_size=32000,
                        max_position_embeddings=4096, tie_word_embeddings=False)
 
 
@@ -104,7 +110,7 @@ def decode(args) -> list[dict]:
     import awq_compile
 
     _ensure_backend()
-    cfg = llama_config(args.layers, args.tiny)
+    cfg = llama_config(args.layers, args.tiny, args.shape)
     model = random_model(cfg, DEV)
     rows = []
     for b in args.batch:
@@ -127,7 +133,7 @@ def decode(args) -> list[dict]:
 def quantize(args) -> list[dict]:
     import awq_compile
 
-    cfg = llama_config(args.layers, args.tiny)
+    cfg = llama_config(args.layers, args.tiny, args.shape)
     model = random_model(cfg, "cpu")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     ids = torch.randint(0, cfg.vocab_size, (args.n_samples, 512),
@@ -139,7 +145,7 @@ def quantize(args) -> list[dict]:
                              device=DEV, stream=True, progress=True)
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() if DEV == "cuda" else float("nan")
-    row = {"layers": args.layers, "n_samples": args.n_samples, "seconds": dt,
+    row = {"shape": args.shape, "layers": cfg.num_hidden_layers, "n_samples": args.n_samples, "seconds": dt,
            "peak_gpu_gib": peak / 2**30, "bf16_weights_gib": weight_bytes / 2**30,
            "peak_over_weights": peak / weight_bytes}
     print(row, flush=True)
@@ -150,7 +156,8 @@ def quantize(args) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["decode", "quantize"])
-    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=None, help="default: all of the shape's")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
