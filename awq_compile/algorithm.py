@@ -116,10 +116,17 @@ def search_clip(
     zero_point: bool = True,
     n_grid: int = 20,
     max_shrink: float = 0.5,
+    separate_bounds: bool = True,
 ) -> torch.Tensor:
-    """AWQ's auto-clip for one linear: per (row, group), the max |w| in
-    {max * (1 - i/n_grid)} minimising the MSE of that group's partial output over x [T, K].
-    Returns the chosen max [N, G]; `apply_clip` uses it.
+    """AWQ's auto-clip for one linear: per (row, group), the clip range minimising the MSE of
+    that group's partial output over x [T, K]. Returns the bounds [N, G, 2] (lower, upper);
+    `apply_clip` uses them.
+
+    The reference searches one max m in {max|w| * (1 - i/n_grid)} and clamps to [-m, m].
+    With `separate_bounds` and the asymmetric quantizer (deviation from the reference), the
+    upper bound max(w) * (1 - i/n_grid) and the lower bound min(w) * (1 - j/n_grid) are
+    searched on the full 2-D grid: the quantizer's range is [min, max], so the two tails can
+    be cut by different amounts. Without it, the reference's symmetric search.
 
     The partial outputs' error is d^T H_g d with H_g the group's block of x^T x: the same
     number as over x itself, at g/T of the cost."""
@@ -129,25 +136,30 @@ def search_clip(
     xg = _pad_x(x.float(), k, group_size)  # [T, G, g]
     h = torch.einsum("tgk,tgl->gkl", xg, xg) / xg.shape[0]  # [G, g, g]
     wg = _grouped(w.float(), group_size)  # [N, G, g]
-    org_max = wg.abs().amax(dim=-1, keepdim=True)  # [N, G, 1]
-    best_err = torch.full(org_max.shape[:2], float("inf"), device=w.device)
-    best_max = org_max.squeeze(-1).clone()
-    for i in range(max(1, int(max_shrink * n_grid))):
-        mx = org_max * (1 - i / n_grid)
-        cw = torch.maximum(torch.minimum(wg, mx), -mx)
+    steps = [1 - i / n_grid for i in range(max(1, int(max_shrink * n_grid)))]
+    if separate_bounds and zero_point:
+        hi, lo = wg.amax(dim=-1, keepdim=True), wg.amin(dim=-1, keepdim=True)
+        cands = [(lo * b, hi * a) for a in steps for b in steps]
+    else:
+        m = wg.abs().amax(dim=-1, keepdim=True)
+        cands = [(-m * a, m * a) for a in steps]
+    best_err = torch.full(wg.shape[:2], float("inf"), device=w.device)
+    best = torch.cat(cands[0], dim=-1)  # the first candidate clips nothing
+    for lo_c, hi_c in cands:
+        cw = torch.minimum(torch.maximum(wg, lo_c), hi_c)
         d = fake_quantize(cw.reshape(n, -1), group_size, zero_point).reshape(cw.shape) - wg
         err = torch.einsum("ngk,gkl,ngl->ng", d, h, d)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_max = torch.where(better, mx.squeeze(-1), best_max)
-    return best_max
+        better = (err < best_err).unsqueeze(-1)
+        best_err = torch.where(better.squeeze(-1), err, best_err)
+        best = torch.where(better, torch.cat([lo_c, hi_c], dim=-1), best)
+    return best
 
 
-def apply_clip(w: torch.Tensor, max_val: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Clamp w [N, K] to [-max, max] per (row, group) with max [N, G]."""
+def apply_clip(w: torch.Tensor, bounds: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Clamp w [N, K] per (row, group) to [lower, upper], bounds [N, G, 2] from search_clip."""
     k = w.shape[1]
-    m = max_val.to(w.dtype).repeat_interleave(group_size, dim=1)[:, :k]
-    return torch.maximum(torch.minimum(w, m), -m)
+    b = bounds.to(w.dtype).repeat_interleave(group_size, dim=1)[:, :k]
+    return torch.minimum(torch.maximum(w, b[..., 0]), b[..., 1])
 
 
 def _pad_x(x: torch.Tensor, k: int, group_size: int) -> torch.Tensor:

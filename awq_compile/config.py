@@ -49,6 +49,9 @@ class AWQConfig:
     clip: bool = True
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
+    clip_separate_bounds: bool = True
+    """With zero_point, search the clip's lower and upper bounds separately (a 2-D grid of
+    clip_grid * clip_max_shrink steps each) instead of one symmetric [-m, m] as AWQ does."""
     n_samples: int = 128
     seq_len: int = 512
     max_search_tokens: int = 4096
@@ -71,7 +74,7 @@ class AWQConfig:
             raise ValueError(
                 f"AWQConfig.group_size={self.group_size!r}: supported group sizes are 32, 64, 128"
             )
-        for name in ("zero_point", "duo_scaling", "clip", "pad_k"):
+        for name in ("zero_point", "duo_scaling", "clip", "clip_separate_bounds", "pad_k"):
             if not isinstance(getattr(self, name), bool):  # "false" from a file is truthy
                 raise ValueError(f"AWQConfig.{name}={getattr(self, name)!r}: must be True or False")
         _check_positive("n_grid", self.n_grid)

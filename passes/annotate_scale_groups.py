@@ -40,7 +40,7 @@ class LinearInfo:
     out_features: int
     in_features: int
     clip: bool  # False for linears feeding attention scores (q, k), as AWQ does
-    clip_max: torch.Tensor | None = None  # [N, G], written by search_clip
+    clip_range: torch.Tensor | None = None  # [N, G, 2] (lower, upper), written by search_clip
 
 
 @dataclass(frozen=True, eq=False)

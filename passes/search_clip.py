@@ -1,8 +1,8 @@
 """search_clip: AWQ's auto-clip, per linear, on the folded weights.
 
-    Reads:   y.meta["awq"] = LinearInfo(clip=True, clip_max=None), the folded weight, the
+    Reads:   y.meta["awq"] = LinearInfo(clip=True, clip_range=None), the folded weight, the
              group's observed inputs (divided by s: what the folded linear really reads)
-    Writes:  y.meta["awq"] = LinearInfo(..., clip_max=m)     m: [N, G] max |w| per group
+    Writes:  y.meta["awq"] = LinearInfo(..., clip_range=b)   b: [N, G, 2] (lower, upper) per group
 
 Runs after fold_scales, so it clips exactly the weights that will be quantized. Linears that
 feed attention scores (q, k) are not clipped, as in the reference implementation.
@@ -45,9 +45,8 @@ def search_clip(
         x = observers[info.group].x_sample[: config.max_clip_tokens].to(w.device).float()
         if group.scale is not None:
             x = x / expand_scale(group.scale, group.absorber.channel_map).to(w.device)
-        m = _search_clip(
-            x, w, config.group_size, config.zero_point, config.clip_grid, config.clip_max_shrink
-        )
-        node.meta["awq"] = dataclasses.replace(info, clip_max=m.cpu())
+        b = _search_clip(x, w, config.group_size, config.zero_point, config.clip_grid,
+                         config.clip_max_shrink, config.clip_separate_bounds)
+        node.meta["awq"] = dataclasses.replace(info, clip_range=b.cpu())
         searched += 1
     return searched

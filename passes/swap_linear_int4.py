@@ -32,8 +32,8 @@ def quantize_linear(w: torch.Tensor, info: LinearInfo, config: AWQConfig) -> Qua
             f"{info.weight}: in_features={k} is not a multiple of group_size="
             f"{config.group_size} and AWQConfig.pad_k is False"
         )
-    if info.clip_max is not None:
-        w = apply_clip(w.float(), info.clip_max.to(w.device), config.group_size)
+    if info.clip_range is not None:
+        w = apply_clip(w.float(), info.clip_range.to(w.device), config.group_size)
     return quantize(w, config.group_size, config.zero_point, config.torch_dtype)
 
 

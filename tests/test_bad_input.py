@@ -165,6 +165,7 @@ def test_non_finite_weight_names_the_parameter():
     (dict(n_grid=0), "n_grid=0: must be a positive integer"),
     (dict(n_grid=True), "n_grid=True: must be a positive integer"),
     (dict(zero_point="no"), "zero_point='no': must be True or False"),
+    (dict(clip_separate_bounds=1), "clip_separate_bounds=1: must be True or False"),
     (dict(skip="lm_head"), "must be a tuple of name suffixes"),
     (dict(version=2), "reads version 1"),
 ], ids=lambda v: next(iter(v)) if isinstance(v, dict) else None)
