@@ -10,6 +10,7 @@ markdown table (and writes it to --out); also reports the quantization wall time
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import time
 
@@ -34,10 +35,14 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["rtn", "awq-noclip", "awq"])
     ap.add_argument("--no-float", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--set", nargs="+", default=[], metavar="FIELD=JSON",
+                    help="AWQConfig overrides for the AWQ runs, e.g. clip_grid=40 "
+                         "clip_separate_bounds=false (values parsed as JSON)")
     args = ap.parse_args()
     torch.manual_seed(0)
     model, tok = load_smollm2()
     text = evaluation_text()
+    overrides = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.set)}
     calib = sample_calibration(tok, calibration_text(), args.n_samples, args.seq_len, seed=0)
     rows = []
 
@@ -49,8 +54,9 @@ def main() -> None:
         print(rows[-1], flush=True)
     for g in args.group_sizes:
         for method in args.methods:
-            cfg = awq_compile.AWQConfig(group_size=g, clip=method == "awq",
-                                        n_samples=args.n_samples, seq_len=args.seq_len)
+            cfg = awq_compile.AWQConfig(**{
+                **dict(n_samples=args.n_samples, seq_len=args.seq_len), **overrides,
+                "group_size": g, "clip": method == "awq"})
             t0 = time.perf_counter()
             if method == "rtn":
                 q = awq_compile.quantize_rtn(model, cfg)
@@ -69,7 +75,8 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write(f"calibration: {args.n_samples} x {args.seq_len} tokens of the WikiText-2 "
-                    f"validation text; {torch.get_num_threads()} CPU threads\n\n{table}\n")
+                    f"validation text; {torch.get_num_threads()} CPU threads; "
+                    f"overrides {overrides}\n\n{table}\n")
 
 
 if __name__ == "__main__":
