@@ -34,7 +34,7 @@ from ._dynamo_graph import ServePlan, TensorNames, float_linears, rewrite_for_se
 from ._calibration import Calibration, ModelState, calibration, find_state, model_state
 from .config import AWQConfig
 
-__all__ = ["awq_backend", "calibration", "Calibration", "parse_options", "BackendOptions",
+__all__ = ["awq_backend", "register", "calibration", "Calibration", "parse_options", "BackendOptions",
            "VALID_OPTIONS", "serve_graph"]
 
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(AWQConfig)
@@ -117,6 +117,15 @@ def _config(options: Mapping[str, Any], fields: dict[str, Any]) -> AWQConfig:
         return AWQConfig(**fields)
     except (TypeError, ValueError) as e:
         raise ValueError(f"awq backend: invalid option: {e}") from None
+
+
+def register() -> None:
+    """Make backend="awq" known to torch.compile where the package's entry point is not
+    installed (a source checkout on PYTHONPATH); a pip install needs no call."""
+    import torch._dynamo
+
+    if "awq" not in torch._dynamo.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(awq_backend, "awq")
 
 
 def awq_backend(

@@ -95,21 +95,12 @@ def _decode(model, batch: int, prompt: int, new: int, compile_kwargs: dict) -> d
             "peak_gib": peak}
 
 
-def _ensure_backend() -> None:
-    """backend="awq" comes from the package's entry point; where the package was not pip
-    installed (a bare checkout on the GPU machine), register the same function by hand."""
-    import torch._dynamo
-
-    if "awq" not in torch._dynamo.list_backends(exclude_tags=()):
-        from awq_compile.backend import awq_backend
-
-        torch._dynamo.register_backend(awq_backend, "awq")
-
-
 def decode(args) -> list[dict]:
     import awq_compile
 
-    _ensure_backend()
+    from awq_compile.backend import register
+
+    register()  # a bare checkout on the GPU machine has no entry point installed
     cfg = llama_config(args.layers, args.tiny, args.shape)
     model = random_model(cfg, DEV)
     rows = []
