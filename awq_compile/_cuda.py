@@ -144,6 +144,14 @@ def _raise_bad_args(x, qweight, scales, zeros, bias) -> None:
     raise ValueError(f"awq::int4_linear (cuda): {msg} ({shapes})")
 
 
+def _sizes(name: str, x2d, qweight, out) -> tuple[int, int, int, int]:
+    """(M, N, K, Kp) of a gemm_* call, after checking x2d and the preallocated out."""
+    m, k = x2d.shape
+    n, kp = qweight.shape[0], qweight.shape[1] * 2
+    if not x2d.is_contiguous() or out.shape != (m, n) or out.dtype != x2d.dtype or not out.is_contiguous():
+        raise ValueError(f"{name}: x {tuple(x2d.shape)} must be contiguous, out "
+                         f"{tuple(out.shape)} {out.dtype} must be contiguous [{m}, {n}] {x2d.dtype}")
+    return m, n, k, kp
 
 
 def _workspace(numel: int, device: torch.device) -> torch.Tensor:
@@ -151,8 +159,6 @@ def _workspace(numel: int, device: torch.device) -> torch.Tensor:
     allocated during torch.compile's CUDA-graph warm-up would sit in the graph's private pool
     untracked, which mode="reduce-overhead" refuses."""
     return torch.zeros(max(numel, 1), dtype=torch.float32, device=device)
-
-
 
 
 @functools.lru_cache(maxsize=256)
@@ -168,11 +174,7 @@ def _simt_workspace_floats(device: int, m, n, k, kp, g, dtype: int, cfg: str | N
 def gemm_simt(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T + bias via the CUDA-core GEMV (M <= 8); arguments as
     gemm_mma's. Its split-K workspace may hold anything, so it is not the mma kernel's."""
-    m, k = x2d.shape
-    n, kp = qweight.shape[0], qweight.shape[1] * 2
-    if not x2d.is_contiguous() or out.shape != (m, n) or out.dtype != x2d.dtype or not out.is_contiguous():
-        raise ValueError(f"gemm_simt: x {tuple(x2d.shape)} must be contiguous, out "
-                         f"{tuple(out.shape)} {out.dtype} must be contiguous [{m}, {n}] {x2d.dtype}")
+    m, n, k, kp = _sizes("gemm_simt", x2d, qweight, out)
     dev = x2d.device
     dt = _DTYPES[x2d.dtype]
     need = _simt_workspace_floats(dev.index, m, n, k, kp, group_size, dt, os.environ.get("AWQ_SIMT_CFG"))
@@ -190,12 +192,8 @@ def gemm_simt(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tenso
 
 def gemm_tc(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T + bias via the register-streaming tensor-core decode kernel
-    (int4_gemv_tc.cu, M <= 32); arguments as gemm_mma's. Needs no workspace."""
-    m, k = x2d.shape
-    n, kp = qweight.shape[0], qweight.shape[1] * 2
-    if not x2d.is_contiguous() or out.shape != (m, n) or out.dtype != x2d.dtype or not out.is_contiguous():
-        raise ValueError(f"gemm_tc: x {tuple(x2d.shape)} must be contiguous, out "
-                         f"{tuple(out.shape)} {out.dtype} must be contiguous [{m}, {n}] {x2d.dtype}")
+    (int4_gemv_tc.cu, M <= 8); arguments as gemm_mma's. Needs no workspace."""
+    m, n, k, kp = _sizes("gemm_tc", x2d, qweight, out)
     stream = torch.cuda.current_stream(x2d.device).cuda_stream
     _check(load_library().awq_int4_gemm_tc(
         x2d.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
@@ -207,11 +205,7 @@ def gemm_tc(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor:
 def gemm_mma(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T + bias via the weight-streaming kernel; arguments as the op's,
     x2d contiguous, out preallocated (tests poison it first)."""
-    m, k = x2d.shape
-    n, kp = qweight.shape[0], qweight.shape[1] * 2
-    if not x2d.is_contiguous() or out.shape != (m, n) or out.dtype != x2d.dtype or not out.is_contiguous():
-        raise ValueError(f"gemm_mma: x {tuple(x2d.shape)} must be contiguous, out "
-                         f"{tuple(out.shape)} {out.dtype} must be contiguous [{m}, {n}] {x2d.dtype}")
+    m, n, k, kp = _sizes("gemm_mma", x2d, qweight, out)
     ws = _workspace(m * n, x2d.device)
     stream = torch.cuda.current_stream(x2d.device).cuda_stream
     _check(load_library().awq_int4_gemm_mma(

@@ -115,6 +115,7 @@ def test_tc_deterministic_and_errors():
     y1 = cuda_mod.gemm_tc(x, qw, s, z, g, b, x.new_empty((m, n)))
     y2 = cuda_mod.gemm_tc(x, qw, s, z, g, b, x.new_full((m, n), float("nan")))
     assert torch.equal(y1, y2)
+    assert cuda_mod.TC_MAX_M <= cuda_mod.load_library().awq_int4_tc_max_m()  # dispatch within its bound
     big = torch.randn(9, k, device="cuda").to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="awq_int4_gemm_tc: bad sizes M=9"):
         cuda_mod.gemm_tc(big, qw, s, z, g, None, big.new_empty((9, n)))
