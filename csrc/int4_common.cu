@@ -18,6 +18,18 @@ int fail(int code, const char* fmt, ...) {
   return code;
 }
 
+int check_gemv_sizes(const char* who, int64_t M, int64_t max_m, int64_t N, int64_t K, int64_t Kp,
+                     int group_size, int dtype) {
+  const int log2g = group_size == 32 ? 5 : group_size == 64 ? 6 : group_size == 128 ? 7 : -1;
+  if (log2g < 0 || M < 1 || M > max_m || N < 1 || Kp % group_size || K <= Kp - group_size || K > Kp ||
+      N * (Kp / 2) >= (1LL << 31) || (dtype != AWQ_DTYPE_F16 && dtype != AWQ_DTYPE_BF16)) {
+    fail(AWQ_ERR_ARG, "%s: bad sizes M=%lld N=%lld K=%lld Kp=%lld group_size=%d dtype=%d", who,
+         (long long)M, (long long)N, (long long)K, (long long)Kp, group_size, dtype);
+    return -1;
+  }
+  return log2g;
+}
+
 int check_launch(const char* what) {
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return fail(AWQ_ERR_CUDA, "%s: %s (%s)", what, cudaGetErrorName(e), cudaGetErrorString(e));

@@ -27,6 +27,13 @@ char* error_buffer();
 // `return fail(AWQ_ERR_ARG, "...", ...)`.
 int fail(int code, const char* fmt, ...);
 
+// The size checks the register-streaming launchers share (simt, tc): group_size in {32, 64,
+// 128}, 1 <= M <= max_m, N >= 1, Kp a multiple of group_size, K in (Kp - group_size, Kp],
+// N * Kp / 2 < 2^31 (32-bit byte offsets), dtype fp16 or bf16. Returns log2(group_size), or -1
+// with the message "<who>: bad sizes M=... N=... ..." set.
+int check_gemv_sizes(const char* who, int64_t M, int64_t max_m, int64_t N, int64_t K, int64_t Kp,
+                     int group_size, int dtype);
+
 // Checks the launch just made and converts a CUDA error into AWQ_ERR_CUDA with its name.
 int check_launch(const char* what);
 

@@ -468,12 +468,8 @@ int by_m(int m, Args&&... args) {
 }
 
 int make_args(SimtArgs& a, int64_t M, int64_t N, int64_t K, int64_t Kp, int group_size, int dtype) {
-  const int log2g = group_size == 32 ? 5 : group_size == 64 ? 6 : group_size == 128 ? 7 : -1;
-  if (log2g < 0 || M < 1 || M > kMaxM || N < 1 || Kp % group_size || K <= Kp - group_size || K > Kp ||
-      N * (Kp / 2) >= (1LL << 31) || (dtype != AWQ_DTYPE_F16 && dtype != AWQ_DTYPE_BF16))
-    return fail(AWQ_ERR_ARG,
-                "awq_int4_gemm_simt: bad sizes M=%lld N=%lld K=%lld Kp=%lld group_size=%d dtype=%d",
-                (long long)M, (long long)N, (long long)K, (long long)Kp, group_size, dtype);
+  const int log2g = check_gemv_sizes("awq_int4_gemm_simt", M, kMaxM, N, K, Kp, group_size, dtype);
+  if (log2g < 0) return AWQ_ERR_ARG;
   a.M = (int)M; a.N = (int)N; a.K = (int)K; a.Kp = (int)Kp;
   a.groups = (int)(Kp / group_size);
   a.gshift = log2g - 5;

@@ -60,14 +60,14 @@ __device__ __forceinline__ uint4 load_x8(const T* xr, int k, const TcArgs& a) {
                     v[6] | (uint32_t)v[7] << 16);
 }
 
-// Scale and zero of (row, chunk) as the two half2 operands dequant8 takes.
-template <typename T, int U>
+// The raw scale and zero of each of a step's chunks, rows g and g + 8.
+template <int U>
 struct ScaleZero {
-  uint32_t s0[U], s1[U], z0[U], z1[U];  // raw loads; rows g and g + 8
+  uint32_t s0[U], s1[U], z0[U], z1[U];
 };
 
-template <typename T, int U>
-__device__ __forceinline__ void load_sz(ScaleZero<T, U>& sz, const TcArgs& a, uint32_t goff0, uint32_t goff1,
+template <int U>
+__device__ __forceinline__ void load_sz(ScaleZero<U>& sz, const TcArgs& a, uint32_t goff0, uint32_t goff1,
                                         int chunk0) {
   const uint16_t* s = static_cast<const uint16_t*>(a.scales);
 #pragma unroll
@@ -81,10 +81,12 @@ __device__ __forceinline__ void load_sz(ScaleZero<T, U>& sz, const TcArgs& a, ui
   }
 }
 
-template <typename T, int NT, int U>
-__device__ __forceinline__ void compute_step(float (&c)[2][NT][4], const uint4 (&w0)[U], const uint4 (&w1)[U],
-                                             const ScaleZero<T, U>& sz, const TcArgs& a, const T* const (&xr)[NT],
-                                             const bool (&xv)[NT], int chunk0) {
+// c[h] += the step's products; h = 0 / 1 are two independent mma chains. xr: this lane's token
+// row (lane / 4), xv: whether that token exists (x is taken as 0 otherwise).
+template <typename T, int U>
+__device__ __forceinline__ void compute_step(float (&c)[2][4], const uint4 (&w0)[U], const uint4 (&w1)[U],
+                                             const ScaleZero<U>& sz, const TcArgs& a, const T* xr, bool xv,
+                                             int chunk0) {
   constexpr uint32_t kMagic = Half2Traits<T>::kMagic;
 #pragma unroll
   for (int u = 0; u < U; ++u) {
@@ -99,29 +101,21 @@ __device__ __forceinline__ void compute_step(float (&c)[2][NT][4], const uint4 (
       uint32_t p0[4], p1[4];  // pairs (k_i, k_{i+4}) of word j, rows g and g + 8
       dequant8<T>(q0[j], zz0, ss0, p0);
       dequant8<T>(q1[j], zz1, ss1, p1);
+      uint4 xw = make_uint4(0u, 0u, 0u, 0u);  // past Kp or past M: x = 0, whatever W holds there
+      if (xv && valid) xw = load_x8<T>(xr, chunk * 32 + 8 * j, a);
+      const uint32_t xp[4] = {__byte_perm(xw.x, xw.z, 0x5410), __byte_perm(xw.x, xw.z, 0x7632),
+                              __byte_perm(xw.y, xw.w, 0x5410), __byte_perm(xw.y, xw.w, 0x7632)};
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        uint4 xw = make_uint4(0u, 0u, 0u, 0u);  // past Kp or past M: x = 0, whatever W holds there
-        if (xv[nt] && valid) xw = load_x8<T>(xr[nt], chunk * 32 + 8 * j, a);
-        const uint32_t xp[4] = {__byte_perm(xw.x, xw.z, 0x5410), __byte_perm(xw.x, xw.z, 0x7632),
-                                __byte_perm(xw.y, xw.w, 0x5410), __byte_perm(xw.y, xw.w, 0x7632)};
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const uint32_t af[4] = {p0[2 * h], p1[2 * h], p0[2 * h + 1], p1[2 * h + 1]};
-          mma16816<T>(c[h][nt], af[0], af[1], af[2], af[3], xp[2 * h], xp[2 * h + 1]);  // two independent chains
-        }
-      }
+      for (int h = 0; h < 2; ++h)
+        mma16816<T>(c[h], p0[2 * h], p1[2 * h], p0[2 * h + 1], p1[2 * h + 1], xp[2 * h], xp[2 * h + 1]);
     }
   }
 }
 
-// Shared memory of a block: the K-split partial sums.
-template <int NT>
-constexpr size_t smem_bytes() {
-  return (size_t)kWarps * NT * 4 * 32 * sizeof(float);
-}
+// Shared memory of a block: the K-split partial sums, [warp][e][lane].
+constexpr size_t kSmemBytes = (size_t)kWarps * 4 * 32 * sizeof(float);
 
-template <typename T, int NT, int U, int MINB>
+template <typename T, int U, int MINB>
 __global__ void __launch_bounds__(kThreads, MINB) gemv_tc_kernel(const TcArgs a) {
   extern __shared__ float4 smem[];  // the K-split partials
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -131,19 +125,9 @@ __global__ void __launch_bounds__(kThreads, MINB) gemv_tc_kernel(const TcArgs a)
   const uint8_t* q0 = a.qweight + (size_t)r0 * (a.Kp / 2);
   const uint8_t* q1 = a.qweight + (size_t)r1 * (a.Kp / 2);
   const uint32_t goff0 = r0 * (uint32_t)a.groups, goff1 = r1 * (uint32_t)a.groups;
-  const T* xr[NT];
-  bool xv[NT];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int tok = nt * 8 + g;
-    xv[nt] = tok < a.M;
-    xr[nt] = static_cast<const T*>(a.x) + (size_t)min(tok, a.M - 1) * a.K;
-  }
-  float c[2][NT][4];
-#pragma unroll
-  for (int h = 0; h < 2; ++h)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) c[h][nt][0] = c[h][nt][1] = c[h][nt][2] = c[h][nt][3] = 0.f;
+  const bool xv = g < a.M;  // the token of this lane's B fragment
+  const T* xr = static_cast<const T*>(a.x) + (size_t)min(g, a.M - 1) * a.K;
+  float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 
   const int s0 = part * a.steps_warp, n = max(0, min(a.steps_warp, (a.nchunks + 4 * U - 1) / (4 * U) - s0));
   for (int i = 0; i < n; ++i) {  // load, then compute: the other warps hide the latency
@@ -155,40 +139,35 @@ __global__ void __launch_bounds__(kThreads, MINB) gemv_tc_kernel(const TcArgs a)
       w0[u] = ld_stream(q0 + chunk * 16);
       w1[u] = ld_stream(q1 + chunk * 16);
     }
-    ScaleZero<T, U> sz;
-    load_sz<T, U>(sz, a, goff0, goff1, chunk0);
-    compute_step<T, NT, U>(c, w0, w1, sz, a, xr, xv, chunk0);
+    ScaleZero<U> sz;
+    load_sz<U>(sz, a, goff0, goff1, chunk0);
+    compute_step<T, U>(c, w0, w1, sz, a, xr, xv, chunk0);
   }
 
-  float* red = reinterpret_cast<float*>(smem);  // [warp][e][lane]  // [warp][e][lane]
+  float* red = reinterpret_cast<float*>(smem);
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) red[(warp * NT * 4 + nt * 4 + e) * 32 + lane] = c[0][nt][e] + c[1][nt][e];
+  for (int e = 0; e < 4; ++e) red[(warp * 4 + e) * 32 + lane] = c[0][e] + c[1][e];
   __syncthreads();
   if (part != 0) return;
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      float v = 0.f;
-      for (int w = warp; w < warp + a.ksplit; ++w) v += red[(w * NT * 4 + nt * 4 + e) * 32 + lane];
-      // c0, c1: row g, tokens 2t, 2t + 1; c2, c3: row g + 8.
-      const int row = e < 2 ? row0 : row1, tok = nt * 8 + 2 * t + (e & 1);
-      if (row < a.N && tok < a.M) {
-        if (a.bias) v += Half2Traits<T>::to_float(static_cast<const T*>(a.bias)[row]);
-        static_cast<T*>(a.y)[(size_t)tok * a.N + row] = Half2Traits<T>::from_float(v);
-      }
+  for (int e = 0; e < 4; ++e) {
+    float v = 0.f;
+    for (int w = warp; w < warp + a.ksplit; ++w) v += red[(w * 4 + e) * 32 + lane];
+    // c0, c1: row g, tokens 2t, 2t + 1; c2, c3: row g + 8.
+    const int row = e < 2 ? row0 : row1, tok = 2 * t + (e & 1);
+    if (row < a.N && tok < a.M) {
+      if (a.bias) v += Half2Traits<T>::to_float(static_cast<const T*>(a.bias)[row]);
+      static_cast<T*>(a.y)[(size_t)tok * a.N + row] = Half2Traits<T>::from_float(v);
     }
   }
 }
 
 // Picks the K split: the smallest power of two that, with the tiles, fills the resident warps
 // (one wave), but no more splits than leave each warp at least one step.
-template <typename T, int NT, int U, int MINB>
+template <typename T, int U, int MINB>
 int launch_cfg(TcArgs a, cudaStream_t stream) {
-  auto kernel = gemv_tc_kernel<T, NT, U, MINB>;
-  constexpr size_t smem = smem_bytes<NT>();
+  auto kernel = gemv_tc_kernel<T, U, MINB>;
+  constexpr size_t smem = kSmemBytes;
   static int occ[64] = {};  // blocks per SM, per device
   static int sms[64] = {};
   int dev = 0;
@@ -211,11 +190,11 @@ int launch_cfg(TcArgs a, cudaStream_t stream) {
   return check_launch("gemv_tc_kernel");
 }
 
-// <NT = 1 token tile, U = 2 chunks a row a step, 4 blocks a SM>: measured against U = 1 and 4,
-// 3 blocks a SM and the cp.async ring (csrc/NOTES.md).
+// <U = 2 chunks a row a step, 4 blocks a SM>: measured against U = 1 and 4, 3 blocks a SM and
+// the cp.async ring (csrc/NOTES.md).
 template <typename T>
 int launch(const TcArgs& a, cudaStream_t stream) {
-  return launch_cfg<T, 1, 2, 4>(a, stream);
+  return launch_cfg<T, 2, 4>(a, stream);
 }
 
 }  // namespace
@@ -227,11 +206,8 @@ extern "C" int awq_int4_gemm_tc(const void* x, const uint8_t* qweight, const voi
                                 const uint8_t* zeros, const void* bias, void* y, int64_t M, int64_t N,
                                 int64_t K, int64_t Kp, int group_size, int dtype, void* stream) {
   using namespace awq;
-  const int log2g = group_size == 32 ? 5 : group_size == 64 ? 6 : group_size == 128 ? 7 : -1;
-  if (log2g < 0 || M < 1 || M > kMaxM || N < 1 || Kp % group_size || K <= Kp - group_size || K > Kp ||
-      N * (Kp / 2) >= (1LL << 31) || (dtype != AWQ_DTYPE_F16 && dtype != AWQ_DTYPE_BF16))
-    return fail(AWQ_ERR_ARG, "awq_int4_gemm_tc: bad sizes M=%lld N=%lld K=%lld Kp=%lld group_size=%d dtype=%d",
-                (long long)M, (long long)N, (long long)K, (long long)Kp, group_size, dtype);
+  const int log2g = check_gemv_sizes("awq_int4_gemm_tc", M, kMaxM, N, K, Kp, group_size, dtype);
+  if (log2g < 0) return AWQ_ERR_ARG;
   if (!x || !qweight || !scales || !zeros || !y || ((uintptr_t)qweight & 15))
     return fail(AWQ_ERR_ARG, "awq_int4_gemm_tc: null pointer or qweight not 16-byte aligned");
   TcArgs a{};

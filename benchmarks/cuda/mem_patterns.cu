@@ -3,7 +3,8 @@
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o mem_patterns mem_patterns.cu
 //   ./mem_patterns            # prints one line per pattern: GB/s of bytes read
-// Results and what they decided: csrc/NOTES.md ("Session 2"). Standalone on purpose (no library).
+// Results and what they decided: csrc/NOTES.md ("Session 2"). Needs no library: it uses only
+// the header's inline load.
 //
 // A warp owns a tile of RPW = RI * 32 / LP consecutive rows and walks its row length L in steps
 // of U * 16 * LP bytes per row (one step = RI * U load instructions per lane, two steps in flight).
@@ -19,17 +20,9 @@
 
 #define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s: %s\n", #x, cudaGetErrorString(e)); return 1; } } while (0)
 
-template <bool HINT>
-__device__ __forceinline__ uint4 ld(const uint8_t* p) {
-  uint4 v;
-  if (HINT)
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  else
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
+#include "../../csrc/int4_common.cuh"  // the kernels' own weight load (header-only use)
+
+using awq::ld_stream;
 
 template <int LP, int RI, int U, bool STAGGER, bool HINT>
 __global__ void __launch_bounds__(256) walk(const uint8_t* __restrict__ w, uint32_t* out, int N, int L) {
@@ -49,7 +42,7 @@ __global__ void __launch_bounds__(256) walk(const uint8_t* __restrict__ w, uint3
 #pragma unroll
     for (int r = 0; r < RI; ++r)
 #pragma unroll
-      for (int u = 0; u < U; ++u) b[r][u] = ld<HINT>(base[r] + ss * STEP + u * 16 * LP);
+      for (int u = 0; u < U; ++u) b[r][u] = ld_stream<HINT>(base[r] + ss * STEP + u * 16 * LP);
   };
   auto use = [&](const uint4 (&b)[RI][U]) {
 #pragma unroll
@@ -119,13 +112,13 @@ __global__ void __launch_bounds__(256) walk2(const uint8_t* __restrict__ w, floa
   for (int q = 0; q < D - 1; ++q)
 #pragma unroll
     for (int r = 0; r < RI; ++r)
-      if (q < nsteps) ring[q][r] = ld<false>(base + (size_t)r * L + q * 512);
+      if (q < nsteps) ring[q][r] = ld_stream<false>(base + (size_t)r * L + q * 512);
   for (int s = 0; s < nsteps; s += D) {
 #pragma unroll
     for (int p = 0; p < D; ++p) {
       if (s + p + D - 1 < nsteps)
 #pragma unroll
-        for (int r = 0; r < RI; ++r) ring[(p + D - 1) % D][r] = ld<false>(base + (size_t)r * L + (s + p + D - 1) * 512);
+        for (int r = 0; r < RI; ++r) ring[(p + D - 1) % D][r] = ld_stream<false>(base + (size_t)r * L + (s + p + D - 1) * 512);
       if (s + p < nsteps)
 #pragma unroll
         for (int r = 0; r < RI; ++r) {
