@@ -149,9 +149,9 @@ def search_clip(
         cw = torch.minimum(torch.maximum(wg, lo_c), hi_c)
         d = fake_quantize(cw.reshape(n, -1), group_size, zero_point).reshape(cw.shape) - wg
         err = torch.einsum("ngk,gkl,ngl->ng", d, h, d)
-        better = (err < best_err).unsqueeze(-1)
-        best_err = torch.where(better.squeeze(-1), err, best_err)
-        best = torch.where(better, torch.cat([lo_c, hi_c], dim=-1), best)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better.unsqueeze(-1), torch.cat([lo_c, hi_c], dim=-1), best)
     return best
 
 
