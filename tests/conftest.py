@@ -5,15 +5,6 @@ from __future__ import annotations
 import pytest
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _awq_backend_registered():
-    """backend="awq" also where the package runs from a checkout without its entry point (the
-    GPU machine); a pip install registers it already."""
-    from awq_compile.backend import register
-
-    register()
-
-
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the real SmolLM2-135M-Instruct, loaded once per session (~1 s cached)."""

@@ -24,6 +24,15 @@ SEARCH = dict(n_grid=2, clip_grid=2, max_search_tokens=128, max_clip_tokens=32)
 """Tiny search grids: the tests compare the backend with quantize, not AWQ's quality."""
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _awq_backend_registered():
+    """backend="awq" also where the package runs from a checkout without its entry point (the
+    GPU machine); a pip install registers it already."""
+    from awq_compile.backend import register
+
+    register()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
