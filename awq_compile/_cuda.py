@@ -9,7 +9,9 @@ Dispatch by M (tokens) and N: M <= `simt_max_m(N, K)` runs the CUDA-core GEMV
 (int4_gemv_simt.cu), M <= `tc_max_m(N, K)` the register-streaming tensor-core kernel
 (int4_gemv_tc.cu), M <= `mma_max_m(N, K)` the cp.async tensor-core kernel (int4_gemv_mma.cu);
 larger M dequantizes the weight (int4_dequant.cu) and calls cuBLAS through torch (an interim until
-a mixed-input GEMM exists; csrc/NOTES.md).
+a mixed-input GEMM exists; csrc/NOTES.md). `awq::int4_linear_multi` (linears that read one x,
+fused by the backend) runs, on sm_90 and for M <= `pc_max_m(N, K)`, the producer/consumer kernel
+(int4_gemv_pc.cu: bulk copies into a shared-memory ring), all its weights in one launch.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .ops import check_int4_linear_args
+from .ops import check_int4_linear_args, check_int4_linear_multi_args
 
-__all__ = ["library_path", "load_library", "available", "gemm_mma", "gemm_simt", "gemm_tc", "dequantize_cuda",
-           "int4_linear_cuda", "mma_max_m", "simt_max_m", "tc_max_m", "ENV_VAR"]
+__all__ = ["library_path", "load_library", "available", "gemm_mma", "gemm_pc", "gemm_simt", "gemm_tc",
+           "dequantize_cuda", "int4_linear_cuda", "int4_linear_multi_cuda", "mma_max_m", "pc_max_m", "simt_max_m",
+           "tc_max_m", "ENV_VAR"]
 
 ENV_VAR = "AWQ_COMPILE_CUDA_LIB"
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 
 # Largest M served by the weight-streaming kernel; above it, dequantize + cuBLAS. Measured on an
@@ -49,6 +52,26 @@ SIMT_MAX_M = 1
 # (28672x8192, 8192x8192, 4096x4096), slower when N = 28672; at M = 1 the CUDA-core GEMV wins.
 TC_MAX_M = 8
 TC_MAX_N = 8192
+
+
+# The producer/consumer kernel (int4_gemv_pc.cu, M <= 8, sm_90 only) serves int4_linear_multi:
+# one launch for q/k/v (or gate/up) against one kernel each, measured on an H100 under CUDA
+# graphs (benchmarks/RESULTS.md, section 4): 28.5 -> 20.1 us for q/k/v at M = 1, 37.8 -> 30.0 for
+# gate/up. One weight alone, it is slower than the CUDA-core GEMV at M = 1 and mixed against the
+# tc / mma kernels at M = 2..8, so int4_linear does not use it. $AWQ_PC=0 switches it off.
+PC_MAX_M = 8
+
+
+@functools.lru_cache(maxsize=64)
+def _sm90(device: int) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pc_max_m(n: int, k: int, device: int | None = None) -> int:
+    """Largest M that goes to the producer/consumer kernel (0: none, on this device)."""
+    if os.environ.get("AWQ_PC") == "0":
+        return 0
+    return PC_MAX_M if _sm90(torch.cuda.current_device() if device is None else device) else 0
 
 
 def tc_max_m(n: int, k: int) -> int:
@@ -99,6 +122,9 @@ def load_library() -> ctypes.CDLL | None:
     lib.awq_int4_gemm_tc.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i32, i32, p]
     lib.awq_int4_gemm_tc.restype = i32
     lib.awq_int4_tc_max_m.restype = i64
+    lib.awq_int4_gemm_pc.argtypes = [p, i32, p, p, p, p, p, p, i64, i64, i64, i32, i32, p]
+    lib.awq_int4_gemm_pc.restype = i32
+    lib.awq_int4_pc_max_m.restype = i64
     return lib
 
 
@@ -202,6 +228,31 @@ def gemm_tc(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor:
     return out
 
 
+def gemm_pc(x2d, qweights, scales, zeros, group_size, biases, outs) -> list[torch.Tensor]:
+    """outs[i][M, N_i] = x2d[M, K] @ W_i^T + biases[i] for 1..4 weights that share x, in one launch
+    of the producer/consumer kernel (int4_gemv_pc.cu, M <= 8, sm_90). Lists of equal length;
+    arguments as gemm_mma's otherwise. Needs no workspace."""
+    n = len(qweights)
+    if not (len(scales) == len(zeros) == len(biases) == len(outs) == n):
+        raise ValueError(f"gemm_pc: {n} qweights but {len(scales)} scales, {len(zeros)} zeros, "
+                         f"{len(biases)} biases, {len(outs)} outs")
+    kp = qweights[0].shape[1] * 2
+    m, k = x2d.shape
+    for qw, out in zip(qweights, outs):
+        if qw.shape[1] * 2 != kp:
+            raise ValueError(f"gemm_pc: the weights' packed K differ ({qw.shape[1] * 2} vs {kp})")
+        _sizes("gemm_pc", x2d, qw, out)
+    arr = ctypes.c_void_p * n
+    ptrs = [arr(*(t.data_ptr() for t in ts)) for ts in (qweights, scales, zeros, outs)]
+    bias_ptrs = arr(*(None if b is None else b.data_ptr() for b in biases))
+    ns = (ctypes.c_int64 * n)(*(qw.shape[0] for qw in qweights))
+    stream = torch.cuda.current_stream(x2d.device).cuda_stream
+    _check(load_library().awq_int4_gemm_pc(
+        x2d.data_ptr(), n, ptrs[0], ptrs[1], ptrs[2], bias_ptrs, ptrs[3], ns,
+        m, k, kp, group_size, _DTYPES[x2d.dtype], stream))
+    return outs
+
+
 def gemm_mma(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T + bias via the weight-streaming kernel; arguments as the op's,
     x2d contiguous, out preallocated (tests poison it first)."""
@@ -249,10 +300,29 @@ def int4_linear_cuda(x, qweight, scales, zeros, group_size, bias=None) -> torch.
     return y.reshape(*x.shape[:-1], n)
 
 
+def int4_linear_multi_cuda(x, qweights, scales, zeros, group_size, biases) -> list[torch.Tensor]:
+    """The CUDA implementation of awq::int4_linear_multi: one producer/consumer launch for all the
+    weights when it serves this M, else one int4_linear_cuda call each."""
+    check_int4_linear_multi_args(x, qweights, scales, zeros, group_size, biases)
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    n0, k = _check_cuda_args(x, qweights[0], scales[0], zeros[0], group_size, biases[0])
+    if 0 < m <= pc_max_m(n0, k, x.device.index) and x.device.index == torch.cuda.current_device():
+        for args in zip(qweights[1:], scales[1:], zeros[1:], biases[1:]):
+            _check_cuda_args(x, *args[:3], group_size, args[3])
+        x2d = x.reshape(-1, k).contiguous()
+        outs = [x2d.new_empty((m, qw.shape[0])) for qw in qweights]
+        gemm_pc(x2d, list(qweights), list(scales), list(zeros), group_size, list(biases), outs)
+        return [y.reshape(*x.shape[:-1], y.shape[1]) for y in outs]
+    return [int4_linear_cuda(x, *args[:3], group_size, args[3])
+            for args in zip(qweights, scales, zeros, biases)]
+
+
 def _register() -> bool:
     if load_library() is None:
         return False
     torch.library.register_kernel("awq::int4_linear", "cuda", int4_linear_cuda)
+    if hasattr(torch.ops.awq, "int4_linear_multi"):
+        torch.library.register_kernel("awq::int4_linear_multi", "cuda", int4_linear_multi_cuda)
     return True
 
 

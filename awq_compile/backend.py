@@ -12,11 +12,15 @@ works without importing awq_compile. Per graph dynamo hands over, the backend
 4. otherwise applies the quantization it has for the model (from calibration, or
    `options={"checkpoint": path}`) with `rewrite_for_serving`, each quantized linear becoming
    an `Int4Linear` call whose op has a fake kernel, so it causes no graph break;
-5. compiles the result with inductor (`mode` passed on: "reduce-overhead" is CUDA graphs), or
+5. fuses the INT4 linears that read one input (q/k/v, gate/up) into one
+   `awq::int4_linear_multi` call each (`passes.fuse_sibling_linears`; `options={"fuse_siblings":
+   False}` keeps them apart);
+6. compiles the result with inductor (`mode` passed on: "reduce-overhead" is CUDA graphs), or
    runs it eagerly with `options={"inductor": False}`.
 
 `torch._dynamo.utils.counters["awq"]` counts what happened: "quantize" (AWQ searches run),
-"calibration_graphs", "serve_graphs" (graphs compiled for serving), "linears_swapped".
+"calibration_graphs", "serve_graphs" (graphs compiled for serving), "linears_swapped",
+"siblings_fused" (int4_linear_multi calls made).
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ _OWN = {
                   "calibration(...).save): serve it, no calibration",
     "config": "an AWQConfig (or its dict), instead of separate AWQConfig fields",
     "inductor": "True (default): compile with inductor after the rewrite; False: run eagerly",
+    "fuse_siblings": "True (default): one awq::int4_linear_multi call for the INT4 linears that "
+                     "read the same input (q/k/v, gate/up); False: one int4_linear call each",
     "mode": "inductor's mode, e.g. 'reduce-overhead' (CUDA graphs): torch.compile refuses "
             "mode= together with options=",
 }
@@ -61,6 +67,7 @@ class BackendOptions:
     checkpoint: Path | None = None
     inductor: bool = True
     mode: str | None = None
+    fuse_siblings: bool = True
 
 
 def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
@@ -82,9 +89,10 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
             f"awq backend: unknown option(s) {unknown}; valid options are {list(VALID_OPTIONS)}"
         )
     fields = {k: v for k, v in options.items() if k in _CONFIG_FIELDS}
-    inductor = options.get("inductor", True)
-    if not isinstance(inductor, bool):
-        raise ValueError(f"awq backend: option inductor={inductor!r} must be True or False")
+    inductor, fuse = options.get("inductor", True), options.get("fuse_siblings", True)
+    for key, value in (("inductor", inductor), ("fuse_siblings", fuse)):
+        if not isinstance(value, bool):
+            raise ValueError(f"awq backend: option {key}={value!r} must be True or False")
     checkpoint = options.get("checkpoint")
     if checkpoint is not None:
         if not isinstance(checkpoint, (str, os.PathLike)):
@@ -98,7 +106,7 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
     if mode is not None:
         _mode_patches(mode)  # raises for an unknown mode
     return BackendOptions(_config(options, fields),
-                          None if checkpoint is None else Path(checkpoint), inductor, mode)
+                          None if checkpoint is None else Path(checkpoint), inductor, mode, fuse)
 
 
 def _config(options: Mapping[str, Any], fields: dict[str, Any]) -> AWQConfig:
@@ -148,7 +156,8 @@ def awq_backend(
         torch._dynamo.utils.counters["awq"]["calibration_graphs"] += 1
         return state.active.graph(gm, example_inputs, opts.config, code)
     plan = _checkpoint_plan(state, opts.checkpoint) if opts.checkpoint else None
-    return serve_graph(state, gm, example_inputs, opts.inductor, patches, plan, opts.config)
+    return serve_graph(state, gm, example_inputs, opts.inductor, patches, plan, opts.config,
+                       fuse_siblings=opts.fuse_siblings)
 
 
 def serve_graph(
@@ -159,8 +168,10 @@ def serve_graph(
     patches: dict[str, Any] | None = None,
     plan: ServePlan | None = None,
     config: AWQConfig | None = None,
+    fuse_siblings: bool = True,
 ):
-    """Rewrite `gm` with the model's quantization (or `plan`) and compile it."""
+    """Rewrite `gm` with the model's quantization (or `plan`), fuse sibling INT4 linears and
+    compile it."""
     plan = plan or (state.plan if state is not None else None)
     names = TensorNames(state.root) if state is not None else None
     if plan is not None:
@@ -182,6 +193,8 @@ def serve_graph(
             "or serve a saved quantization with options={'checkpoint': path}"
         )
     warn_unplanned(left, plan.source if plan is not None else "")
+    if fuse_siblings:
+        torch._dynamo.utils.counters["awq"]["siblings_fused"] += _fuse_siblings(gm)
     torch._dynamo.utils.counters["awq"]["serve_graphs"] += 1
     if not inductor:
         return _inference_only(gm.forward)
@@ -189,6 +202,19 @@ def serve_graph(
 
     with torch.no_grad():
         return _inference_only(compile_fx(gm, list(example_inputs), config_patches=patches or None))
+
+
+def _fuse_siblings(gm: fx.GraphModule) -> int:
+    """Run `passes.fuse_sibling_linears`; returns the number of int4_linear_multi calls it made
+    (the pass itself counts the int4_linear calls it fused)."""
+    from . import passes
+
+    def multi() -> int:
+        return sum(n.target is torch.ops.awq.int4_linear_multi.default for n in gm.graph.nodes)
+
+    before = multi()
+    passes.fuse_sibling_linears(gm)
+    return multi() - before
 
 
 def _inference_only(fn):

@@ -22,7 +22,8 @@ from pathlib import Path
 
 __all__ = ["SOURCES", "default_output", "find_nvcc", "compile_objects", "build"]
 
-SOURCES = ("int4_common.cu", "int4_gemv_mma.cu", "int4_gemv_simt.cu", "int4_gemv_tc.cu", "int4_dequant.cu")
+SOURCES = ("int4_common.cu", "int4_gemv_mma.cu", "int4_gemv_simt.cu", "int4_gemv_tc.cu", "int4_gemv_pc.cu",
+           "int4_dequant.cu")
 ARCHS = ("90a", "80")
 _FLAGS = ("-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr")
 

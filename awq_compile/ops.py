@@ -1,20 +1,30 @@
-"""The custom op `awq::int4_linear` (torch.library): schema, reference impl, fake impl.
+"""The custom ops `awq::int4_linear` and `awq::int4_linear_multi` (torch.library): schema,
+reference impl, fake impl.
 
     y = x @ dequantize(qweight, scales, zeros)[:, :K].T + bias,   K = x.shape[-1]
+    ys = [int4_linear(x, qweights[i], scales[i], zeros[i], group_size, biases[i]) for i]
 
 with the NK_U8 layout of awq_compile.quant (docs/format.md). The reference implementation
 dequantizes per call and runs on any device; `awq_compile._cuda` registers the CUDA kernels over
-it when the compiled extension is available.
+it when the compiled extension is available. `int4_linear_multi` is the horizontal fusion of
+up to `MAX_SEGMENTS` linears reading one activation (q/k/v, gate/up), the op the pass
+`fuse_sibling_linears` puts in their place: one launch instead of several.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .quant import dequantize
 
-__all__ = ["int4_linear", "check_int4_linear_args"]
+__all__ = ["int4_linear", "int4_linear_multi", "check_int4_linear_args",
+           "check_int4_linear_multi_args", "MAX_SEGMENTS"]
+
+MAX_SEGMENTS = 4
+"""Most linears one `int4_linear_multi` call takes: q/k/v and gate/up need 3 and 2."""
 
 
 def check_int4_linear_args(
@@ -76,3 +86,64 @@ def int4_linear(
 def _(x, qweight, scales, zeros, group_size, bias=None):
     n, _ = check_int4_linear_args(x, qweight, scales, zeros, group_size, bias)
     return x.new_empty((*x.shape[:-1], n))
+
+
+def check_int4_linear_multi_args(
+    x: torch.Tensor,
+    qweights: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor],
+    zeros: Sequence[torch.Tensor],
+    group_size: int,
+    biases: Sequence[torch.Tensor | None],
+) -> list[int]:
+    """Validate `int4_linear_multi`'s arguments; returns N per segment. Each segment gets
+    `check_int4_linear_args`; all must hold the same packed K."""
+    lens = (len(qweights), len(scales), len(zeros), len(biases))
+    if len(set(lens)) != 1:
+        raise ValueError(
+            "awq::int4_linear_multi: qweights, scales, zeros and biases must have the same "
+            f"length, got {list(lens)}"
+        )
+    if not 1 <= lens[0] <= MAX_SEGMENTS:
+        raise ValueError(
+            f"awq::int4_linear_multi: takes 1 to {MAX_SEGMENTS} segments, got {lens[0]}"
+        )
+    kps = [tuple(q.shape[1:2]) for q in qweights]  # a list: fake shapes are unhashable SymInts
+    if any(kp != kps[0] for kp in kps):
+        raise ValueError(
+            "awq::int4_linear_multi: every segment must have the same packed K, got qweights "
+            f"{[tuple(q.shape) for q in qweights]} (x {tuple(x.shape)})"
+        )
+    ns = []
+    for i, (q, s, z, b) in enumerate(zip(qweights, scales, zeros, biases)):
+        try:
+            ns.append(check_int4_linear_args(x, q, s, z, group_size, b)[0])
+        except ValueError as e:
+            raise ValueError(f"awq::int4_linear_multi: segment {i}: {e}") from None
+    return ns
+
+
+@torch.library.custom_op("awq::int4_linear_multi", mutates_args=())
+def int4_linear_multi(
+    x: torch.Tensor,
+    qweights: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor],
+    zeros: Sequence[torch.Tensor],
+    group_size: int,
+    biases: Sequence[torch.Tensor | None],
+) -> list[torch.Tensor]:
+    """`[int4_linear(x, qweights[i], scales[i], zeros[i], group_size, biases[i]) for i]`.
+
+    Each segment dispatches to `awq::int4_linear`: the reference math on the CPU (so the result
+    is bit-identical to the separate calls), its CUDA kernel where one is registered, until a
+    fused kernel is registered for this op.
+    """
+    check_int4_linear_multi_args(x, qweights, scales, zeros, group_size, biases)
+    return [torch.ops.awq.int4_linear.default(x, q, s, z, group_size, b)
+            for q, s, z, b in zip(qweights, scales, zeros, biases)]
+
+
+@int4_linear_multi.register_fake
+def _(x, qweights, scales, zeros, group_size, biases):
+    ns = check_int4_linear_multi_args(x, qweights, scales, zeros, group_size, biases)
+    return [x.new_empty((*x.shape[:-1], n)) for n in ns]

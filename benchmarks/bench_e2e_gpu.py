@@ -68,6 +68,7 @@ def _decode(model, batch: int, prompt: int, new: int, compile_kwargs: dict) -> d
     cache = StaticCache(config=cfg, max_cache_len=prompt + new)
     step = torch.compile(model, **compile_kwargs)
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device=DEV)
+    positions = torch.arange(prompt, prompt + new, device=DEV)
     sync = torch.cuda.synchronize if DEV == "cuda" else (lambda: None)
 
     def run(ids):
@@ -80,7 +81,7 @@ def _decode(model, batch: int, prompt: int, new: int, compile_kwargs: dict) -> d
         sync()
         t1 = time.perf_counter()
         for i in range(new - 1):
-            p = torch.tensor([prompt + i], device=DEV)
+            p = positions[i:i + 1]  # on the device already: no host-to-device copy a step
             tok = step(tok, past_key_values=cache, cache_position=p, use_cache=True).logits.argmax(-1)
             tok = tok.clone()  # the next step's input must not alias a CUDA graph's output
         sync()
@@ -118,6 +119,11 @@ def decode(args) -> list[dict]:
                     {"backend": "awq", "mode": "reduce-overhead", "fullgraph": True})
         rows.append({"model": "int4 awq", **r})
         print(rows[-1], flush=True)
+    for b in args.unfused:  # ablation: q/k/v and gate/up as separate kernels
+        r = _decode(q, b, args.prompt, args.new, {"backend": "awq", "fullgraph": True, "options": {
+            "mode": "reduce-overhead", "fuse_siblings": False}})
+        rows.append({"model": "int4 awq, siblings not fused", **r})
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -150,6 +156,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="default: all of the shape's")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--unfused", type=int, nargs="*", default=[],
+                    help="batch sizes to also decode with fuse_siblings=False (ablation)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--n-samples", type=int, default=128)

@@ -74,7 +74,7 @@ def _rel(y, ref):
     return ((y.float() - ref).norm() / ref.norm()).item()
 
 
-def bench_shape(k, n, g, ms, bw, only=None, check=True, simt_cfgs=()):
+def bench_shape(k, n, g, ms, bw, only=None, check=True, simt_cfgs=(), pc_cfgs=()):
     wbytes = n * padded_k(k, g) // 2 + n * (padded_k(k, g) // g) * 3
     copies = max(2, min(8, math.ceil(ROT_BYTES / (n * k * 2))))
     ws = _weights(k, n, g, copies)
@@ -102,6 +102,11 @@ def bench_shape(k, n, g, ms, bw, only=None, check=True, simt_cfgs=()):
             variants["simt"] = (lambda a: _cuda.gemm_simt(x, *a, g, None, out), ws)
             for c in simt_cfgs:  # the same kernel under $AWQ_SIMT_CFG=c (experiments)
                 variants[f"simt{c}"] = (lambda a: _cuda.gemm_simt(x, *a, g, None, out), ws)
+        if m <= 8 and torch.cuda.get_device_capability()[0] >= 9:
+            pc = (lambda a: _cuda.gemm_pc(x, [a[0]], [a[1]], [a[2]], g, [None], [out])[0], ws)
+            variants["pc"] = pc
+            for c in pc_cfgs:  # under $AWQ_PC_CFG=c
+                variants[f"pc{c}"] = pc
         if tg is not None:
             variants["tinygemm"] = (lambda a: torch._weight_int4pack_mm(x, a[0], g, a[1]), tg)
         r = {"M": m}
@@ -110,9 +115,10 @@ def bench_shape(k, n, g, ms, bw, only=None, check=True, simt_cfgs=()):
                 del variants[name]
                 r[name] = float("nan")
         for name, (fn, sets) in variants.items():
-            cfg = name[4:] if name.startswith("simt") and name != "simt" else None
-            if cfg is not None:
-                os.environ["AWQ_SIMT_CFG"] = cfg
+            kernel = name.rstrip("0123456789")
+            env = {"simt": "AWQ_SIMT_CFG", "pc": "AWQ_PC_CFG"}.get(kernel) if name != kernel else None
+            if env is not None:
+                os.environ[env] = name[len(kernel):]
             err = _rel(fn(sets[0]), ref)
             r[name + "_err"] = err
             if check and not err < 2e-2:
@@ -120,7 +126,8 @@ def bench_shape(k, n, g, ms, bw, only=None, check=True, simt_cfgs=()):
             else:
                 rot = Rot(sets)
                 r[name] = _bench(lambda: fn(rot.next()))
-            os.environ.pop("AWQ_SIMT_CFG", None)
+            if env is not None:
+                os.environ.pop(env, None)
         floor_bytes = wbytes + m * k * 2 + m * n * 2
         r["floor_us"] = floor_bytes / bw * 1e6
         rows.append(r)
@@ -136,22 +143,24 @@ def _fmt(v, spec=".1f"):
 def table(card, bw, results) -> str:
     lines = [f"Card: {card}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write); group size 128, "
              "bf16; times are do_bench medians in us, L2 flushed.", "",
-             "| K x N | M | cuBLAS bf16 | tinygemm | op (dispatch) | tc kernel | mma kernel | simt kernel | "
-             "deq+cuBLAS | op vs cuBLAS | op vs tinygemm | % of DRAM floor (floor us) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| K x N | M | cuBLAS bf16 | tinygemm | op (dispatch) | pc kernel | tc kernel | mma kernel | "
+             "simt kernel | deq+cuBLAS | op vs cuBLAS | op vs tinygemm | % of DRAM floor (floor us) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     nan = float("nan")
     for (k, n), rows in results.items():
         for r in rows:
             op = r["op"] if not math.isnan(r["op"]) else r["mma"]
             cb, tgm = r["cublas"], r.get("tinygemm", nan)
             lines.append(
-                f"| {k}x{n} | {r['M']} | {_fmt(cb)} | {_fmt(tgm)} | {_fmt(op)} | {_fmt(r.get('tc', nan))} | {_fmt(r['mma'])} | "
+                f"| {k}x{n} | {r['M']} | {_fmt(cb)} | {_fmt(tgm)} | {_fmt(op)} | {_fmt(r.get('pc', nan))} | "
+                f"{_fmt(r.get('tc', nan))} | {_fmt(r['mma'])} | "
                 f"{_fmt(r.get('simt', nan))} | {_fmt(r['deq+cublas'])} | {_fmt(cb / op, '.2f')}x | "
                 f"{_fmt(tgm / op, '.2f')}x | {_fmt(100 * r['floor_us'] / op, '.0f')}% ({r['floor_us']:.1f}) |")
     cfgs = sorted({key for rows in results.values() for r in rows for key in r
-                   if key.startswith("simt") and key[4:].isdigit()})
+                   if key.rstrip("0123456789") in ("simt", "pc") and key[-1].isdigit()})
     if cfgs:
-        lines += ["", "SIMT configurations ($AWQ_SIMT_CFG; us, % of DRAM floor):", "",
+        lines += ["", "Kernel configurations (simtC: $AWQ_SIMT_CFG=C, pcC: $AWQ_PC_CFG=C; us, % of DRAM "
+                  "floor):", "",
                   "| K x N | M | " + " | ".join(cfgs) + " |", "|---|---|" + "---|" * len(cfgs)]
         for (k, n), rows in results.items():
             for r in rows:
@@ -181,6 +190,7 @@ def main() -> None:
     p.add_argument("--only", default=None, help="comma list of variants, e.g. mma,cublas")
     p.add_argument("--no-check", action="store_true", help="time even wrong results (experiments)")
     p.add_argument("--simt-cfgs", default="", help="comma list of $AWQ_SIMT_CFG values to time too")
+    p.add_argument("--pc-cfgs", default="", help="comma list of $AWQ_PC_CFG values to time too")
     args = p.parse_args()
     cfg = json.loads(args.shapes.read_text())
     assert _cuda.available(), "CUDA kernels not available: build with python -m awq_compile.build_kernels"
@@ -193,7 +203,9 @@ def main() -> None:
     results = {}
     for k, n in cfg["shapes"]:
         simt_cfgs = [c for c in args.simt_cfgs.split(",") if c]
-        results[(k, n)] = bench_shape(k, n, cfg["group_size"], ms, bw, only, not args.no_check, simt_cfgs)
+        pc_cfgs = [c for c in args.pc_cfgs.split(",") if c]
+        results[(k, n)] = bench_shape(k, n, cfg["group_size"], ms, bw, only, not args.no_check, simt_cfgs,
+                                      pc_cfgs)
         print(f"timed {k}x{n}", flush=True)
     text = table(card, bw, results) + "\n\nDispatcher crossover (mma vs dequantize + cuBLAS):\n" + crossover(results)
     errs = "\n".join(f"{k}x{n} M={r['M']}: " + ", ".join(f"{key[:-4]} {v:.1e}" for key, v in r.items() if key.endswith("_err"))

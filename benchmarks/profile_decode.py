@@ -4,7 +4,9 @@
 
 1. Kernel times under CUDA graphs (a graph of 20 back-to-back calls, replayed; per call = replay
    time / 20), so the launch path (custom op, ctypes) costs nothing, as in a compiled decode
-   step: each decode kernel and cuBLAS bf16 at the Llama-2-7B shapes, M = 1 and 8.
+   step: each decode kernel and cuBLAS bf16 at the Llama-2-7B shapes, M = 1 and 8, cycling
+   through enough weight copies that none is found in the L2; then q/k/v and gate/up as one
+   multi-weight launch against one call each.
 2. A torch.profiler trace of eager decode steps of the INT4 Llama-2-7B-shaped model (random
    weights, round to nearest): GPU time per kernel name, per step.
 """
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -44,25 +47,59 @@ def graph_us(fn, calls: int = 20, reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _weight(k, n):
+    w = torch.randn(n, k, device="cuda") * 0.02
+    qq = quantize(w, 128, scale_dtype=torch.bfloat16)
+    return qq.qweight, qq.scales, qq.zeros
+
+
+def _copies(k, n) -> int:
+    """Weight copies a graph cycles through so that no call finds its weight in the L2 (50 MB on
+    an H100), as in a decode step where the whole model streams by between two uses."""
+    return max(2, -(-(160 << 20) // (n * k // 2)))
+
+
 def kernel_table() -> None:
-    print("| K x N | M | simt | tc | mma | op | cuBLAS bf16 | floor us (int4 bytes / 3.0 TB/s H100) |")
-    print("|---|---|---|---|---|---|---|---|")
+    pc = torch.cuda.get_device_capability()[0] >= 9
+    print("| K x N | M | simt | tc | pc | mma | op | cuBLAS bf16 | floor us (int4 bytes / 3.0 TB/s H100) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    nan = float("nan")
     for k, n in SHAPES:
-        w = torch.randn(n, k, device="cuda") * 0.02
-        qq = quantize(w, 128, scale_dtype=torch.bfloat16)
-        qw, s, z = qq.qweight, qq.scales, qq.zeros
-        wb = dequantize(qw, s, z, 128, k, dtype=torch.bfloat16)
+        ws = itertools.cycle([_weight(k, n) for _ in range(_copies(k, n))])
+        wbs = itertools.cycle([dequantize(*_weight(k, n), 128, k, dtype=torch.bfloat16)
+                               for _ in range(max(2, _copies(k, n) // 4))])
         for m in (1, 8):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-            r = {"cublas": graph_us(lambda: F.linear(x, wb)),
-                 "op": graph_us(lambda: torch.ops.awq.int4_linear(x, qw, s, z, 128, None)),
-                 "mma": graph_us(lambda: _cuda.gemm_mma(x, qw, s, z, 128, None, out))}
-            r["simt"] = graph_us(lambda: _cuda.gemm_simt(x, qw, s, z, 128, None, out))
-            r["tc"] = graph_us(lambda: _cuda.gemm_tc(x, qw, s, z, 128, None, out))
+            r = {"cublas": graph_us(lambda: F.linear(x, next(wbs))),
+                 "op": graph_us(lambda: torch.ops.awq.int4_linear(x, *next(ws), 128, None)),
+                 "mma": graph_us(lambda: _cuda.gemm_mma(x, *next(ws), 128, None, out)),
+                 "simt": graph_us(lambda: _cuda.gemm_simt(x, *next(ws), 128, None, out)),
+                 "tc": graph_us(lambda: _cuda.gemm_tc(x, *next(ws), 128, None, out))}
+            r["pc"] = graph_us(lambda: _cuda.gemm_pc(x, *([t] for t in next(ws)), 128, [None], [out])) if pc else nan
             floor = (n * k / 2 + n * k / 128 * 3) / 3.0e12 * 1e6
-            print(f"| {k}x{n} | {m} | {r['simt']:.1f} | {r['tc']:.1f} | {r['mma']:.1f} | {r['op']:.1f} | "
-                  f"{r['cublas']:.1f} | {floor:.1f} |", flush=True)
+            print(f"| {k}x{n} | {m} | {r['simt']:.1f} | {r['tc']:.1f} | {r['pc']:.1f} | {r['mma']:.1f} | "
+                  f"{r['op']:.1f} | {r['cublas']:.1f} | {floor:.1f} |", flush=True)
+    if not pc:
+        return
+    print("\nSiblings that read one x (Llama-2-7B q/k/v and gate/up): one op call each vs one "
+          "int4_linear_multi launch, us")
+    print("| weights | M | op per weight, summed | one multi launch | floor us |")
+    print("|---|---|---|---|---|")
+    for k, ns, name in ((4096, (4096,) * 3, "q, k, v 4096x4096"), (4096, (11008,) * 2, "gate, up 4096x11008")):
+        sets = itertools.cycle([[_weight(k, n) for n in ns] for _ in range(max(2, _copies(k, sum(ns))))])
+        for m in (1, 8):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            sep = graph_us(lambda: [torch.ops.awq.int4_linear(x, *w, 128, None) for w in next(sets)])
+            outs = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for n in ns]
+
+            def multi():
+                ws = next(sets)
+                _cuda.gemm_pc(x, [w[0] for w in ws], [w[1] for w in ws], [w[2] for w in ws], 128, [None] * len(ws),
+                              outs)
+            one = graph_us(multi)
+            floor = sum(n * k / 2 + n * k / 128 * 3 for n in ns) / 3.0e12 * 1e6
+            print(f"| {name} | {m} | {sep:.1f} | {one:.1f} | {floor:.1f} |", flush=True)
 
 
 def profile_decode(layers: int, steps: int = 8) -> None:
@@ -97,11 +134,12 @@ def profile_decode(layers: int, steps: int = 8) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=32, help="0: the kernel table only")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), flush=True)
     kernel_table()
-    profile_decode(args.layers)
+    if args.layers:
+        profile_decode(args.layers)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,18 @@ int awq_int4_gemm_tc(const void* x, const uint8_t* qweight, const void* scales, 
                      const void* bias, void* y, int64_t M, int64_t N, int64_t K, int64_t Kp,
                      int group_size, int dtype, void* stream);
 
+// Largest M the producer/consumer decode kernel accepts (int4_gemv_pc.cu): 8.
+int64_t awq_int4_pc_max_m(void);
+
+// ys[i] = x @ W_i^T + biases[i] for nseg (1..4) weights of Ns[i] rows that share x, K, Kp and
+// group_size, in one launch, through the producer/consumer decode kernel (int4_gemv_pc.cu),
+// M <= 8, sm_90 or newer only. Each array holds nseg entries (biases[i] may be NULL). No
+// workspace; deterministic (no atomics).
+int awq_int4_gemm_pc(const void* x, int nseg, const uint8_t* const* qweights, const void* const* scales,
+                     const uint8_t* const* zeros, const void* const* biases, void* const* ys,
+                     const int64_t* Ns, int64_t M, int64_t K, int64_t Kp, int group_size, int dtype,
+                     void* stream);
+
 // w[N, K] = (q - z) * s in T, rounded exactly as awq_compile.quant.dequantize does in T
 // (int4_dequant.cu). Used by the large-M path (dequantize + cuBLAS).
 int awq_int4_dequant(const uint8_t* qweight, const void* scales, const uint8_t* zeros, void* w,

@@ -124,4 +124,22 @@ __device__ __forceinline__ void mma16816<__half>(float (&d)[4], uint32_t a0, uin
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// The tensor-core step of the decode kernels that feed mma.m16n8k16 "swap AB" (weights are A, the
+// tokens the 8 columns of B): c[h] += word j of one 32-k chunk of rows g (q0) and g + 8 (q1) times
+// the lane's token's 8 activations of that word (v); h = 0 / 1 are two independent mma chains.
+// zz*, ss*: zero and scale as dequant8 takes them. The k permutation this implies is described in
+// int4_gemv_pc.cu.
+template <typename T>
+__device__ __forceinline__ void mma_word(float (&c)[2][4], uint32_t q0, uint32_t q1, uint32_t zz0, uint32_t ss0,
+                                         uint32_t zz1, uint32_t ss1, const uint4& v) {
+  uint32_t p0[4], p1[4];  // pairs (k_i, k_{i+4}) of the word, rows g and g + 8
+  dequant8<T>(q0, zz0, ss0, p0);
+  dequant8<T>(q1, zz1, ss1, p1);
+  const uint32_t xp[4] = {__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632),
+                          __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632)};
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+    mma16816<T>(c[h], p0[2 * h], p1[2 * h], p0[2 * h + 1], p1[2 * h + 1], xp[2 * h], xp[2 * h + 1]);
+}
+
 }  // namespace awq

@@ -98,16 +98,9 @@ __device__ __forceinline__ void compute_step(float (&c)[2][4], const uint4 (&w0)
     const uint32_t q1[4] = {w1[u].x, w1[u].y, w1[u].z, w1[u].w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      uint32_t p0[4], p1[4];  // pairs (k_i, k_{i+4}) of word j, rows g and g + 8
-      dequant8<T>(q0[j], zz0, ss0, p0);
-      dequant8<T>(q1[j], zz1, ss1, p1);
       uint4 xw = make_uint4(0u, 0u, 0u, 0u);  // past Kp or past M: x = 0, whatever W holds there
       if (xv && valid) xw = load_x8<T>(xr, chunk * 32 + 8 * j, a);
-      const uint32_t xp[4] = {__byte_perm(xw.x, xw.z, 0x5410), __byte_perm(xw.x, xw.z, 0x7632),
-                              __byte_perm(xw.y, xw.w, 0x5410), __byte_perm(xw.y, xw.w, 0x7632)};
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        mma16816<T>(c[h], p0[2 * h], p1[2 * h], p0[2 * h + 1], p1[2 * h + 1], xp[2 * h], xp[2 * h + 1]);
+      mma_word<T>(c, q0[j], q1[j], zz0, ss0, zz1, ss1, xw);
     }
   }
 }

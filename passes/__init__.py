@@ -5,12 +5,16 @@ The order of the pipeline lives here, in one list, and nowhere else:
     annotate_scale_groups -> insert_observers -> (calibration runs) -> remove_observers
     -> search_scales -> fold_scales -> search_clip -> swap_linear_int4
 
+The compile backend also runs `fuse_sibling_linears` on each graph it serves (after the
+quantization: one `int4_linear_multi` call for the INT4 linears that read one input).
+
 Analysis passes write frozen dataclasses into `node.meta["awq"]`; the rewriting passes read only
 those. `awq_compile.api` drives the pipeline for `quantize`, the compile backend for dynamo graphs.
 """
 
 from .annotate_scale_groups import LinearInfo, ScaleGroup, annotate_scale_groups, linear_infos, scale_groups
 from .fold_scales import fold_scales
+from .fuse_sibling_linears import fuse_sibling_linears
 from .insert_observers import GroupObserver, insert_observers, remove_observers
 from .search_clip import search_clip
 from .search_scales import search_scales
@@ -40,6 +44,7 @@ __all__ = [
     "fold_scales",
     "search_clip",
     "swap_linear_int4",
+    "fuse_sibling_linears",
     "quantize_linear",
     "linear_infos",
     "scale_groups",

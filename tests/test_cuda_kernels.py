@@ -121,6 +121,93 @@ def test_tc_deterministic_and_errors():
         cuda_mod.gemm_tc(big, qw, s, z, g, None, big.new_empty((9, n)))
 
 
+needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                                reason="the producer/consumer kernel needs sm_90")
+
+
+def _pc_one(x, qw, s, z, g, b, out):
+    return cuda_mod.gemm_pc(x, [qw], [s], [z], g, [b], [out])[0]
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("k,n", SHAPES, ids=[f"K{k}xN{n}" for k, n in SHAPES])
+def test_pc_sweep(k, n, g, dtype):
+    """The producer/consumer decode kernel (M <= 8), one weight a launch."""
+    _check_kernel("pc", _pc_one, *_case(k, n, g, dtype), g, dtype, TC_MS)
+
+
+@needs_sm90
+@pytest.mark.parametrize("cfg", ["1", "2"])
+def test_pc_configs(cfg, monkeypatch):
+    """Every block configuration $AWQ_PC_CFG can pick, on a padded K and a ragged N."""
+    monkeypatch.setenv("AWQ_PC_CFG", cfg)
+    for k, n, g in [(576, 1536, 128), (573, 200, 32), (4096, 11008, 64)]:
+        _check_kernel("pc", _pc_one, *_case(k, n, g, torch.bfloat16), g, torch.bfloat16, (1, 3, 8))
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_pc_multi_weights(dtype):
+    """Up to 4 weights of different N that share x, in one launch: each output equals the
+    single-weight launch bit for bit, and the float64 reference within tolerance."""
+    k, g = 1536, 64
+    ns = (4096, 200, 1536, 48)
+    segs = [_random_weight(k, n, g, dtype, seed=i) for i, n in enumerate(ns)]
+    w64 = [dequantize(qw, s, z, g, k, dtype=torch.float64) for qw, s, z, _ in segs]
+    for nseg in (2, 3, 4):
+        for m in (1, 5, 8):
+            x = torch.randn(m, k, device="cuda").to(dtype)
+            biases = [b if i % 2 else None for i, (_, _, _, b) in enumerate(segs[:nseg])]
+            outs = [torch.full((m, n), float("nan"), dtype=dtype, device="cuda") for n in ns[:nseg]]
+            cuda_mod.gemm_pc(x, [t[0] for t in segs[:nseg]], [t[1] for t in segs[:nseg]],
+                             [t[2] for t in segs[:nseg]], g, biases, outs)
+            for i, (y, (qw, s, z, _)) in enumerate(zip(outs, segs)):
+                one = _pc_one(x, qw, s, z, g, biases[i], torch.empty_like(y))
+                assert torch.equal(y, one), f"weight {i} of {nseg}, M={m}"
+                ref = x.double() @ w64[i].T + (0 if biases[i] is None else biases[i].double())
+                assert _rel_err(y, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("m", [1, 8, 16])
+def test_int4_linear_multi_op(m):
+    """awq::int4_linear_multi on CUDA (one producer/consumer launch for M <= 8 on sm_90, one
+    int4_linear each otherwise) against float64, for 3-D x and mixed biases."""
+    k, g, ns = 4096, 128, (4096, 1024, 1024)
+    segs = [_random_weight(k, n, g, torch.bfloat16, seed=10 + i) for i, n in enumerate(ns)]
+    x = torch.randn(1, m, k, device="cuda").to(torch.bfloat16)
+    biases = [segs[0][3], None, segs[2][3]]
+    ys = torch.ops.awq.int4_linear_multi(x, [t[0] for t in segs], [t[1] for t in segs], [t[2] for t in segs], g,
+                                         biases)
+    for y, (qw, s, z, _), b in zip(ys, segs, biases):
+        w64 = dequantize(qw, s, z, g, k, dtype=torch.float64)
+        ref = x.double() @ w64.T + (0 if b is None else b.double())
+        assert y.shape == ref.shape and _rel_err(y, ref) < TOL[torch.bfloat16]
+    with pytest.raises(ValueError, match="same packed K"):
+        torch.ops.awq.int4_linear_multi(x, [segs[0][0], segs[0][0][:, :1024]], [segs[0][1]] * 2,
+                                        [segs[0][2]] * 2, g, [None, None])
+
+
+@needs_sm90
+def test_pc_deterministic_and_errors():
+    k, n, g, m = 4096, 4096, 128, 5
+    qw, s, z, b, _ = _case(k, n, g, torch.bfloat16)
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    y1 = _pc_one(x, qw, s, z, g, b, x.new_empty((m, n)))
+    y2 = _pc_one(x, qw, s, z, g, b, x.new_full((m, n), float("nan")))
+    assert torch.equal(y1, y2)
+    assert cuda_mod.PC_MAX_M <= cuda_mod.load_library().awq_int4_pc_max_m()
+    big = torch.randn(9, k, device="cuda").to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="awq_int4_gemm_pc: bad sizes M=9"):
+        _pc_one(big, qw, s, z, g, None, big.new_empty((9, n)))
+    with pytest.raises(RuntimeError, match="5 weights"):
+        cuda_mod.gemm_pc(x, [qw] * 5, [s] * 5, [z] * 5, g, [None] * 5, [x.new_empty((m, n))] * 5)
+    qw2, s2, z2, _ = _random_weight(2048, 64, g, torch.bfloat16, seed=3)
+    with pytest.raises(ValueError, match="packed K differ"):
+        cuda_mod.gemm_pc(x, [qw, qw2], [s, s2], [z, z2], g, [None, None], [x.new_empty((m, n)), x.new_empty((m, 64))])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("k,n,g", [(576, 1536, 128), (573, 200, 32), (4096, 4096, 64),
                                    (28672, 8192, 128)])

@@ -1,0 +1,280 @@
+"""Horizontal fusion of sibling INT4 linears: the op awq::int4_linear_multi, the pass
+fuse_sibling_linears on hand-built graphs, and the "awq" backend on a tiny Llama."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+from torch import fx, nn
+from torch._dynamo.utils import counters
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+import awq_compile
+from awq_compile import AWQConfig
+from awq_compile.backend import parse_options
+from awq_compile.passes import fuse_sibling_linears
+from awq_compile.quant import quantize
+
+SINGLE = torch.ops.awq.int4_linear.default
+MULTI = torch.ops.awq.int4_linear_multi.default
+
+
+def _weights(ns, k, g=32, dtype=torch.float32, biases=None, seed=0):
+    """Per segment (qweight, scales, zeros, bias) for weights [n, k]; biases: one bool each."""
+    torch.manual_seed(seed)
+    biases = biases or [False] * len(ns)
+    out = []
+    for n, b in zip(ns, biases):
+        qw = quantize(torch.randn(n, k), g, scale_dtype=dtype)
+        out.append((qw.qweight, qw.scales, qw.zeros, torch.randn(n, dtype=dtype) if b else None))
+    return out
+
+
+def _multi(x, segs, g=32):
+    return MULTI(x, *[[s[i] for s in segs] for i in range(3)], g, [s[3] for s in segs])
+
+
+# ----------------------------------------------------------------------------- the op
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("biases", [[False] * 3, [True] * 3, [True, False, True]])
+@pytest.mark.parametrize("x_shape", [(1, 96), (2, 5, 96)])
+def test_multi_is_bit_identical_to_separate_calls(dtype, biases, x_shape):
+    segs = _weights([64, 32, 40], 96, dtype=dtype, biases=biases)  # K = 96 pads to 128 at g = 32
+    x = torch.randn(x_shape, dtype=dtype)
+    ys = _multi(x, segs)
+    assert len(ys) == 3
+    for y, (q, s, z, b) in zip(ys, segs):
+        want = SINGLE(x, q, s, z, 32, b)
+        assert y.shape == (*x_shape[:-1], q.shape[0]) and y.dtype == dtype
+        assert torch.equal(y, want)
+
+
+def test_multi_errors_name_the_problem():
+    segs = _weights([16, 16], 64)
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match=r"int4_linear_multi: takes 1 to 4 segments, got 0"):
+        MULTI(x, [], [], [], 32, [])
+    with pytest.raises(ValueError, match=r"takes 1 to 4 segments, got 5"):
+        _multi(x, segs * 2 + segs[:1])
+    other_k = _weights([16], 128)
+    with pytest.raises(ValueError, match=r"same packed K, got qweights \[\(16, 32\), \(16, 64\)\]"):
+        _multi(x, segs[:1] + other_k)
+    with pytest.raises(ValueError, match=r"must have the same length, got \[2, 2, 1, 2\]"):
+        MULTI(x, [s[0] for s in segs], [s[1] for s in segs], [segs[0][2]], 32, [None, None])
+    q, s, z, _ = segs[1]
+    with pytest.raises(ValueError, match=r"segment 1: awq::int4_linear: bias must be \[16\]"):
+        _multi(x, [segs[0], (q, s, z, torch.zeros(3))])
+
+
+@pytest.mark.parametrize("biases", [[False, False], [True, False]])
+def test_opcheck(biases):
+    segs = _weights([24, 8], 64, biases=biases)
+    args = (torch.randn(3, 64), *[[s[i] for s in segs] for i in range(3)], 32, [s[3] for s in segs])
+    torch.library.opcheck(MULTI, args)
+
+
+# ----------------------------------------------------------------------------- the pass
+
+
+class _Graph:
+    """A hand-built GraphModule: get_attr weights, placeholder inputs, int4_linear calls."""
+
+    def __init__(self) -> None:
+        self.root, self.g, self.n = nn.Module(), fx.Graph(), 0
+        self.inputs: list[torch.Tensor] = []
+
+    def input(self, k: int = 64, shape: tuple[int, ...] = (2, 3)) -> fx.Node:
+        self.inputs.append(torch.randn(*shape, k))
+        return self.g.placeholder(f"x{len(self.inputs)}")
+
+    def weight(self, n: int, k: int = 64, g: int = 32, bias: bool = False) -> list:
+        self.n += 1
+        (t,) = _weights([n], k, g, biases=[bias], seed=self.n)
+        nodes = []
+        for leaf, v in zip(("qweight", "scales", "zeros", "bias"), t):
+            if v is not None:
+                self.root.register_buffer(f"w{self.n}_{leaf}", v)
+            nodes.append(None if v is None else self.g.get_attr(f"w{self.n}_{leaf}"))
+        return nodes
+
+    def linear(self, x: fx.Node, w: list, g: int = 32) -> fx.Node:
+        return self.g.call_function(SINGLE, (x, *w[:3], g, w[3]))
+
+    def module(self, *outs: fx.Node) -> fx.GraphModule:
+        self.g.output(tuple(outs))
+        gm = fx.GraphModule(self.root, self.g)
+        FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*self.inputs)
+        return gm
+
+
+def _targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def _fused(b: _Graph, *outs: fx.Node):
+    """Finish `b`'s graph and run the pass: (the module, its count, the multi nodes), after
+    checking that the outputs are bit-identical to the graph's before the pass."""
+    gm = b.module(*outs)
+    before = gm(*b.inputs)
+    n = fuse_sibling_linears(gm)
+    after = gm(*b.inputs)
+    assert len(before) == len(after) and all(torch.equal(u, v) for u, v in zip(before, after))
+    return gm, n, [m for m in gm.graph.nodes if m.target is MULTI]
+
+
+def _unchanged(b: _Graph, *outs: fx.Node) -> bool:
+    gm = b.module(*outs)
+    code = gm.code
+    return fuse_sibling_linears(gm) == 0 and gm.code == code
+
+
+def test_three_siblings_become_one_multi_call():
+    b = _Graph()
+    x = b.input()
+    h = b.g.call_function(torch.relu, (x,))  # x of the linears is a computed node
+    qkv = [b.linear(h, b.weight(n, bias=n == 32)) for n in (64, 32, 32)]
+    gm, n, multi = _fused(b, *[b.g.call_function(torch.mul, (y, 2.0)) for y in qkv])
+    assert n == 3 and len(multi) == 1 and SINGLE not in _targets(gm)
+    (m,) = multi
+    assert m.args[0] is h and len(m.args[1]) == 3
+    assert [tuple(v.shape) for v in m.meta["val"]] == [(2, 3, 64), (2, 3, 32), (2, 3, 32)]
+    gets = [u for u in m.users if u.target is operator.getitem]
+    assert [g.args[1] for g in gets] == [0, 1, 2]
+    assert [tuple(g.meta["val"].shape) for g in gets] == [(2, 3, 64), (2, 3, 32), (2, 3, 32)]
+
+
+def test_different_inputs_are_not_fused():
+    b = _Graph()
+    x1, x2 = b.input(), b.input()
+    y1, y2 = b.linear(x1, b.weight(16)), b.linear(x2, b.weight(16))
+    y3 = b.linear(b.g.call_function(torch.mul, (x1, 1.0)), b.weight(16))  # same values, other node
+    assert _unchanged(b, y1, y2, y3)
+
+
+def test_group_size_must_match():
+    b = _Graph()
+    x = b.input(128)
+    y64 = b.linear(x, b.weight(16, 128, 64), 64)
+    ys = [b.linear(x, b.weight(16, 128, 32), 32) for _ in range(2)]
+    gm, n, multi = _fused(b, y64, *ys)
+    assert n == 2 and len(multi) == 1 and multi[0].args[4] == 32
+    assert _targets(gm).count(SINGLE) == 1
+
+
+def test_at_most_four_per_call_in_graph_order():
+    b = _Graph()
+    x = b.input()
+    ys = [b.linear(x, b.weight(8 * (i + 1))) for i in range(6)]
+    _, n, multi = _fused(b, *ys)
+    assert n == 6 and [len(m.args[1]) for m in multi] == [4, 2]
+    assert [m.meta["val"][0].shape[-1] for m in multi] == [8, 40]  # the first of each run
+
+
+def test_weight_computed_after_the_first_output_is_used_moves_up():
+    """dynamo's Int4Linear.forward: `scales.to(x.dtype)` comes after the previous sibling's
+    output is used (q -> view -> k's scales -> k)."""
+    b = _Graph()
+    x = b.input()
+    wq, wk = b.weight(32), b.weight(16)
+    q = b.linear(x, wq)
+    q2 = b.g.call_function(torch.neg, (q,))
+    wk[1] = b.g.call_method("to", (wk[1], torch.float32))
+    k = b.linear(x, wk)
+    gm, n, multi = _fused(b, q2, k)
+    assert n == 2
+    nodes = list(gm.graph.nodes)
+    assert nodes.index(wk[1]) < nodes.index(multi[0]) < nodes.index(q2)
+
+
+class _Half(nn.Module):
+    def forward(self, t):
+        return t * 1.0
+
+
+def test_weight_from_a_module_call_puts_the_multi_call_after_it():
+    b = _Graph()
+    b.root.prep = _Half()
+    x = b.input()
+    wq, wk = b.weight(32), b.weight(16)
+    q = b.linear(x, wq)
+    wk[1] = b.g.call_module("prep", (wk[1],))  # not moved: the fused call goes after it
+    k = b.linear(x, wk)
+    gm, n, multi = _fused(b, b.g.call_function(torch.neg, (q,)), k)
+    assert n == 2
+    nodes = list(gm.graph.nodes)
+    assert nodes.index(wk[1]) < nodes.index(multi[0])
+
+
+def test_unfusable_orders_are_left_alone():
+    # k's scales read q's output: k cannot run together with q
+    b = _Graph()
+    x = b.input()
+    wq, wk = b.weight(16), b.weight(16)
+    q = b.linear(x, wq)
+    wk[1] = b.g.call_function(torch.add, (wk[1], b.g.call_function(torch.sum, (q,))))
+    assert _unchanged(b, q, b.linear(x, wk))
+    # one sibling's output is another's bias (x is a vector, so both are [16])
+    b = _Graph()
+    x = b.input(shape=())
+    q = b.linear(x, b.weight(16))
+    assert _unchanged(b, b.linear(x, [*b.weight(16)[:3], q]))
+    # an in-place op on x between the siblings: they read different values
+    b = _Graph()
+    x = b.input()
+    y1 = b.linear(x, b.weight(16))
+    b.g.call_method("add_", (x, 1.0))
+    assert _unchanged(b, y1, b.linear(x, b.weight(16)))
+
+
+# ----------------------------------------------------------------------------- the backend
+
+
+LAYERS = 2
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """A 2-layer Llama (hidden 64) quantized by round to nearest: Int4Linear modules, traced by
+    dynamo into int4_linear calls (the decode benchmark's setup)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    awq_compile.backend.register()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                      num_key_value_heads=2, num_hidden_layers=LAYERS, vocab_size=128,
+                      max_position_embeddings=64)
+    return awq_compile.quantize_rtn(LlamaForCausalLM(cfg).eval(), AWQConfig(group_size=32))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("inductor, fuse, atol", [(False, True, 0.0), (True, True, 1e-5),
+                                                  (False, False, 0.0)])
+def test_backend_fuses_qkv_and_gate_up(tiny_llama, inductor, fuse, atol):
+    compiled = torch.compile(tiny_llama, backend="awq",
+                             options={"inductor": inductor, "fuse_siblings": fuse})
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = compiled(ids, use_cache=False).logits
+        want = tiny_llama(ids, use_cache=False).logits
+    torch.testing.assert_close(y, want, rtol=0 if atol == 0 else 1e-5, atol=atol)
+    assert counters["awq"]["serve_graphs"] == 1
+    assert counters["awq"]["siblings_fused"] == (2 * LAYERS if fuse else 0)
+
+
+def test_fuse_siblings_option():
+    assert parse_options(None).fuse_siblings is True
+    assert parse_options({"fuse_siblings": False}).fuse_siblings is False
+    with pytest.raises(ValueError, match=r"fuse_siblings='no' must be True or False"):
+        parse_options({"fuse_siblings": "no"})
