@@ -21,7 +21,7 @@ they read is defined by then; else the call goes after the last such weight, if 
 before the first use of any sibling's output; else the group is left alone. A group is also
 left alone where a weight reads a sibling's output, or where something between its first and
 last call may mutate a tensor or has side effects (an in-place op, `x += y`, an impure module),
-since the calls would move across it. Module calls are never moved.
+since the calls would move across it. Module calls that a weight reads are never moved.
 
 A call of an `Int4Linear` submodule (the backend's `rewrite_for_serving` puts these in) is a
 sibling too, its buffers read by new `get_attr` nodes: only a plain one (exactly that class, no
@@ -70,8 +70,9 @@ class _Call:
 
 
 def fuse_sibling_linears(gm: fx.GraphModule) -> int:
-    """Fuse each group of sibling `int4_linear` calls; returns the number of calls fused (q/k/v
-    and gate/up of one Llama layer: 5, in two `int4_linear_multi` calls)."""
+    """Fuse each group of sibling `int4_linear` (or plain `Int4Linear` module) calls; returns
+    the number of calls fused (q/k/v and gate/up of one Llama layer: 5, in two
+    `int4_linear_multi` calls)."""
     groups: dict[tuple, list[_Call]] = {}
     for node in gm.graph.nodes:
         call = _match_module(gm, node) if node.op == "call_module" else _match(node)
@@ -107,6 +108,7 @@ def _match(node: fx.Node) -> _Call | None:
 def _match_module(gm: fx.GraphModule, node: fx.Node) -> _Call | None:
     """A call `Int4Linear(x)` the fused call may stand for: see the module docstring."""
     mod = gm.get_submodule(node.target)
+    # a subclass may compute otherwise, and the fused call would not run the module's hooks
     if (type(mod) is not Int4Linear or mod.input_scale is not None or mod._forward_hooks
             or mod._forward_pre_hooks or len(node.args) != 1 or node.kwargs):
         return None

@@ -1,5 +1,6 @@
 """Horizontal fusion of sibling INT4 linears: the op awq::int4_linear_multi, the pass
-fuse_sibling_linears on hand-built graphs, and the "awq" backend on a tiny Llama."""
+fuse_sibling_linears on hand-built graphs (int4_linear calls and Int4Linear module calls), and
+the "awq" backend on a tiny Llama (quantized by the user, or by the backend's calibration)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import awq_compile
-from awq_compile import AWQConfig
+from awq_compile import AWQConfig, Int4Linear
 from awq_compile.backend import parse_options
 from awq_compile.passes import fuse_sibling_linears
 from awq_compile.quant import quantize
@@ -104,6 +105,15 @@ class _Graph:
 
     def linear(self, x: fx.Node, w: list, g: int = 32) -> fx.Node:
         return self.g.call_function(SINGLE, (x, *w[:3], g, w[3]))
+
+    def int4(self, x: fx.Node, n: int, k: int = 64, bias: bool = False,
+             dtype: torch.dtype = torch.float32, input_scale: bool = False) -> fx.Node:
+        """A call of a new Int4Linear submodule, as the backend's `rewrite_for_serving` makes."""
+        self.n += 1
+        ((q, s, z, b),) = _weights([n], k, biases=[bias], dtype=dtype, seed=self.n)
+        scale = torch.rand(k) + 0.5 if input_scale else None
+        self.root.add_module(f"awq_int4_{self.n}", Int4Linear(k, n, 32, q, s, z, b, scale))
+        return self.g.call_module(f"awq_int4_{self.n}", (x,))
 
     def module(self, *outs: fx.Node) -> fx.GraphModule:
         self.g.output(tuple(outs))
@@ -210,6 +220,62 @@ def test_weight_from_a_module_call_puts_the_multi_call_after_it():
     assert nodes.index(wk[1]) < nodes.index(multi[0])
 
 
+def _modules(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_module"]
+
+
+def test_three_int4_modules_become_one_multi_call_on_their_buffers():
+    b = _Graph()
+    x = b.input()
+    qkv = [b.int4(x, n, bias=n == 32) for n in (64, 32, 48)]
+    gm, n, multi = _fused(b, *[b.g.call_function(torch.mul, (y, 2.0)) for y in qkv])
+    assert n == 3 and len(multi) == 1 and _modules(gm) == []
+    (m,) = multi
+    assert m.args[0] is x and m.args[4] == 32
+    assert [a.target for a in m.args[1]] == ["awq_int4_1.qweight", "awq_int4_2.qweight",
+                                             "awq_int4_3.qweight"]
+    assert [a and a.target for a in m.args[5]] == [None, "awq_int4_2.bias", None]
+    assert [tuple(v.shape) for v in m.meta["val"]] == [(2, 3, 64), (2, 3, 32), (2, 3, 48)]
+    assert all(tuple(a.meta["val"].shape) == (n, 32) for a, n in zip(m.args[1], (64, 32, 48)))
+
+
+def test_int4_modules_and_int4_linear_calls_fuse_together():
+    b = _Graph()
+    x = b.input()
+    ys = [b.int4(x, 16), b.linear(x, b.weight(24)), b.int4(x, 8, bias=True)]
+    gm, n, multi = _fused(b, *ys)
+    assert n == 3 and len(multi) == 1 and _modules(gm) == [] and SINGLE not in _targets(gm)
+
+
+def test_int4_module_with_input_scale_is_not_fused():
+    b = _Graph()
+    x = b.input()
+    ys = [b.int4(x, 16), b.int4(x, 16, input_scale=True), b.int4(x, 16)]
+    gm, n, multi = _fused(b, *ys)
+    assert n == 2 and len(multi) == 1 and _modules(gm) == ["awq_int4_2"]
+
+
+def test_int4_module_needing_a_dtype_conversion_is_not_fused():
+    # scales and bias fp16, x float32: the module converts them, the fused call would not
+    b = _Graph()
+    x = b.input()
+    assert _unchanged(b, *[b.int4(x, 16, bias=True, dtype=torch.float16) for _ in range(2)])
+    b = _Graph()
+    x = b.input()
+    ys = [b.int4(x, 16), b.int4(x, 16, dtype=torch.float16), b.int4(x, 16)]
+    gm, n, _ = _fused(b, *ys)
+    assert n == 2 and _modules(gm) == ["awq_int4_2"]
+
+
+def test_int4_modules_on_an_input_of_unknown_dtype_are_not_fused():
+    b = _Graph()
+    x = b.input()
+    ys = [b.int4(x, 16), b.int4(x, 16)]
+    gm = b.module(*ys)
+    x.meta.clear()
+    assert fuse_sibling_linears(gm) == 0 and len(_modules(gm)) == 2
+
+
 def test_unfusable_orders_are_left_alone():
     # k's scales read q's output: k cannot run together with q
     b = _Graph()
@@ -271,6 +337,48 @@ def test_backend_fuses_qkv_and_gate_up(tiny_llama, inductor, fuse, atol):
     torch.testing.assert_close(y, want, rtol=0 if atol == 0 else 1e-5, atol=atol)
     assert counters["awq"]["serve_graphs"] == 1
     assert counters["awq"]["siblings_fused"] == (2 * LAYERS if fuse else 0)
+
+
+SEARCH = dict(n_grid=2, clip_grid=2, max_search_tokens=128, max_clip_tokens=32)
+
+
+@pytest.fixture(scope="module")
+def calibrated_llama():
+    """A float 2-layer Llama the backend calibrated itself: its serving graphs call the
+    Int4Linear modules `rewrite_for_serving` swaps in. Scales in float32, the model's dtype:
+    the pass fuses no module that would convert them (the default float16 scales)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    awq_compile.backend.register()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                      num_key_value_heads=2, num_hidden_layers=LAYERS, vocab_size=128,
+                      max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    compiled = torch.compile(model, backend="awq", options={"group_size": 32, "compute_dtype": "float32",
+                                                       **SEARCH})
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), awq_compile.calibration(compiled):
+        compiled(ids, use_cache=False)
+    torch._dynamo.reset()
+    return model
+
+
+@pytest.mark.parametrize("inductor, atol", [(False, 0.0), (True, 1e-5)])
+def test_backend_fuses_the_int4_modules_it_swaps_in(calibrated_llama, inductor, atol):
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    ys = {}
+    for fuse in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(calibrated_llama, backend="awq",
+                                 options={"inductor": inductor, "fuse_siblings": fuse})
+        with torch.no_grad():
+            ys[fuse] = compiled(ids, use_cache=False).logits
+        assert counters["awq"]["serve_graphs"] == 1 and counters["awq"]["quantize"] == 0
+        assert counters["awq"]["linears_swapped"] == 7 * LAYERS
+        assert counters["awq"]["siblings_fused"] == (2 * LAYERS if fuse else 0)
+    torch.testing.assert_close(ys[True], ys[False], rtol=0 if atol == 0 else 1e-5, atol=atol)
 
 
 def test_fuse_siblings_option():
