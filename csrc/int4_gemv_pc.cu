@@ -5,8 +5,8 @@
 // for up to kMaxSeg weights s that read the same x (q/k/v, gate/up: one launch for all), straight
 // from the NK_U8 layout (docs/format.md), without repacking.
 //
-// Why (csrc/NOTES.md): in the register-streaming kernels a warp that computes has no loads in
-// flight, and registers cap the warps that could cover it. Here one producer warp per block keeps
+// Why (csrc/NOTES.md): a warp that computes has no loads in flight, and registers cap the warps
+// that could cover it. Here one producer warp per block keeps
 // a ring of shared-memory stages full with bulk copies (cp.async.bulk, the TMA engine: one
 // instruction a row, no registers, completion counted on an mbarrier) whatever the consumers are
 // doing, and C consumer warps dequantize and multiply out of the ring. Everything the consumers
@@ -29,15 +29,14 @@
 // Numerics: dequant8 rounds (q - z) * s once to T (bit-identical to quant.dequantize in T); the
 // tensor cores multiply and accumulate in fp32.
 //
-// Fallbacks inside the kernel (uniform branches): a weight with N % 16 != 0 or unaligned
-// scales / zeros, or K too large for two tiles' scales in shared memory, reads scales and zeros
-// from global memory one stage ahead; x with K % 8 != 0 or unaligned is read from global memory.
-// Limitations: sm_90 only (the launcher refuses older devices; _cuda.py dispatches around it);
+// Fallbacks (uniform branches): scales and zeros from global memory one stage ahead when N % 16 !=
+// 0, they are unaligned or K is too large; x through the L1 for M > 4, or unaligned. Limitations: sm_90 only (the launcher refuses older devices; _cuda.py dispatches around it);
 // N * Kp / 2 < 2^31 per weight; qweight 16-byte aligned. Only sm_90 (H100) was run.
 #include <algorithm>
 #include <cstdlib>
 
 #include "int4_common.cuh"
+#include "sm90_async.cuh"
 
 namespace awq {
 namespace {
@@ -90,39 +89,6 @@ struct PcLayout {
 };
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes)
-               : "memory");
-}
-// Spins until the phase of parity `parity` has completed.
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
-  while (!done)
-    asm volatile(
-        "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-        : "=r"(done)
-        : "r"(smem_u32(bar)), "r"(parity)
-        : "memory");
-}
-// bytes (a multiple of 16) from global src to shared dst, both 16-byte aligned; completion is
-// counted on bar. policy: the L2 eviction hint.
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar,
-                                          uint64_t policy) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
-      ::"r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar)), "l"(policy)
-      : "memory");
-}
-
 // Which weight a tile belongs to.
 __device__ __forceinline__ int seg_of(const PcArgs& a, int tile) {
   int s = 0;

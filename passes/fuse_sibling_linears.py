@@ -25,9 +25,15 @@ since the calls would move across it. Module calls that a weight reads are never
 
 A call of an `Int4Linear` submodule (the backend's `rewrite_for_serving` puts these in) is a
 sibling too, its buffers read by new `get_attr` nodes: only a plain one (exactly that class, no
-hooks, no `input_scale`) whose scales and bias already have x's dtype (x's `meta["val"]` /
-`meta["example_value"]`), so that its `.to(x.dtype)` is a no-op and the fused call computes
-exactly what the module did; with x's dtype unknown it is left alone.
+hooks, no `input_scale`), and only where x's dtype is known (x's `meta["val"]` /
+`meta["example_value"]`); else it is left alone. Scales or bias of another dtype (fp16 scales,
+the default `compute_dtype`, in a bf16 or fp32 model) get the module's own conversion, a
+`call_method` `.to(x.dtype)` after the `get_attr`, so the fused call computes exactly what the
+module did:
+
+    Matches:   q = awq_int4_q(x); k = awq_int4_k(x)         (fp16 scales, x float32)
+    Becomes:   qk = awq.int4_linear_multi(x, [...], [q.scales.to(float32), k.scales.to(float32)],
+                                          ...)
 """
 
 from __future__ import annotations
@@ -112,8 +118,8 @@ def _match_module(gm: fx.GraphModule, node: fx.Node) -> _Call | None:
     if (type(mod) is not Int4Linear or mod.input_scale is not None or mod._forward_hooks
             or mod._forward_pre_hooks or len(node.args) != 1 or node.kwargs):
         return None
-    x, dtype = node.args[0], _dtype(node.args[0])
-    if dtype is None or any(t is not None and t.dtype != dtype for t in (mod.scales, mod.bias)):
+    x = node.args[0]
+    if _dtype(x) is None:  # the fused call must convert scales and bias to it, as forward does
         return None
     return _Call(node, x, (), mod.group_size, None, mod.qweight.shape[1] * 2, mod)
 
@@ -220,12 +226,13 @@ def _rewrite(graph: fx.Graph, calls: list[_Call], where: fx.Node) -> None:
 
 def _operands(graph: fx.Graph, call: _Call) -> tuple[fx.Node | None, ...]:
     """qweight, scales, zeros and bias of `call`: a module's as `get_attr` nodes of its
-    buffers, each with a fake tensor in the meta key x has, where x's comes from a fake mode."""
+    buffers, scales and bias converted to x's dtype as `Int4Linear.forward` does, each node
+    with a fake tensor in the meta key x has, where x's comes from a fake mode."""
     if call.module is None:
         return (*call.weights[:3], call.bias)
-    x_val = _val(call.x)
+    dtype = _dtype(call.x)
     key = next(k for k in _VAL_KEYS if k in call.x.meta)
-    mode = getattr(x_val, "fake_mode", None)
+    mode = getattr(_val(call.x), "fake_mode", None)
     out = []
     for leaf in _LEAVES:
         t = getattr(call.module, leaf)
@@ -235,5 +242,17 @@ def _operands(graph: fx.Graph, call: _Call) -> tuple[fx.Node | None, ...]:
         node = graph.get_attr(f"{call.node.target}.{leaf}")
         if mode is not None:
             node.meta[key] = mode.from_tensor(t, static_shapes=True)
+        if leaf in ("scales", "bias") and t.dtype != dtype:
+            node = _to(graph, node, dtype, key, mode)
         out.append(node)
     return tuple(out)
+
+
+def _to(graph: fx.Graph, node: fx.Node, dtype: torch.dtype, key: str, mode) -> fx.Node:
+    """`node.to(dtype)`: the module's own call (not `_to_copy`), so that dynamo's graph stays a
+    torch-level graph and AOT autograd lowers it as it would have lowered the module."""
+    to = graph.call_method("to", (node, dtype))
+    if mode is not None:
+        with mode:
+            to.meta[key] = node.meta[key].to(dtype)
+    return to

@@ -15,6 +15,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import awq_compile
 from awq_compile import AWQConfig, Int4Linear
+from awq_compile._calibration import model_state
 from awq_compile.backend import parse_options
 from awq_compile.passes import fuse_sibling_linears
 from awq_compile.quant import quantize
@@ -255,16 +256,27 @@ def test_int4_module_with_input_scale_is_not_fused():
     assert n == 2 and len(multi) == 1 and _modules(gm) == ["awq_int4_2"]
 
 
-def test_int4_module_needing_a_dtype_conversion_is_not_fused():
-    # scales and bias fp16, x float32: the module converts them, the fused call would not
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_int4_modules_with_fp16_scales_fuse_with_the_modules_conversion(x_dtype):
+    # scales and bias fp16 (the default compute_dtype): the fused call reads them through the
+    # `.to(x.dtype)` each module's forward makes, so it stays bit-identical (checked by _fused)
     b = _Graph()
-    x = b.input()
-    assert _unchanged(b, *[b.int4(x, 16, bias=True, dtype=torch.float16) for _ in range(2)])
-    b = _Graph()
-    x = b.input()
-    ys = [b.int4(x, 16), b.int4(x, 16, dtype=torch.float16), b.int4(x, 16)]
-    gm, n, _ = _fused(b, *ys)
-    assert n == 2 and _modules(gm) == ["awq_int4_2"]
+    x = b.g.call_method("to", (b.input(), x_dtype))
+    ys = [b.int4(x, 16, dtype=x_dtype), b.int4(x, 24, bias=True, dtype=torch.float16),
+          b.int4(x, 8, dtype=x_dtype)]
+    gm, n, multi = _fused(b, *ys)
+    assert n == 3 and len(multi) == 1 and _modules(gm) == []
+    (m,) = multi
+    scales, biases = m.args[2], m.args[5]
+    assert [a.op for a in scales] == ["get_attr", "call_method", "get_attr"]
+    to = [scales[1], biases[1]]
+    assert [(t.target, t.args[0].target, t.args[1]) for t in to] == [
+        ("to", "awq_int4_2.scales", x_dtype), ("to", "awq_int4_2.bias", x_dtype)]
+    assert all(t.meta["val"].dtype == x_dtype and t.args[0].meta["val"].dtype == torch.float16
+               for t in to)
+    assert [a and a.meta["val"].dtype for a in (*scales, *biases)] == [x_dtype] * 3 + [
+        None, x_dtype, None]
+    assert sum(n.target == "to" for n in gm.graph.nodes) == 3  # x's, and the two above
 
 
 def test_int4_modules_on_an_input_of_unknown_dtype_are_not_fused():
@@ -342,11 +354,11 @@ def test_backend_fuses_qkv_and_gate_up(tiny_llama, inductor, fuse, atol):
 SEARCH = dict(n_grid=2, clip_grid=2, max_search_tokens=128, max_clip_tokens=32)
 
 
-@pytest.fixture(scope="module")
-def calibrated_llama():
-    """A float 2-layer Llama the backend calibrated itself: its serving graphs call the
-    Int4Linear modules `rewrite_for_serving` swaps in. Scales in float32, the model's dtype:
-    the pass fuses no module that would convert them (the default float16 scales)."""
+@pytest.fixture(scope="module", params=["float32", "float16"])
+def calibrated_llama(request):
+    """A float32 2-layer Llama the backend calibrated itself: its serving graphs call the
+    Int4Linear modules `rewrite_for_serving` swaps in. Scales in float32 (the model's dtype), or
+    in float16 (the default compute_dtype), which each module converts to float32 in forward."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     awq_compile.backend.register()
@@ -355,29 +367,34 @@ def calibrated_llama():
                       num_key_value_heads=2, num_hidden_layers=LAYERS, vocab_size=128,
                       max_position_embeddings=64)
     model = LlamaForCausalLM(cfg).eval()
-    compiled = torch.compile(model, backend="awq", options={"group_size": 32, "compute_dtype": "float32",
-                                                       **SEARCH})
+    dtype = {} if request.param == "float16" else {"compute_dtype": request.param}
+    assert AWQConfig().compute_dtype == "float16"
+    compiled = torch.compile(model, backend="awq", options={"group_size": 32, **dtype, **SEARCH})
     ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), awq_compile.calibration(compiled):
         compiled(ids, use_cache=False)
     torch._dynamo.reset()
-    return model
+    return model, getattr(torch, request.param)
 
 
 @pytest.mark.parametrize("inductor, atol", [(False, 0.0), (True, 1e-5)])
 def test_backend_fuses_the_int4_modules_it_swaps_in(calibrated_llama, inductor, atol):
+    model, scale_dtype = calibrated_llama
     ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0))
     ys = {}
     for fuse in (False, True):
         torch._dynamo.reset()
         counters.clear()
-        compiled = torch.compile(calibrated_llama, backend="awq",
+        compiled = torch.compile(model, backend="awq",
                                  options={"inductor": inductor, "fuse_siblings": fuse})
         with torch.no_grad():
             ys[fuse] = compiled(ids, use_cache=False).logits
         assert counters["awq"]["serve_graphs"] == 1 and counters["awq"]["quantize"] == 0
         assert counters["awq"]["linears_swapped"] == 7 * LAYERS
         assert counters["awq"]["siblings_fused"] == (2 * LAYERS if fuse else 0)
+    plan = model_state(model).plan  # the Int4Linear modules the graphs call
+    assert {m.scales.dtype for m in plan.linears.values()} == {scale_dtype}
+    assert ys[True].dtype == torch.float32
     torch.testing.assert_close(ys[True], ys[False], rtol=0 if atol == 0 else 1e-5, atol=atol)
 
 
