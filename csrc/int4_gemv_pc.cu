@@ -14,10 +14,11 @@
 // and zeros (a global load next to the math costs its full latency: the ring leaves the L1 little
 // room, so x would come from the L2).
 //
-// Work: a tile is 16 output rows of one weight; blocks loop over tiles (persistent grid, one
-// wave). A stage holds the tile's 16 rows x KS k (KS = 256 C) and x[:, k0 : k0 + KS]; consumer
-// warp w takes chunks (32 k, 16 bytes) 8w .. 8w + 7 of each row, lane (g, t) = (lane / 4,
-// lane % 4) chunks 8w + t and 8w + 4 + t of rows g and g + 8, copies them to registers, frees
+// Work: a tile is 16 H output rows of one weight (H = 2 by default: each x fragment feeds 4
+// mmas); blocks loop over tiles (persistent grid, one wave). A stage holds the tile's rows x KS k
+// (KS = 256 C) and x[:, k0 : k0 + KS]; consumer warp w takes chunks (32 k, 16 bytes) 8w .. 8w + 7
+// of each row, lane (g, t) = (lane / 4, lane % 4) chunks 8w + t and 8w + 4 + t of rows 16h + g
+// and 16h + g + 8 (h < H), copies them to registers, frees
 // the slot and feeds mma.m16n8k16 "swap AB" (weights are A, the tokens the 8 columns of B). mma
 // sums over 16 k-slots, and any permutation of k works as long as A and B agree: slots (2t,
 // 2t + 1) of mma 2j + h take the weight pair (8j + 2h, 8j + 2h + 4) of the lane's chunk and slots
@@ -29,9 +30,10 @@
 // Numerics: dequant8 rounds (q - z) * s once to T (bit-identical to quant.dequantize in T); the
 // tensor cores multiply and accumulate in fp32.
 //
-// Fallbacks (uniform branches): scales and zeros from global memory one stage ahead when N % 16 !=
-// 0, they are unaligned or K is too large; x through the L1 for M > 4, or unaligned. Limitations: sm_90 only (the launcher refuses older devices; _cuda.py dispatches around it);
-// N * Kp / 2 < 2^31 per weight; qweight 16-byte aligned. Only sm_90 (H100) was run.
+// Fallbacks (uniform branches): scales and zeros from global memory one stage ahead when N is
+// not a multiple of the tile, they are unaligned or K is too large; x through the L1 for M > 4,
+// or unaligned. Limitations: sm_90 only (the launcher refuses older devices; _cuda.py dispatches
+// around it); N * Kp / 2 < 2^31 per weight; qweight 16-byte aligned. Run on H100 and H200 only.
 #include <algorithm>
 #include <cstdlib>
 
@@ -58,33 +60,34 @@ struct PcArgs {
   PcSeg seg[kMaxSeg];
   int nseg, M, K, Kp, groups, log2g, nchunks, tiles, stages_tile;
   int stages;       // ring depth
-  int stage_bytes;  // weights (16 rows) + x (M rows) of a stage
-  bool sz_smem;     // scales and zeros staged per tile (every N % 16 == 0, aligned pointers)
+  int stage_bytes;  // weights (a tile's rows) + x (M rows) of a stage
+  bool sz_smem;     // scales and zeros staged per tile (every N a multiple of the tile, aligned)
   bool x_vec;       // K % 8 == 0 and x 16-byte aligned: 16-byte loads and bulk copies of x
   bool x_smem;      // x staged per stage (x_vec and M <= kMaxXSmemM)
 };
 
-// Largest shared-memory copy of two tiles' scales and zeros (96 bytes a group): K <= 43690 at
-// g = 64, K <= 21845 at g = 32. Beyond, consumers read them from global memory.
+// Largest shared-memory copy of two tiles' scales and zeros (6 bytes a row and group: with 32
+// rows, K <= 43690 at g = 128). Beyond, consumers read them from global memory.
 constexpr int kMaxSzSmem = 64 << 10;
 constexpr int kMaxStages = 8;
 // x is staged with the weights up to this M; beyond, its slice outgrows the stage's weights and
 // the ring gets too shallow (measured: csrc/NOTES.md), so consumers read x through the L1.
 constexpr int kMaxXSmemM = 4;
 
-template <int C>
+template <int C, int H>
 struct PcLayout {
+  static constexpr int kTileRows = 16 * H;              // a warp's rows: H halves of 16
   static constexpr int kKs = 256 * C;                   // k per stage
   static constexpr int kRowStride = kKs / 2 + 16;       // bytes a weight row takes in a stage
   static constexpr int kXStride = 2 * kKs + 16;         // bytes an x row takes in a stage
-  static constexpr int kWBytes = 16 * kRowStride;
-  static constexpr int kRedBytes = 2 * C * 4 * 32 * 4;  // partials, double-buffered by tile
+  static constexpr int kWBytes = kTileRows * kRowStride;
+  static constexpr int kRedBytes = 2 * C * 4 * H * 32 * 4;  // partials, double-buffered by tile
   static constexpr int kBarBytes = (2 * kMaxStages + 4) * 8;
   static int stage_bytes(int m, bool x_smem) { return kWBytes + (x_smem ? m * kXStride : 0); }
-  // The ring, the partials, with sz_smem two tiles' scales (32 B a group) and zeros (16 B a
-  // group), then the barriers.
+  // The ring, the partials, with sz_smem two tiles' scales (2 B a row and group) and zeros
+  // (1 B), then the barriers.
   static size_t bytes(int stages, int stage, int groups, bool sz_smem) {
-    return (size_t)stages * stage + kRedBytes + (sz_smem ? (size_t)96 * groups : 0) + kBarBytes;
+    return (size_t)stages * stage + kRedBytes + (sz_smem ? (size_t)6 * kTileRows * groups : 0) + kBarBytes;
   }
 };
 
@@ -177,17 +180,18 @@ __device__ __forceinline__ void compute(float (&c)[2][4], const uint4 (&w0)[2], 
 }
 #endif
 
-template <typename T, int C, int MINB>
+template <typename T, int C, int H, int MINB>
 __global__ void __launch_bounds__(32 * (C + 1), MINB) gemv_pc_kernel(const PcArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  using L = PcLayout<C>;
+  using L = PcLayout<C, H>;
+  constexpr int TR = L::kTileRows;
   extern __shared__ __align__(128) uint8_t smem[];
   const int S = a.stages, groups = a.groups;
   uint8_t* ring = smem;
   float* red = reinterpret_cast<float*>(smem + (size_t)S * a.stage_bytes);
-  uint16_t* sz_s = reinterpret_cast<uint16_t*>(smem + (size_t)S * a.stage_bytes + L::kRedBytes);  // [2][16][groups]
-  uint8_t* sz_z = reinterpret_cast<uint8_t*>(sz_s + (a.sz_smem ? 32 * groups : 0));                // [2][16][groups]
-  uint64_t* full = reinterpret_cast<uint64_t*>(sz_z + (a.sz_smem ? 32 * groups : 0));
+  uint16_t* sz_s = reinterpret_cast<uint16_t*>(smem + (size_t)S * a.stage_bytes + L::kRedBytes);  // [2][TR][groups]
+  uint8_t* sz_z = reinterpret_cast<uint8_t*>(sz_s + (a.sz_smem ? 2 * TR * groups : 0));            // [2][TR][groups]
+  uint64_t* full = reinterpret_cast<uint64_t*>(sz_z + (a.sz_smem ? 2 * TR * groups : 0));
   uint64_t* empty = full + kMaxStages;
   uint64_t* sz_full = empty + kMaxStages;  // [2]
   uint64_t* sz_empty = sz_full + 2;
@@ -214,15 +218,15 @@ __global__ void __launch_bounds__(32 * (C + 1), MINB) gemv_pc_kernel(const PcArg
     uint32_t phase = 0, tn = 0;
     for (int tile = blockIdx.x; tile < a.tiles; tile += gridDim.x, ++tn) {
       const PcSeg& sg = a.seg[seg_of(a, tile)];
-      const int r0 = (tile - sg.tile0) * 16, rows = min(16, sg.N - r0);
-      if (a.sz_smem) {  // the tile's scales and zeros: two contiguous runs (16 rows, N % 16 == 0)
+      const int r0 = (tile - sg.tile0) * TR, rows = min(TR, sg.N - r0);
+      if (a.sz_smem) {  // the tile's scales and zeros: two contiguous runs (TR rows, N % TR == 0)
         const int b = tn & 1;
         mbar_wait(&sz_empty[b], ((tn >> 1) & 1) ^ 1);
         if (lane == 0) {
-          mbar_expect_tx(&sz_full[b], 48 * groups);
-          bulk_copy(sz_s + b * 16 * groups, static_cast<const uint16_t*>(sg.scales) + (size_t)r0 * groups,
-                    32 * groups, &sz_full[b], evict_first);
-          bulk_copy(sz_z + b * 16 * groups, sg.zeros + (size_t)r0 * groups, 16 * groups, &sz_full[b], evict_first);
+          mbar_expect_tx(&sz_full[b], 3 * TR * groups);
+          bulk_copy(sz_s + b * TR * groups, static_cast<const uint16_t*>(sg.scales) + (size_t)r0 * groups,
+                    2 * TR * groups, &sz_full[b], evict_first);
+          bulk_copy(sz_z + b * TR * groups, sg.zeros + (size_t)r0 * groups, TR * groups, &sz_full[b], evict_first);
         }
       }
       const uint8_t* src = sg.qweight + (size_t)(r0 + lane) * row_bytes;
@@ -236,9 +240,9 @@ __global__ void __launch_bounds__(32 * (C + 1), MINB) gemv_pc_kernel(const PcArg
         uint8_t* stage = ring + (size_t)slot * a.stage_bytes;
         if (lane < rows)
           bulk_copy(stage + lane * L::kRowStride, src + k0 / 2, bytes, &full[slot], evict_first);
-        else if (lane >= 16 && lane < 16 + a.M && xbytes)
-          bulk_copy(stage + L::kWBytes + (lane - 16) * L::kXStride,
-                    static_cast<const T*>(a.x) + (size_t)(lane - 16) * a.K + k0, xbytes, &full[slot], evict_last);
+        if (lane < a.M && xbytes)
+          bulk_copy(stage + L::kWBytes + lane * L::kXStride, static_cast<const T*>(a.x) + (size_t)lane * a.K + k0,
+                    xbytes, &full[slot], evict_last);
         if (++slot == S) slot = 0, phase ^= 1;
       }
     }
@@ -253,62 +257,78 @@ __global__ void __launch_bounds__(32 * (C + 1), MINB) gemv_pc_kernel(const PcArg
   uint32_t phase = 0, tn = 0;
   for (int tile = blockIdx.x; tile < a.tiles; tile += gridDim.x, ++tn) {
     const PcSeg& sg = a.seg[seg_of(a, tile)];
-    const int row0 = (tile - sg.tile0) * 16 + g, row1 = row0 + 8;
-    const uint32_t goff0 = (uint32_t)min(row0, sg.N - 1) * groups, goff1 = (uint32_t)min(row1, sg.N - 1) * groups;
-    const uint16_t* ss = sz_s + (tn & 1) * 16 * groups;
-    const uint8_t* zs = sz_z + (tn & 1) * 16 * groups;
-    float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-    ScaleZero sz, next;
+    const int rbase = (tile - sg.tile0) * TR + g;  // rows rbase + 16h and rbase + 16h + 8
+    uint32_t goff[H][2];
+#pragma unroll
+    for (int h = 0; h < H; ++h)
+      for (int i = 0; i < 2; ++i) goff[h][i] = (uint32_t)min(rbase + 16 * h + 8 * i, sg.N - 1) * groups;
+    const uint16_t* ss = sz_s + (tn & 1) * TR * groups;
+    const uint8_t* zs = sz_z + (tn & 1) * TR * groups;
+    float c[H][2][4] = {};
+    ScaleZero sz[H], next[H];
     if (a.sz_smem)
       mbar_wait(&sz_full[tn & 1], (tn >> 1) & 1);
     else
-      load_sz(sz, a, sg, goff0, goff1, 8 * warp + t);
+#pragma unroll
+      for (int h = 0; h < H; ++h) load_sz(sz[h], a, sg, goff[h][0], goff[h][1], 8 * warp + t);
     for (int st = 0; st < a.stages_tile; ++st) {
       const int chunk0 = st * (L::kKs / 32) + 8 * warp + t;
       if (!a.sz_smem && st + 1 < a.stages_tile)  // one stage ahead
-        load_sz(next, a, sg, goff0, goff1, chunk0 + L::kKs / 32);
+#pragma unroll
+        for (int h = 0; h < H; ++h) load_sz(next[h], a, sg, goff[h][0], goff[h][1], chunk0 + L::kKs / 32);
       const uint8_t* stage = ring + (size_t)slot * a.stage_bytes;
       uint4 xw[2][4];
       if (!a.x_smem) load_x<T>(xw, a, nullptr, xr, xv, chunk0, 0);  // does not wait for the stage
-      if (a.sz_smem) load_sz_smem(sz, a, ss, zs, g, chunk0);
+      if (a.sz_smem)
+#pragma unroll
+        for (int h = 0; h < H; ++h) load_sz_smem(sz[h], a, ss + 16 * h * groups, zs + 16 * h * groups, g, chunk0);
       mbar_wait(&full[slot], phase);
       if (a.x_smem)
         load_x<T>(xw, a, reinterpret_cast<const T*>(stage + L::kWBytes + min(g, a.M - 1) * L::kXStride), xr, xv,
                   chunk0, st * L::kKs);
       const uint8_t* base = stage + (8 * warp + t) * 16;
-      uint4 w0[2], w1[2];
+      uint4 w0[H][2], w1[H][2];
 #pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        w0[u] = *reinterpret_cast<const uint4*>(base + g * L::kRowStride + 64 * u);
-        w1[u] = *reinterpret_cast<const uint4*>(base + (g + 8) * L::kRowStride + 64 * u);
-      }
+      for (int h = 0; h < H; ++h)
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          w0[h][u] = *reinterpret_cast<const uint4*>(base + (16 * h + g) * L::kRowStride + 64 * u);
+          w1[h][u] = *reinterpret_cast<const uint4*>(base + (16 * h + g + 8) * L::kRowStride + 64 * u);
+        }
       __syncwarp();
       if (lane == 0) mbar_arrive(&empty[slot]);
       if (++slot == S) slot = 0, phase ^= 1;
-      compute<T>(c, w0, w1, sz, xw);
-      if (!a.sz_smem) sz = next;
+#pragma unroll
+      for (int h = 0; h < H; ++h) compute<T>(c[h], w0[h], w1[h], sz[h], xw);
+      if (!a.sz_smem)
+#pragma unroll
+        for (int h = 0; h < H; ++h) sz[h] = next[h];
     }
     if (a.sz_smem) {
       __syncwarp();
       if (lane == 0) mbar_arrive(&sz_empty[tn & 1]);
     }
-    float* rb = red + (tn & 1) * (C * 4 * 32);
+    float* rb = red + (tn & 1) * (C * 4 * H * 32);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) rb[(warp * 4 + e) * 32 + lane] = c[0][e] + c[1][e];
+    for (int h = 0; h < H; ++h)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) rb[((warp * H + h) * 4 + e) * 32 + lane] = c[h][0][e] + c[h][1][e];
     asm volatile("bar.sync 1, %0;" ::"r"(32 * C) : "memory");
     if (warp == 0) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float v = 0.f;
+      for (int h = 0; h < H; ++h)
 #pragma unroll
-        for (int w = 0; w < C; ++w) v += rb[(w * 4 + e) * 32 + lane];
-        // c0, c1: row g, tokens 2t, 2t + 1; c2, c3: row g + 8.
-        const int row = e < 2 ? row0 : row1, tok = 2 * t + (e & 1);
-        if (row < sg.N && tok < a.M) {
-          if (sg.bias) v += Half2Traits<T>::to_float(static_cast<const T*>(sg.bias)[row]);
-          static_cast<T*>(sg.y)[(size_t)tok * sg.N + row] = Half2Traits<T>::from_float(v);
+        for (int e = 0; e < 4; ++e) {
+          float v = 0.f;
+#pragma unroll
+          for (int w = 0; w < C; ++w) v += rb[((w * H + h) * 4 + e) * 32 + lane];
+          // c0, c1: row g, tokens 2t, 2t + 1; c2, c3: row g + 8 (of half h).
+          const int row = rbase + 16 * h + (e < 2 ? 0 : 8), tok = 2 * t + (e & 1);
+          if (row < sg.N && tok < a.M) {
+            if (sg.bias) v += Half2Traits<T>::to_float(static_cast<const T*>(sg.bias)[row]);
+            static_cast<T*>(sg.y)[(size_t)tok * sg.N + row] = Half2Traits<T>::from_float(v);
+          }
         }
-      }
     }
   }
 #endif
@@ -316,10 +336,10 @@ __global__ void __launch_bounds__(32 * (C + 1), MINB) gemv_pc_kernel(const PcArg
 
 // Picks the ring depth (as deep as MINB blocks a SM allow, 2..kMaxStages) and launches a
 // persistent grid of min(tiles, resident blocks) blocks.
-template <typename T, int C, int MINB>
+template <typename T, int C, int H, int MINB>
 int launch_cfg(const PcArgs& a, cudaStream_t stream) {
-  using L = PcLayout<C>;
-  auto kernel = gemv_pc_kernel<T, C, MINB>;
+  using L = PcLayout<C, H>;
+  auto kernel = gemv_pc_kernel<T, C, H, MINB>;
   constexpr int threads = 32 * (C + 1);
   struct Dev { int smem_sm, optin, sms; };
   static Dev devs[64] = {};
@@ -334,7 +354,13 @@ int launch_cfg(const PcArgs& a, cudaStream_t stream) {
       return check_launch("gemv_pc setup");
   }
   PcArgs b = a;
-  b.sz_smem = a.sz_smem && 96 * a.groups <= kMaxSzSmem;
+  b.tiles = 0;
+  for (int i = 0; i < a.nseg; ++i) {  // tiles of TR rows
+    b.seg[i].tile0 = b.tiles;
+    b.tiles += (a.seg[i].N + L::kTileRows - 1) / L::kTileRows;
+    b.sz_smem = b.sz_smem && a.seg[i].N % L::kTileRows == 0;
+  }
+  b.sz_smem = b.sz_smem && 6 * L::kTileRows * a.groups <= kMaxSzSmem;
   b.stage_bytes = L::stage_bytes(a.M, a.x_smem);
   const size_t fixed = L::bytes(0, 0, a.groups, b.sz_smem);
   const long long per_block = std::min<long long>(d.optin, d.smem_sm / MINB - 1024);  // 1 KB reserved a block
@@ -343,20 +369,23 @@ int launch_cfg(const PcArgs& a, cudaStream_t stream) {
   if (smem > (size_t)d.optin) return fail(AWQ_ERR_CUDA, "gemv_pc: %zu bytes of shared memory do not fit", smem);
   const int resident = std::max(1, std::min(MINB, (int)(d.smem_sm / (smem + 1024))));
   b.stages_tile = (a.Kp + L::kKs - 1) / L::kKs;
-  const int grid = (int)std::min<long long>(a.tiles, (long long)resident * d.sms);
+  const int grid = (int)std::min<long long>(b.tiles, (long long)resident * d.sms);
   kernel<<<grid, threads, smem, stream>>>(b);
   return check_launch("gemv_pc_kernel");
 }
 
-// $AWQ_PC_CFG picks a configuration <consumer warps, blocks a SM> for measurements; 0 (default)
-// is the one measured best (csrc/NOTES.md).
+// $AWQ_PC_CFG picks a configuration <consumer warps, 16-row halves a warp, blocks a SM> for
+// measurements; 0 (default) is the one measured best (csrc/NOTES.md, session 3: two halves, so
+// each x fragment feeds 4 mmas and x is copied once per 32 rows).
 template <typename T>
 int launch(const PcArgs& a, cudaStream_t stream) {
   const char* env = getenv("AWQ_PC_CFG");  // read on every call, as the tests switch it
   switch (env ? atoi(env) : 0) {
-    case 1: return launch_cfg<T, 8, 2>(a, stream);
-    case 2: return launch_cfg<T, 4, 3>(a, stream);
-    default: return launch_cfg<T, 4, 4>(a, stream);
+    case 1: return launch_cfg<T, 8, 1, 2>(a, stream);
+    case 2: return launch_cfg<T, 4, 1, 3>(a, stream);
+    case 3: return launch_cfg<T, 4, 2, 3>(a, stream);
+    case 4: return launch_cfg<T, 4, 1, 4>(a, stream);
+    default: return launch_cfg<T, 4, 2, 2>(a, stream);
   }
 }
 
@@ -378,14 +407,13 @@ extern "C" int awq_int4_gemm_pc(const void* x, int nseg, const uint8_t* const* q
     return check_launch("awq_int4_gemm_pc: device query");
   if (major < 9) return fail(AWQ_ERR_ARG, "awq_int4_gemm_pc: needs sm_90 or newer (device is sm_%d)", major * 10);
   PcArgs a{};
-  int log2g = -1, tiles = 0;
+  int log2g = -1;
   for (int i = 0; i < nseg; ++i) {
     log2g = check_gemv_sizes("awq_int4_gemm_pc", M, kMaxM, Ns[i], K, Kp, group_size, dtype);
     if (log2g < 0) return AWQ_ERR_ARG;
     if (!qweights[i] || !scales[i] || !zeros[i] || !ys[i] || ((uintptr_t)qweights[i] & 15))
       return fail(AWQ_ERR_ARG, "awq_int4_gemm_pc: weight %d: null pointer or qweight not 16-byte aligned", i);
-    a.seg[i] = PcSeg{qweights[i], scales[i], zeros[i], biases[i], ys[i], (int)Ns[i], tiles};
-    tiles += (int)((Ns[i] + 15) / 16);
+    a.seg[i] = PcSeg{qweights[i], scales[i], zeros[i], biases[i], ys[i], (int)Ns[i], 0};  // tile0: launch_cfg
   }
   a.x = x;
   a.nseg = nseg;
@@ -393,7 +421,6 @@ extern "C" int awq_int4_gemm_pc(const void* x, int nseg, const uint8_t* const* q
   a.groups = (int)(Kp / group_size);
   a.log2g = log2g;
   a.nchunks = (int)(Kp / 32);
-  a.tiles = tiles;
   a.x_vec = (K % 8 == 0) && (((uintptr_t)x & 15) == 0);
   a.x_smem = a.x_vec && M <= kMaxXSmemM;
   a.sz_smem = true;

@@ -139,7 +139,7 @@ def test_pc_sweep(k, n, g, dtype):
 
 
 @needs_sm90
-@pytest.mark.parametrize("cfg", ["1", "2"])
+@pytest.mark.parametrize("cfg", ["1", "2", "3", "4"])
 def test_pc_configs(cfg, monkeypatch):
     """Every block configuration $AWQ_PC_CFG can pick, on a padded K and a ragged N."""
     monkeypatch.setenv("AWQ_PC_CFG", cfg)
