@@ -20,6 +20,8 @@ import awq_compile
 from awq_compile import AWQConfig, Int4Linear
 from awq_compile.backend import VALID_OPTIONS, awq_backend, calibration, parse_options
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest: a clean torch.compile state
+
 SEARCH = dict(n_grid=2, clip_grid=2, max_search_tokens=128, max_clip_tokens=32)
 """Tiny search grids: the tests compare the backend with quantize, not AWQ's quality."""
 
@@ -32,13 +34,6 @@ def _awq_backend_registered():
 
     register()
 
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 class Block(nn.Module):

@@ -20,6 +20,8 @@ from awq_compile.backend import parse_options
 from awq_compile.passes import fuse_sibling_linears
 from awq_compile.quant import quantize
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest: a clean torch.compile state
+
 SINGLE = torch.ops.awq.int4_linear.default
 MULTI = torch.ops.awq.int4_linear_multi.default
 
@@ -328,13 +330,6 @@ def tiny_llama():
                       max_position_embeddings=64)
     return awq_compile.quantize_rtn(LlamaForCausalLM(cfg).eval(), AWQConfig(group_size=32))
 
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("inductor, fuse, atol", [(False, True, 0.0), (True, True, 1e-5),
