@@ -141,6 +141,13 @@ def _check(rc: int) -> None:
 
 def _check_cuda_args(x, qweight, scales, zeros, group_size, bias) -> tuple[int, int]:
     n, k = check_int4_linear_args(x, qweight, scales, zeros, group_size, bias)
+    _check_cuda_tensors(x, qweight, scales, zeros, bias)
+    return n, k
+
+
+def _check_cuda_tensors(x, qweight, scales, zeros, bias) -> None:
+    """What the kernels need beyond the op's shape rules: dtypes, one device, contiguity,
+    alignment."""
     dev = x.device
     if (x.dtype not in _DTYPES or scales.dtype != x.dtype
             or (bias is not None and (bias.dtype != x.dtype or bias.device != dev))
@@ -148,7 +155,6 @@ def _check_cuda_args(x, qweight, scales, zeros, group_size, bias) -> tuple[int, 
             or not (qweight.is_contiguous() and scales.is_contiguous() and zeros.is_contiguous())
             or (bias is not None and not bias.is_contiguous()) or qweight.data_ptr() % 16):
         _raise_bad_args(x, qweight, scales, zeros, bias)
-    return n, k
 
 
 def _raise_bad_args(x, qweight, scales, zeros, bias) -> None:
@@ -303,12 +309,12 @@ def int4_linear_cuda(x, qweight, scales, zeros, group_size, bias=None) -> torch.
 def int4_linear_multi_cuda(x, qweights, scales, zeros, group_size, biases) -> list[torch.Tensor]:
     """The CUDA implementation of awq::int4_linear_multi: one producer/consumer launch for all the
     weights when it serves this M, else one int4_linear_cuda call each."""
-    check_int4_linear_multi_args(x, qweights, scales, zeros, group_size, biases)
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    n0, k = _check_cuda_args(x, qweights[0], scales[0], zeros[0], group_size, biases[0])
-    if 0 < m <= pc_max_m(n0, k, x.device.index) and x.device.index == torch.cuda.current_device():
-        for args in zip(qweights[1:], scales[1:], zeros[1:], biases[1:]):
-            _check_cuda_args(x, *args[:3], group_size, args[3])
+    ns = check_int4_linear_multi_args(x, qweights, scales, zeros, group_size, biases)
+    k = x.shape[-1]  # > 0: the check above holds K to the packed weight's
+    m = x.numel() // k
+    if 0 < m <= pc_max_m(ns[0], k, x.device.index) and x.device.index == torch.cuda.current_device():
+        for args in zip(qweights, scales, zeros, biases):
+            _check_cuda_tensors(x, *args)
         x2d = x.reshape(-1, k).contiguous()
         outs = [x2d.new_empty((m, qw.shape[0])) for qw in qweights]
         gemm_pc(x2d, list(qweights), list(scales), list(zeros), group_size, list(biases), outs)
