@@ -407,6 +407,7 @@ extern "C" int awq_int4_gemm_pc(const void* x, int nseg, const uint8_t* const* q
     return check_launch("awq_int4_gemm_pc: device query");
   if (major < 9) return fail(AWQ_ERR_ARG, "awq_int4_gemm_pc: needs sm_90 or newer (device is sm_%d)", major * 10);
   PcArgs a{};
+  a.sz_smem = true;  // and every N a multiple of the tile: launch_cfg
   int log2g = -1;
   for (int i = 0; i < nseg; ++i) {
     log2g = check_gemv_sizes("awq_int4_gemm_pc", M, kMaxM, Ns[i], K, Kp, group_size, dtype);
@@ -414,6 +415,7 @@ extern "C" int awq_int4_gemm_pc(const void* x, int nseg, const uint8_t* const* q
     if (!qweights[i] || !scales[i] || !zeros[i] || !ys[i] || ((uintptr_t)qweights[i] & 15))
       return fail(AWQ_ERR_ARG, "awq_int4_gemm_pc: weight %d: null pointer or qweight not 16-byte aligned", i);
     a.seg[i] = PcSeg{qweights[i], scales[i], zeros[i], biases[i], ys[i], (int)Ns[i], 0};  // tile0: launch_cfg
+    a.sz_smem = a.sz_smem && ((uintptr_t)scales[i] & 15) == 0 && ((uintptr_t)zeros[i] & 15) == 0;
   }
   a.x = x;
   a.nseg = nseg;
@@ -423,9 +425,6 @@ extern "C" int awq_int4_gemm_pc(const void* x, int nseg, const uint8_t* const* q
   a.nchunks = (int)(Kp / 32);
   a.x_vec = (K % 8 == 0) && (((uintptr_t)x & 15) == 0);
   a.x_smem = a.x_vec && M <= kMaxXSmemM;
-  a.sz_smem = true;
-  for (int i = 0; i < nseg; ++i)
-    a.sz_smem &= Ns[i] % 16 == 0 && ((uintptr_t)scales[i] & 15) == 0 && ((uintptr_t)zeros[i] & 15) == 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   return dtype == AWQ_DTYPE_BF16 ? launch<__nv_bfloat16>(a, s) : launch<__half>(a, s);
 }
