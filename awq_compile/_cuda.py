@@ -8,8 +8,8 @@ is registered and the op keeps its reference implementation: importing this modu
 Dispatch by M (tokens) and N: M <= `simt_max_m(N, K)` runs the CUDA-core GEMV
 (int4_gemv_simt.cu), M <= `tc_max_m(N, K)` the register-streaming tensor-core kernel
 (int4_gemv_tc.cu), M <= `mma_max_m(N, K)` the cp.async tensor-core kernel (int4_gemv_mma.cu);
-larger M dequantizes the weight (int4_dequant.cu) and calls cuBLAS through torch (an interim until
-a mixed-input GEMM exists; csrc/NOTES.md). `awq::int4_linear_multi` (linears that read one x,
+larger M runs, on sm_90, the CUTLASS mixed-input GEMM (int4_gemm_sm90.cu; `sm90_config` picks its
+tile by M), and elsewhere dequantizes the weight (int4_dequant.cu) and calls cuBLAS through torch. `awq::int4_linear_multi` (linears that read one x,
 fused by the backend) runs, on sm_90 and for M <= `pc_max_m(N, K)`, the producer/consumer kernel
 (int4_gemv_pc.cu: bulk copies into a shared-memory ring), all its weights in one launch.
 """
@@ -28,10 +28,10 @@ from .ops import check_int4_linear_args, check_int4_linear_multi_args
 
 __all__ = ["library_path", "load_library", "available", "gemm_mma", "gemm_pc", "gemm_simt", "gemm_tc",
            "dequantize_cuda", "int4_linear_cuda", "int4_linear_multi_cuda", "mma_max_m", "pc_max_m", "simt_max_m",
-           "tc_max_m", "ENV_VAR"]
+           "tc_max_m", "gemm_sm90", "sm90_config", "sm90_operands", "sm90_pick", "sm90_splits", "ENV_VAR"]
 
 ENV_VAR = "AWQ_COMPILE_CUDA_LIB"
-_ABI_VERSION = 4
+_ABI_VERSION = 5
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 
 # Largest M served by the weight-streaming kernel; above it, dequantize + cuBLAS. Measured on an
@@ -62,6 +62,32 @@ TC_MAX_N = 8192
 PC_MAX_M = 8
 
 
+# The CUTLASS prefill GEMM (int4_gemm_sm90.cu) serves every M above the decode kernels' range
+# on sm_90 (measured on an H100: at M = 16 it beats the mma kernel on all six shapes timed,
+# benchmarks/RESULTS.md, section 4).
+SM90_MIN_M = 9
+# (weight rows, tokens) of each configuration's tile (int4_gemm_sm90.cu); 7 and 8 have K tiles of
+# 128 and serve group size 128 only.
+SM90_TILE_SHAPES = ((128, 16), (128, 64), (128, 128), (256, 16), (256, 64), (256, 128), (128, 256), (256, 16),
+                    (256, 64))
+
+
+@functools.lru_cache(maxsize=64)
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def sm90_splits(m: int, n: int, k: int, config: int, sms: int) -> int:
+    """An explicit split-K: as many K parts as fit the SMs left idle by too few output tiles, each
+    part at least 8 K tiles of 64; 0 (CUTLASS's own stream-K choice) when the tiles fill the SMs."""
+    if not 0 <= config < len(SM90_TILE_SHAPES):
+        return 0
+    rows, toks = SM90_TILE_SHAPES[config]
+    tiles = -(-n // rows) * -(-m // toks)
+    splits = min(sms // max(tiles, 1), k // 64 // 8, 64)
+    return splits if splits >= 2 else 0
+
+
 @functools.lru_cache(maxsize=64)
 def _sm90(device: int) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
@@ -72,6 +98,35 @@ def pc_max_m(n: int, k: int, device: int | None = None) -> int:
     if os.environ.get("AWQ_PC") == "0":
         return 0
     return PC_MAX_M if _sm90(torch.cuda.current_device() if device is None else device) else 0
+
+
+def sm90_config(m: int, n: int, k: int, group_size: int, device: int | None = None) -> int:
+    """Tile configuration of the CUTLASS GEMM for this call, or -1 when it does not serve it (not
+    sm_90, M below SM90_MIN_M, sizes it cannot take, $AWQ_SM90=0)."""
+    if (m < SM90_MIN_M or n % 8 or k % 32 or group_size not in (64, 128) or os.environ.get("AWQ_SM90") == "0"
+            or not _sm90(torch.cuda.current_device() if device is None else device)
+            or load_library().awq_int4_gemm_sm90_configs() == 0):
+        return -1
+    forced = os.environ.get("AWQ_SM90_CFG")  # experiments: one configuration for every M
+    if forced is not None:
+        return int(forced)
+    return sm90_pick(m, n, k, group_size, _sm_count(torch.cuda.current_device() if device is None else device))
+
+
+def sm90_pick(m: int, n: int, k: int, group_size: int, sms: int) -> int:
+    """The configuration for an M x N x K problem on a GPU of `sms` SMs, a rule fitted to 15
+    candidates timed on an H100 over six shapes and M = 12..2048 (benchmarks/RESULTS.md, section 4;
+    within 2% of the best candidate on geometric mean there, 1.3x at worst). Up to M = 128: a token
+    tile of 16, 64 or 128 rounded up from M, on 256 weight rows (K tiles of 128 for group size
+    128) when they give the SMs at least half a wave of tiles or leave each K split at least 4096
+    long, else on 128 rows. Above: 128 x 256 tiles in CTA pairs that share their x tile."""
+    if m > 128:
+        return 6
+    toks, small, big64, big128 = (16, 0, 3, 7) if m <= 16 else (64, 1, 4, 8) if m <= 64 else (128, 2, 5, 5)
+    tiles = -(-n // 256) * -(-m // toks)
+    if 2 * tiles >= sms or k // max(1, sms // tiles) >= 4096:
+        return big128 if group_size == 128 else big64
+    return small
 
 
 def tc_max_m(n: int, k: int) -> int:
@@ -125,6 +180,11 @@ def load_library() -> ctypes.CDLL | None:
     lib.awq_int4_gemm_pc.argtypes = [p, i32, p, p, p, p, p, p, i64, i64, i64, i32, i32, p]
     lib.awq_int4_gemm_pc.restype = i32
     lib.awq_int4_pc_max_m.restype = i64
+    lib.awq_int4_gemm_sm90_configs.restype = i32
+    lib.awq_int4_gemm_sm90_workspace.argtypes = [i64, i64, i64, i64, i32, i32, i32, i32]
+    lib.awq_int4_gemm_sm90_workspace.restype = i64
+    lib.awq_int4_gemm_sm90.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i32, i32, i32, i32, p]
+    lib.awq_int4_gemm_sm90.restype = i32
     return lib
 
 
@@ -272,6 +332,61 @@ def gemm_mma(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor
     return out
 
 
+_SM90_CACHE = "_awq_sm90_operands"
+
+
+def sm90_operands(scales, zeros) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales^T, (-zeros * scales)^T), both [Kp/g, N] in scales' dtype: what the CUTLASS GEMM reads
+    in place of scales and zeros (it dequantizes as q * s + z'). Built once per weight and kept
+    on the scales tensor itself, so it lives and dies with it; rebuilt if either tensor was
+    modified in place (version counters) and never cached during CUDA-graph capture."""
+    key = (scales._version, zeros._version, zeros.data_ptr())
+    hit = getattr(scales, _SM90_CACHE, None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    s_t = scales.t().contiguous()
+    z_t = (zeros.t().float() * s_t.float()).neg_().to(scales.dtype)  # one rounding, as the header says
+    ops = (s_t, z_t.contiguous())
+    if not (scales.is_cuda and torch.cuda.is_current_stream_capturing()):
+        setattr(scales, _SM90_CACHE, (key, ops))
+    return ops
+
+
+@functools.lru_cache(maxsize=256)
+def _sm90_workspace_bytes(device: int, m, n, k, kp, g, dtype: int, config: int, splits: int) -> int:
+    with torch.cuda.device(device):
+        need = load_library().awq_int4_gemm_sm90_workspace(m, n, k, kp, g, dtype, config, splits)
+    if need < 0:
+        _check(1)
+    return need
+
+
+def gemm_sm90(x2d, qweight, scales, zeros, group_size, bias, out, config: int | None = None,
+              splits: int | None = None) -> torch.Tensor:
+    """out[M, N] = x2d[M, K] @ W^T + bias via the CUTLASS mixed-input GEMM (sm_90 only); arguments
+    as gemm_mma's. config: the tile configuration (default: sm90_config's choice for this M);
+    splits: the split-K of a stream-K configuration (default: sm90_splits)."""
+    m, n, k, kp = _sizes("gemm_sm90", x2d, qweight, out)
+    dev = x2d.device
+    if config is None:
+        config = sm90_config(m, n, k, group_size, dev.index)
+        if config < 0:
+            raise ValueError(f"gemm_sm90: the CUTLASS GEMM does not serve M={m} N={n} K={k} "
+                             f"group_size={group_size} on this device")
+    if splits is None:
+        splits = sm90_splits(m, n, k, config, _sm_count(dev.index))
+    dt = _DTYPES[x2d.dtype]
+    s_t, z_t = sm90_operands(scales, zeros)
+    need = _sm90_workspace_bytes(dev.index, m, n, k, kp, group_size, dt, config, splits)
+    ws = torch.empty(need, dtype=torch.uint8, device=dev) if need > 0 else None
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    _check(load_library().awq_int4_gemm_sm90(
+        x2d.data_ptr(), qweight.data_ptr(), s_t.data_ptr(), z_t.data_ptr(),
+        None if bias is None else bias.data_ptr(), out.data_ptr(),
+        None if ws is None else ws.data_ptr(), need, m, n, k, kp, group_size, dt, config, splits, stream))
+    return out
+
+
 def dequantize_cuda(qweight, scales, zeros, group_size, k, out=None) -> torch.Tensor:
     """The float weight [N, k] in scales' dtype, bit-identical to quant.dequantize in that dtype."""
     n, kp = qweight.shape[0], qweight.shape[1] * 2
@@ -299,6 +414,9 @@ def int4_linear_cuda(x, qweight, scales, zeros, group_size, bias=None) -> torch.
         y = gemm_simt(x2d, qweight, scales, zeros, group_size, bias, x2d.new_empty((m, n)))
     elif m <= tc_max_m(n, k):
         y = gemm_tc(x2d, qweight, scales, zeros, group_size, bias, x2d.new_empty((m, n)))
+    elif (cfg := sm90_config(m, n, k, group_size, x.device.index)) >= 0 and x2d.data_ptr() % 16 == 0 and (
+            bias is None or bias.data_ptr() % 16 == 0):
+        y = gemm_sm90(x2d, qweight, scales, zeros, group_size, bias, x2d.new_empty((m, n)), cfg)
     elif m <= mma_max_m(n, k):
         y = gemm_mma(x2d, qweight, scales, zeros, group_size, bias, x2d.new_empty((m, n)))
     else:

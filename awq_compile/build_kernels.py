@@ -6,12 +6,15 @@
 
 The library does not link against torch, so one build serves any torch version; awq_compile._cuda
 loads it with ctypes from $AWQ_COMPILE_CUDA_LIB or awq_compile/_lib/libawq_int4.so
-(docs/kernels.md). Needs nvcc (CUDA 12.x or 13.x) on PATH or in $CUDA_HOME/bin.
+(docs/kernels.md). Needs nvcc (CUDA 12.x or 13.x) on PATH or in $CUDA_HOME/bin, and CUTLASS's
+headers for the sm_90 prefill GEMM (the nvidia-cutlass package, `pip install -e .[cuda]`, or
+$CUTLASS_DIR).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -20,12 +23,13 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-__all__ = ["SOURCES", "default_output", "find_nvcc", "compile_objects", "build"]
+__all__ = ["SOURCES", "default_output", "find_nvcc", "cutlass_include", "compile_objects", "build"]
 
 SOURCES = ("int4_common.cu", "int4_gemv_mma.cu", "int4_gemv_simt.cu", "int4_gemv_tc.cu", "int4_gemv_pc.cu",
-           "int4_dequant.cu")
+           "int4_dequant.cu", "int4_gemm_sm90.cu")
 ARCHS = ("90a", "80")
-_FLAGS = ("-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr")
+# -DNDEBUG: CUTLASS's device asserts are calls that split the wgmma pipeline (ptxas C7510).
+_FLAGS = ("-O3", "-std=c++17", "-DNDEBUG", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr")
 
 
 def default_output() -> Path:
@@ -45,6 +49,22 @@ def find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+def cutlass_include() -> Path:
+    """CUTLASS's headers: $CUTLASS_DIR/include, else the nvidia-cutlass package's copy."""
+    env = os.environ.get("CUTLASS_DIR")
+    if env:
+        inc = Path(env) / "include"
+    else:
+        spec = importlib.util.find_spec("cutlass_library")
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError("CUTLASS headers not found: pip install nvidia-cutlass "
+                                    "(or set CUTLASS_DIR to a CUTLASS checkout)")
+        inc = Path(spec.origin).parent / "source" / "include"
+    if not (inc / "cutlass" / "cutlass.h").exists():
+        raise FileNotFoundError(f"CUTLASS headers not found under {inc}")
+    return inc
+
+
 def _gencode(arch: str) -> list[str]:
     # The -gencode form: `-arch=sm_90a` also runs a plain sm_90 pass on some nvcc versions.
     return [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
@@ -58,10 +78,11 @@ def compile_objects(
     if nvcc is None:
         raise FileNotFoundError("nvcc not found: set CUDA_HOME or put nvcc on PATH")
     gencodes = [flag for a in archs for flag in _gencode(a)]
+    includes = [f"-I{cutlass_include()}"] if any("gemm_sm90" in s for s in sources) else []
 
     def one(src: str) -> Path:
         obj = out_dir / (Path(src).stem + ".o")
-        cmd = [nvcc, *_FLAGS, *gencodes, "-c", str(_csrc() / src), "-o", str(obj)]
+        cmd = [nvcc, *_FLAGS, *includes, *gencodes, "-c", str(_csrc() / src), "-o", str(obj)]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         return obj
 

@@ -74,7 +74,7 @@ def _rel(y, ref):
     return ((y.float() - ref).norm() / ref.norm()).item()
 
 
-def bench_shape(k, n, g, ms, bw, only=None, check=True, simt_cfgs=(), pc_cfgs=()):
+def bench_shape(k, n, g, ms, bw, only=None, check=True, simt_cfgs=(), pc_cfgs=(), sm90_cfgs=()):
     wbytes = n * padded_k(k, g) // 2 + n * (padded_k(k, g) // g) * 3
     copies = max(2, min(8, math.ceil(ROT_BYTES / (n * k * 2))))
     ws = _weights(k, n, g, copies)
@@ -85,6 +85,7 @@ def bench_shape(k, n, g, ms, bw, only=None, check=True, simt_cfgs=(), pc_cfgs=()
         print(f"tinygemm unavailable: {type(e).__name__}: {e}")
         tg = None
     rows = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for m in ms:
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
         ref = x.float() @ wbf[0].float().T
@@ -94,7 +95,6 @@ def bench_shape(k, n, g, ms, bw, only=None, check=True, simt_cfgs=(), pc_cfgs=()
             "cublas": (lambda w: F.linear(x, w), wbf),
             "mma": (lambda a: _cuda.gemm_mma(x, *a, g, None, out), ws),
             "deq+cublas": (lambda a: F.linear(x, _cuda.dequantize_cuda(*a, g, k)), ws),
-            "op": (lambda a: torch.ops.awq.int4_linear(x, *a, g, None), ws),
         }
         if m <= 8:
             variants["tc"] = (lambda a: _cuda.gemm_tc(x, *a, g, None, out), ws)
@@ -107,6 +107,16 @@ def bench_shape(k, n, g, ms, bw, only=None, check=True, simt_cfgs=(), pc_cfgs=()
             variants["pc"] = pc
             for c in pc_cfgs:  # under $AWQ_PC_CFG=c
                 variants[f"pc{c}"] = pc
+        if _cuda.sm90_config(max(m, _cuda.SM90_MIN_M), n, k, g) >= 0:
+            variants["sm90"] = (lambda a: _cuda.gemm_sm90(x, *a, g, None, out,
+                                                          _cuda.sm90_config(max(m, _cuda.SM90_MIN_M), n, k, g)), ws)
+            for c in sm90_cfgs:  # "C": configuration C, CUTLASS's own split; "Ca": _cuda.sm90_splits'
+                cfg, auto = int(c.rstrip("a")), c.endswith("a")
+                if auto and _cuda.sm90_splits(m, n, k, cfg, sms) < 2:
+                    continue  # the same launch as "C"
+                variants[f"sm90c{c}"] = (lambda a, cfg=cfg, sp=None if auto else 0:
+                                         _cuda.gemm_sm90(x, *a, g, None, out, cfg, sp), ws)
+        variants["op"] = (lambda a: torch.ops.awq.int4_linear(x, *a, g, None), ws)
         if tg is not None:
             variants["tinygemm"] = (lambda a: torch._weight_int4pack_mm(x, a[0], g, a[1]), tg)
         r = {"M": m}
@@ -115,8 +125,10 @@ def bench_shape(k, n, g, ms, bw, only=None, check=True, simt_cfgs=(), pc_cfgs=()
                 del variants[name]
                 r[name] = float("nan")
         for name, (fn, sets) in variants.items():
-            kernel = name.rstrip("0123456789")
+            kernel = name.rstrip("0123456789a")
             env = {"simt": "AWQ_SIMT_CFG", "pc": "AWQ_PC_CFG"}.get(kernel) if name != kernel else None
+            if kernel == "sm90c":
+                env = None
             if env is not None:
                 os.environ[env] = name[len(kernel):]
             err = _rel(fn(sets[0]), ref)
@@ -144,8 +156,8 @@ def table(card, bw, results) -> str:
     lines = [f"Card: {card}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write); group size 128, "
              "bf16; times are do_bench medians in us, L2 flushed.", "",
              "| K x N | M | cuBLAS bf16 | tinygemm | op (dispatch) | pc kernel | tc kernel | mma kernel | "
-             "simt kernel | deq+cuBLAS | op vs cuBLAS | op vs tinygemm | % of DRAM floor (floor us) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "simt kernel | CUTLASS sm90 | deq+cuBLAS | op vs cuBLAS | op vs tinygemm | % of DRAM floor (floor us) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     nan = float("nan")
     for (k, n), rows in results.items():
         for r in rows:
@@ -154,13 +166,14 @@ def table(card, bw, results) -> str:
             lines.append(
                 f"| {k}x{n} | {r['M']} | {_fmt(cb)} | {_fmt(tgm)} | {_fmt(op)} | {_fmt(r.get('pc', nan))} | "
                 f"{_fmt(r.get('tc', nan))} | {_fmt(r['mma'])} | "
-                f"{_fmt(r.get('simt', nan))} | {_fmt(r['deq+cublas'])} | {_fmt(cb / op, '.2f')}x | "
+                f"{_fmt(r.get('simt', nan))} | {_fmt(r.get('sm90', nan))} | {_fmt(r['deq+cublas'])} | {_fmt(cb / op, '.2f')}x | "
                 f"{_fmt(tgm / op, '.2f')}x | {_fmt(100 * r['floor_us'] / op, '.0f')}% ({r['floor_us']:.1f}) |")
     cfgs = sorted({key for rows in results.values() for r in rows for key in r
-                   if key.rstrip("0123456789") in ("simt", "pc") and key[-1].isdigit()})
+                   if key.rstrip("0123456789a") in ("simt", "pc", "sm90c") and not key.endswith("_err")
+                   and key[-1] in "0123456789a"})
     if cfgs:
-        lines += ["", "Kernel configurations (simtC: $AWQ_SIMT_CFG=C, pcC: $AWQ_PC_CFG=C; us, % of DRAM "
-                  "floor):", "",
+        lines += ["", "Kernel configurations (simtC: $AWQ_SIMT_CFG=C, pcC: $AWQ_PC_CFG=C, sm90cC: CUTLASS tile "
+                  "configuration C; us, % of DRAM floor):", "",
                   "| K x N | M | " + " | ".join(cfgs) + " |", "|---|---|" + "---|" * len(cfgs)]
         for (k, n), rows in results.items():
             for r in rows:
@@ -172,8 +185,17 @@ def table(card, bw, results) -> str:
 
 
 def crossover(results) -> str:
-    """Smallest timed M at which dequantize + cuBLAS beats the mma kernel, per shape."""
+    """Smallest timed M at which dequantize + cuBLAS beats the mma kernel, per shape; and the
+    fastest CUTLASS tile configuration per M, against the mma kernel and cuBLAS."""
     out = []
+    for (k, n), rows in results.items():
+        for r in sorted(rows, key=lambda r: r["M"]):
+            cfgs = {key: v for key, v in r.items() if key.startswith("sm90c") and not key.endswith("_err")
+                    and not math.isnan(v)}
+            if cfgs:
+                best = min(cfgs, key=cfgs.get)
+                out.append(f"{k}x{n} M={r['M']}: best CUTLASS {best} {cfgs[best]:.1f} us; mma {_fmt(r['mma'])}, "
+                           f"cuBLAS {_fmt(r['cublas'])}, deq+cuBLAS {_fmt(r['deq+cublas'])}")
     for (k, n), rows in results.items():
         cross = [r["M"] for r in sorted(rows, key=lambda r: r["M"]) if r["deq+cublas"] < r["mma"]]
         out.append(f"{k}x{n}: deq+cuBLAS first faster at M={cross[0] if cross else 'never'}; "
@@ -191,6 +213,7 @@ def main() -> None:
     p.add_argument("--no-check", action="store_true", help="time even wrong results (experiments)")
     p.add_argument("--simt-cfgs", default="", help="comma list of $AWQ_SIMT_CFG values to time too")
     p.add_argument("--pc-cfgs", default="", help="comma list of $AWQ_PC_CFG values to time too")
+    p.add_argument("--sm90-cfgs", default="", help="comma list of CUTLASS tile configurations to time too")
     args = p.parse_args()
     cfg = json.loads(args.shapes.read_text())
     assert _cuda.available(), "CUDA kernels not available: build with python -m awq_compile.build_kernels"
@@ -204,8 +227,9 @@ def main() -> None:
     for k, n in cfg["shapes"]:
         simt_cfgs = [c for c in args.simt_cfgs.split(",") if c]
         pc_cfgs = [c for c in args.pc_cfgs.split(",") if c]
+        sm90_cfgs = [c for c in args.sm90_cfgs.split(",") if c]
         results[(k, n)] = bench_shape(k, n, cfg["group_size"], ms, bw, only, not args.no_check, simt_cfgs,
-                                      pc_cfgs)
+                                      pc_cfgs, sm90_cfgs)
         print(f"timed {k}x{n}", flush=True)
     text = table(card, bw, results) + "\n\nDispatcher crossover (mma vs dequantize + cuBLAS):\n" + crossover(results)
     errs = "\n".join(f"{k}x{n} M={r['M']}: " + ", ".join(f"{key[:-4]} {v:.1e}" for key, v in r.items() if key.endswith("_err"))

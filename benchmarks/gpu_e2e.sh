@@ -5,12 +5,8 @@
 #   SHAPE=13b for Llama-2-13B's shapes (LAYERS=40 for all of them); UNFUSED="1 8" also decodes
 #   with fuse_siblings=False at those batch sizes.
 set -u -o pipefail
-OUT=${OUT:-/tmp/awq_e2e_out}
+source benchmarks/device_env.sh /tmp/awq_e2e_out
 LAYERS=${1:-32}
-mkdir -p "$OUT"
-[ -e awq_compile/passes ] || ln -s ../passes awq_compile/passes
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import awq_compile._cuda as c; print('cuda kernels:', c.available())"
 [ -n "${SKIP_QUANT:-}" ] || timeout "${QUANT_TIMEOUT:-70}" python3 benchmarks/bench_e2e_gpu.py quantize --shape "${SHAPE:-7b}" --layers "$LAYERS" --n-samples 128 \
   --out "$OUT/quantize.json" 2>&1 | tr '\r' '\n' | grep -E "^\{|Error|error|[0-9]+/[0-9]+ \[" | awk 'NR % 8 == 1 || /^\{|rror/' | tail -40

@@ -4,12 +4,7 @@
 # configurations, then run the full kernel benchmark. Logs go to $OUT.
 #   run: bash benchmarks/gpu_kernels.sh        carry: awq_compile/_lib
 set -u -o pipefail
-OUT=${OUT:-/tmp/awq_kernels_out}
-mkdir -p "$OUT"
-# pyproject maps awq_compile.passes to ./passes; without an install, a link does the same.
-[ -e awq_compile/passes ] || ln -s ../passes awq_compile/passes
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv | tee "$OUT/gpu.txt"
+source benchmarks/device_env.sh /tmp/awq_kernels_out
 if ! python3 -c "import awq_compile._cuda as c, sys; sys.exit(0 if c.available() else 1)"; then
   echo "carried library missing or unloadable: building here" | tee "$OUT/build.log"
   python3 -m awq_compile.build_kernels --arch 90a -j 16 2>&1 | tee -a "$OUT/build.log"

@@ -3,11 +3,7 @@
 # the other decode kernels (do_bench with L2 flushed, and under CUDA graphs at the 7B shapes).
 #   run: bash benchmarks/gpu_pc.sh        carry: awq_compile/_lib
 set -u -o pipefail
-OUT=${OUT:-/tmp/awq_pc_out}
-mkdir -p "$OUT"
-[ -e awq_compile/passes ] || ln -s ../passes awq_compile/passes
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem,driver_version --format=csv | tee "$OUT/gpu.txt"
+source benchmarks/device_env.sh /tmp/awq_pc_out
 timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py \
   -k "${TESTS:-pc}" 2>&1 | tee "$OUT/test.log" | tail -8
 echo '{"shapes": [[8192, 28672], [28672, 8192], [8192, 8192], [4096, 4096]], "m": [1, 2, 4, 8], "group_size": 128}' \

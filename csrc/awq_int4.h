@@ -76,6 +76,28 @@ int awq_int4_gemm_pc(const void* x, int nseg, const uint8_t* const* qweights, co
                      const int64_t* Ns, int64_t M, int64_t K, int64_t Kp, int group_size, int dtype,
                      void* stream);
 
+// Number of tile configurations of the sm_90 prefill GEMM (0 when the library was built without
+// an sm_90a target or CUTLASS support).
+int awq_int4_gemm_sm90_configs(void);
+
+// Bytes of workspace awq_int4_gemm_sm90 needs for these sizes and configuration, or -1 for bad
+// sizes (the message is in awq_int4_last_error()).
+int64_t awq_int4_gemm_sm90_workspace(int64_t M, int64_t N, int64_t K, int64_t Kp, int group_size, int dtype,
+                                     int config, int splits);
+
+// y = x @ W^T + bias through the CUTLASS mixed-input GEMM (int4_gemm_sm90.cu), sm_90a only, for
+// prefill. It reads qweight as is, and two derived tensors in place of scales and zeros:
+//   scales_t  T [Kp/g, N] = scales^T;   szeros_t  T [Kp/g, N] = (-zeros * scales)^T.
+// Needs N % 8 == 0, K % 32 == 0, group_size 64 or 128, 16-byte aligned pointers, and at least
+// awq_int4_gemm_sm90_workspace(...) bytes of workspace (may be NULL when that is 0). config picks
+// the tile (weight rows x tokens x K): 0..2 128x16x64, 128x64x64, 128x128x64; 3..5 256x16x64,
+// 256x64x64, 256x128x64; 6 128x256x64 in CTA pairs; 7, 8 256x16x128, 256x64x128 (group size 128
+// only). splits: 0 or 1 lets CUTLASS's stream-K scheduler choose, 2..64 forces a split-K into that
+// many parts. Deterministic: split parts are reduced in a fixed order.
+int awq_int4_gemm_sm90(const void* x, const uint8_t* qweight, const void* scales_t, const void* szeros_t,
+                       const void* bias, void* y, void* workspace, int64_t workspace_bytes, int64_t M, int64_t N,
+                       int64_t K, int64_t Kp, int group_size, int dtype, int config, int splits, void* stream);
+
 // w[N, K] = (q - z) * s in T, rounded exactly as awq_compile.quant.dequantize does in T
 // (int4_dequant.cu). Used by the large-M path (dequantize + cuBLAS).
 int awq_int4_dequant(const uint8_t* qweight, const void* scales, const uint8_t* zeros, void* w,
