@@ -90,7 +90,8 @@ def sm90_splits(m: int, n: int, k: int, config: int, sms: int) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _sm90(device: int) -> bool:
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    # sm_90a code (the pc kernel, the CUTLASS GEMM) runs on sm_90 only: it is not forward compatible.
+    return torch.cuda.get_device_capability(device) == (9, 0)
 
 
 def pc_max_m(n: int, k: int, device: int | None = None) -> int:
