@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.weak
 
 from .ops import check_int4_linear_args, check_int4_linear_multi_args
 
@@ -333,23 +334,25 @@ def gemm_mma(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor
     return out
 
 
-_SM90_CACHE = "_awq_sm90_operands"
+# scales tensor -> ((versions and pointers), (s^T, -z*s^T)); an entry dies with its scales tensor.
+# Not an attribute on the tensor: torch.save pickles a tensor's __dict__.
+_SM90_OPERANDS = torch.utils.weak.WeakIdKeyDictionary()
 
 
 def sm90_operands(scales, zeros) -> tuple[torch.Tensor, torch.Tensor]:
     """(scales^T, (-zeros * scales)^T), both [Kp/g, N] in scales' dtype: what the CUTLASS GEMM reads
     in place of scales and zeros (it dequantizes as q * s + z'). Built once per weight and kept
-    on the scales tensor itself, so it lives and dies with it; rebuilt if either tensor was
-    modified in place (version counters) and never cached during CUDA-graph capture."""
-    key = (scales._version, zeros._version, zeros.data_ptr())
-    hit = getattr(scales, _SM90_CACHE, None)
+    while the scales tensor lives; rebuilt if either tensor was modified in place or re-pointed
+    (version counters, data pointers), and never cached during CUDA-graph capture."""
+    key = (scales._version, zeros._version, scales.data_ptr(), zeros.data_ptr())
+    hit = _SM90_OPERANDS.get(scales)
     if hit is not None and hit[0] == key:
         return hit[1]
     s_t = scales.t().contiguous()
     z_t = (zeros.t().float() * s_t.float()).neg_().to(scales.dtype)  # one rounding, as the header says
     ops = (s_t, z_t.contiguous())
     if not (scales.is_cuda and torch.cuda.is_current_stream_capturing()):
-        setattr(scales, _SM90_CACHE, (key, ops))
+        _SM90_OPERANDS[scales] = (key, ops)
     return ops
 
 

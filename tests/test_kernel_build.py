@@ -41,7 +41,8 @@ def test_import_without_library(tmp_path):
 
 def test_sm90_operands_math_and_cache():
     """What the CUTLASS GEMM reads instead of scales and zeros: s^T and (-z * s)^T rounded once
-    to the scales' dtype; cached on the scales tensor, rebuilt after an in-place change."""
+    to the scales' dtype; cached while the scales tensor lives (and not on it, so torch.save does
+    not carry it), rebuilt after an in-place change."""
     from awq_compile import _cuda
 
     gen = torch.Generator().manual_seed(0)
@@ -52,5 +53,9 @@ def test_sm90_operands_math_and_cache():
     assert torch.equal(s_t, s.t())
     assert torch.equal(z_t, (-(z.double() * s.double())).to(torch.bfloat16).t())
     assert _cuda.sm90_operands(s, z)[1] is z_t  # cached
+    assert not s.__dict__  # nothing pickled with the weight
     z.add_(1).clamp_(max=15)
     assert torch.equal(_cuda.sm90_operands(s, z)[1], (-(z.double() * s.double())).to(torch.bfloat16).t())
+    n = len(_cuda._SM90_OPERANDS)
+    del s
+    assert len(_cuda._SM90_OPERANDS) == n - 1  # the entry dies with its weight
