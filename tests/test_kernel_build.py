@@ -59,3 +59,15 @@ def test_sm90_operands_math_and_cache():
     n = len(_cuda._SM90_OPERANDS)
     del s
     assert len(_cuda._SM90_OPERANDS) == n - 1  # the entry dies with its weight
+
+
+def test_sm90_pick():
+    """The dispatch rule's choices on an H100 (132 SMs) at the shapes it was fitted to, and its
+    group-size rule: K tiles of 128 only for group size 128."""
+    from awq_compile._cuda import sm90_pick as pick
+
+    assert pick(16, 28672, 8192, 128, 132) == 7 and pick(16, 28672, 8192, 64, 132) == 3
+    assert pick(64, 8192, 28672, 128, 132) == 8  # few tiles, but long K splits
+    assert pick(16, 4096, 11008, 128, 132) == 0 and pick(128, 8192, 8192, 128, 132) == 2
+    assert pick(129, 4096, 4096, 64, 132) == pick(2048, 28672, 8192, 128, 132) == 6
+    assert all(pick(m, n, 4096, 64, 132) not in (7, 8) for m in (9, 64, 128) for n in (4096, 28672))
