@@ -67,10 +67,10 @@ PC_MAX_M = 8
 # on sm_90 (measured on an H100: at M = 16 it beats the mma kernel on all six shapes timed,
 # benchmarks/RESULTS.md, section 4).
 SM90_MIN_M = 9
-# (weight rows, tokens) of each configuration's tile (int4_gemm_sm90.cu); 7 and 8 have K tiles of
+# (weight rows, tokens) of each configuration's tile (int4_gemm_sm90.cu); 7 and up have K tiles of
 # 128 and serve group size 128 only.
 SM90_TILE_SHAPES = ((128, 16), (128, 64), (128, 128), (256, 16), (256, 64), (256, 128), (128, 256), (256, 16),
-                    (256, 64))
+                    (256, 64), (128, 64), (128, 16))
 
 
 @functools.lru_cache(maxsize=64)
@@ -116,19 +116,23 @@ def sm90_config(m: int, n: int, k: int, group_size: int, device: int | None = No
 
 
 def sm90_pick(m: int, n: int, k: int, group_size: int, sms: int) -> int:
-    """The configuration for an M x N x K problem on a GPU of `sms` SMs, a rule fitted to 15
+    """The configuration for an M x N x K problem on a GPU of `sms` SMs, a rule fitted to 18
     candidates timed on an H100 over six shapes and M = 12..2048 (benchmarks/RESULTS.md, section 4;
     within 2% of the best candidate on geometric mean there, 1.3x at worst). Up to M = 128: a token
-    tile of 16, 64 or 128 rounded up from M, on 256 weight rows (K tiles of 128 for group size
-    128) when they give the SMs at least half a wave of tiles or leave each K split at least 4096
-    long, else on 128 rows. Above: 128 x 256 tiles in CTA pairs that share their x tile."""
+    tile of 16, 64 or 128 rounded up from M, on 256 weight rows when they give the SMs at least
+    half a wave of tiles or leave each K split at least 4096 long, else on 128 rows; K tiles of 128
+    for group size 128 (up to M = 64). Above: 128 x 256 tiles in CTA pairs that share their x tile."""
     if m > 128:
         return 6
-    toks, small, big64, big128 = (16, 0, 3, 7) if m <= 16 else (64, 1, 4, 8) if m <= 64 else (128, 2, 5, 5)
+    k128 = group_size == 128
+    if m <= 16:
+        toks, small, big = 16, (10 if k128 else 0), (7 if k128 else 3)
+    elif m <= 64:
+        toks, small, big = 64, (9 if k128 else 1), (8 if k128 else 4)
+    else:
+        toks, small, big = 128, 2, 5
     tiles = -(-n // 256) * -(-m // toks)
-    if 2 * tiles >= sms or k // max(1, sms // tiles) >= 4096:
-        return big128 if group_size == 128 else big64
-    return small
+    return big if 2 * tiles >= sms or k // max(1, sms // tiles) >= 4096 else small
 
 
 def tc_max_m(n: int, k: int) -> int:

@@ -91,9 +91,10 @@ int64_t awq_int4_gemm_sm90_workspace(int64_t M, int64_t N, int64_t K, int64_t Kp
 // Needs N % 8 == 0, K % 32 == 0, group_size 64 or 128, 16-byte aligned pointers, and at least
 // awq_int4_gemm_sm90_workspace(...) bytes of workspace (may be NULL when that is 0). config picks
 // the tile (weight rows x tokens x K): 0..2 128x16x64, 128x64x64, 128x128x64; 3..5 256x16x64,
-// 256x64x64, 256x128x64; 6 128x256x64 in CTA pairs; 7, 8 256x16x128, 256x64x128 (group size 128
-// only). splits: 0 or 1 lets CUTLASS's stream-K scheduler choose, 2..64 forces a split-K into that
-// many parts. Deterministic: split parts are reduced in a fixed order.
+// 256x64x64, 256x128x64; 6 128x256x64 in CTA pairs; 7..10 256x16x128, 256x64x128, 128x64x128,
+// 128x16x128 (group size 128 only). splits: 0 or 1 lets CUTLASS's stream-K scheduler choose,
+// 2..64 forces a split-K into that many parts. Deterministic: split parts are reduced in a fixed
+// order.
 int awq_int4_gemm_sm90(const void* x, const uint8_t* qweight, const void* scales_t, const void* szeros_t,
                        const void* bias, void* y, void* workspace, int64_t workspace_bytes, int64_t M, int64_t N,
                        int64_t K, int64_t Kp, int group_size, int dtype, int config, int splits, void* stream);

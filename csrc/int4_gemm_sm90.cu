@@ -64,7 +64,7 @@ struct Sm90Int4Gemm {
 using C1 = Shape<_1, _1, _1>;
 
 // The configurations, indexed by the `config` argument; _cuda.py picks one by M, N, K and group
-// size (measured on an H100 among 15 candidates, data-parallel ones included: benchmarks/RESULTS.md,
+// size (measured on an H100 among 18 candidates, data-parallel ones included: benchmarks/RESULTS.md,
 // section 4). Tiles are weight rows x tokens x K. All use the stream-K scheduler, which runs
 // data-parallel when the output tiles fill the GPU and splits K when they do not.
 using C2 = Shape<_2, _1, _1>;  // CTA pairs that multicast their shared x tile
@@ -77,7 +77,9 @@ template <class T> using Cfg5 = Sm90Int4Gemm<T, Shape<_256, _128, _64>, C1>;
 template <class T> using Cfg6 = Sm90Int4Gemm<T, Shape<_128, _256, _64>, C2>;
 template <class T> using Cfg7 = Sm90Int4Gemm<T, Shape<_256, _16, _128>, C1>;  // group size 128
 template <class T> using Cfg8 = Sm90Int4Gemm<T, Shape<_256, _64, _128>, C1>;  // group size 128
-constexpr int kNumConfigs = 9;
+template <class T> using Cfg9 = Sm90Int4Gemm<T, Shape<_128, _64, _128>, C1>;  // group size 128
+template <class T> using Cfg10 = Sm90Int4Gemm<T, Shape<_128, _16, _128>, C1>;  // group size 128
+constexpr int kNumConfigs = 11;
 
 int sm_count(int device) {
   static int cached[64] = {0};
@@ -162,7 +164,9 @@ int64_t call_config(int config, const Call& c) {
     case 5: return run<Cfg5<T>>(c);
     case 6: return run<Cfg6<T>>(c);
     case 7: return run<Cfg7<T>>(c);
-    default: return run<Cfg8<T>>(c);
+    case 8: return run<Cfg8<T>>(c);
+    case 9: return run<Cfg9<T>>(c);
+    default: return run<Cfg10<T>>(c);
   }
 }
 
@@ -174,11 +178,11 @@ int64_t dispatch(int config, int dtype, const Call& c) {
 int check_sizes(int64_t M, int64_t N, int64_t K, int64_t Kp, int g, int dtype, int config, int splits) {
   if (M < 1 || N < 1 || N % 8 || K % 32 || K > Kp || K <= Kp - g || (g != 64 && g != 128) || Kp % g ||
       M > INT32_MAX || N > INT32_MAX || (dtype != AWQ_DTYPE_F16 && dtype != AWQ_DTYPE_BF16) || config < 0 ||
-      config >= kNumConfigs || splits < 0 || splits > 64 || (g % 128 && (config == 7 || config == 8)))
+      config >= kNumConfigs || splits < 0 || splits > 64 || (g % 128 && config >= 7))
     return awq::fail(AWQ_ERR_ARG,
                      "awq_int4_gemm_sm90: bad sizes M=%lld N=%lld K=%lld Kp=%lld group_size=%d dtype=%d "
                      "config=%d splits=%d (needs N %% 8 == 0, K %% 32 == 0, group_size 64 or 128, config < %d, "
-                     "splits 0..64, group_size 128 for configs 7 and 8)",
+                     "splits 0..64, group_size 128 for configs 7 and up)",
                      (long long)M, (long long)N, (long long)K, (long long)Kp, g, dtype, config, splits, kNumConfigs);
   return AWQ_OK;
 }

@@ -22,10 +22,10 @@ pytestmark = [
 
 # The shapes it serves: K % 32 == 0 and N % 8 == 0 (573 x 200 goes to the other paths).
 SM90_SHAPES = [(k, n) for k, n in SHAPES if k % 32 == 0 and n % 8 == 0]
-# Every configuration at its default split (7 and 8, K tiles of 128, only serve group size 128);
+# Every configuration at its default split (7 and up, K tiles of 128, only serve group size 128);
 # then explicit split-K counts, including uneven ones, and CUTLASS's own choice (0).
-CONFIGS = tuple((c, None) for c in range(9)) + ((1, 2), (2, 3), (4, 7), (0, 0), (6, 5))
-K128_CONFIGS = (7, 8)
+CONFIGS = tuple((c, None) for c in range(len(cuda_mod.SM90_TILE_SHAPES))) + ((1, 2), (2, 3), (4, 7), (0, 0), (6, 5))
+K128_CONFIGS = tuple(range(7, len(cuda_mod.SM90_TILE_SHAPES)))
 
 
 def _sm90(config, splits):
@@ -100,8 +100,8 @@ def test_sm90_errors():
     k, n, g, m = 4096, 4096, 128, 64
     qw, s, z, b, _ = _case(k, n, g, torch.bfloat16)
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-    with pytest.raises(RuntimeError, match="config=9"):
-        cuda_mod.gemm_sm90(x, qw, s, z, g, None, x.new_empty((m, n)), 9)
+    with pytest.raises(RuntimeError, match=f"config={len(cuda_mod.SM90_TILE_SHAPES)}"):
+        cuda_mod.gemm_sm90(x, qw, s, z, g, None, x.new_empty((m, n)), len(cuda_mod.SM90_TILE_SHAPES))
     with pytest.raises(RuntimeError, match="splits=65"):
         cuda_mod.gemm_sm90(x, qw, s, z, g, None, x.new_empty((m, n)), 1, 65)
     qw64, s64, z64, _ = _random_weight(k, n, 64, torch.bfloat16, seed=4)
@@ -111,5 +111,6 @@ def test_sm90_errors():
     with pytest.raises(ValueError, match="does not serve.*group_size=32"):
         cuda_mod.gemm_sm90(x, qw32, s32, z32, 32, None, x.new_empty((m, n)))
     lib = cuda_mod.load_library()
+    assert lib.awq_int4_gemm_sm90_configs() == len(cuda_mod.SM90_TILE_SHAPES)  # the two tables agree
     assert lib.awq_int4_gemm_sm90_workspace(m, n, 4010, 4096, g, 1, 0, 0) == -1  # K % 32 != 0
     assert "K=4010" in lib.awq_int4_last_error().decode()

@@ -68,6 +68,7 @@ def test_sm90_pick():
 
     assert pick(16, 28672, 8192, 128, 132) == 7 and pick(16, 28672, 8192, 64, 132) == 3
     assert pick(64, 8192, 28672, 128, 132) == 8  # few tiles, but long K splits
-    assert pick(16, 4096, 11008, 128, 132) == 0 and pick(128, 8192, 8192, 128, 132) == 2
+    assert pick(16, 4096, 11008, 128, 132) == 10 and pick(16, 4096, 11008, 64, 132) == 0
+    assert pick(64, 8192, 8192, 128, 132) == 9 and pick(128, 8192, 8192, 128, 132) == 2
     assert pick(129, 4096, 4096, 64, 132) == pick(2048, 28672, 8192, 128, 132) == 6
-    assert all(pick(m, n, 4096, 64, 132) not in (7, 8) for m in (9, 64, 128) for n in (4096, 28672))
+    assert all(pick(m, n, 4096, 64, 132) < 7 for m in (9, 64, 128) for n in (4096, 28672))
