@@ -118,7 +118,7 @@ def sm90_config(m: int, n: int, k: int, group_size: int, device: int | None = No
 def sm90_pick(m: int, n: int, k: int, group_size: int, sms: int) -> int:
     """The configuration for an M x N x K problem on a GPU of `sms` SMs, a rule fitted to 18
     candidates timed on an H100 over six shapes and M = 12..2048 (benchmarks/RESULTS.md, section 4;
-    within 2% of the best candidate on geometric mean there, 1.3x at worst). Up to M = 128: a token
+    on the first 15, within 2% of the best on geometric mean, 1.3x at worst). Up to M = 128: a token
     tile of 16, 64 or 128 rounded up from M, on 256 weight rows when they give the SMs at least
     half a wave of tiles or leave each K split at least 4096 long, else on 128 rows; K tiles of 128
     for group size 128 (up to M = 64). Above: 128 x 256 tiles in CTA pairs that share their x tile."""
