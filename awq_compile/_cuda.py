@@ -8,8 +8,9 @@ is registered and the op keeps its reference implementation: importing this modu
 Dispatch by M (tokens) and N: M <= `simt_max_m(N, K)` runs the CUDA-core GEMV
 (int4_gemv_simt.cu), M <= `tc_max_m(N, K)` the register-streaming tensor-core kernel
 (int4_gemv_tc.cu), M <= `mma_max_m(N, K)` the cp.async tensor-core kernel (int4_gemv_mma.cu);
-larger M runs, on sm_90, the CUTLASS mixed-input GEMM (int4_gemm_sm90.cu; `sm90_config` picks its
-tile by M), and elsewhere dequantizes the weight (int4_dequant.cu) and calls cuBLAS through torch. `awq::int4_linear_multi` (linears that read one x,
+M >= `SM90_MIN_M` on sm_90 runs the CUTLASS mixed-input GEMM (int4_gemm_sm90.cu; `sm90_config` picks
+its tile by M, N, K and group size), and a larger M elsewhere dequantizes the weight
+(int4_dequant.cu) and calls cuBLAS through torch. `awq::int4_linear_multi` (linears that read one x,
 fused by the backend) runs, on sm_90 and for M <= `pc_max_m(N, K)`, the producer/consumer kernel
 (int4_gemv_pc.cu: bulk copies into a shared-memory ring), all its weights in one launch.
 """
@@ -105,14 +106,14 @@ def pc_max_m(n: int, k: int, device: int | None = None) -> int:
 def sm90_config(m: int, n: int, k: int, group_size: int, device: int | None = None) -> int:
     """Tile configuration of the CUTLASS GEMM for this call, or -1 when it does not serve it (not
     sm_90, M below SM90_MIN_M, sizes it cannot take, $AWQ_SM90=0)."""
+    device = torch.cuda.current_device() if device is None else device
     if (m < SM90_MIN_M or n % 8 or k % 32 or group_size not in (64, 128) or os.environ.get("AWQ_SM90") == "0"
-            or not _sm90(torch.cuda.current_device() if device is None else device)
-            or load_library().awq_int4_gemm_sm90_configs() == 0):
+            or not _sm90(device) or load_library().awq_int4_gemm_sm90_configs() == 0):
         return -1
     forced = os.environ.get("AWQ_SM90_CFG")  # experiments: one configuration for every M
     if forced is not None:
         return int(forced)
-    return sm90_pick(m, n, k, group_size, _sm_count(torch.cuda.current_device() if device is None else device))
+    return sm90_pick(m, n, k, group_size, _sm_count(device))
 
 
 def sm90_pick(m: int, n: int, k: int, group_size: int, sms: int) -> int:
@@ -373,7 +374,7 @@ def gemm_sm90(x2d, qweight, scales, zeros, group_size, bias, out, config: int | 
               splits: int | None = None) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T + bias via the CUTLASS mixed-input GEMM (sm_90 only); arguments
     as gemm_mma's. config: the tile configuration (default: sm90_config's choice for this M);
-    splits: the split-K of a stream-K configuration (default: sm90_splits)."""
+    splits: an explicit split-K, 0 for CUTLASS's own stream-K choice (default: sm90_splits)."""
     m, n, k, kp = _sizes("gemm_sm90", x2d, qweight, out)
     dev = x2d.device
     if config is None:

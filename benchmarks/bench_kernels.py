@@ -107,9 +107,9 @@ def bench_shape(k, n, g, ms, bw, only=None, check=True, simt_cfgs=(), pc_cfgs=()
             variants["pc"] = pc
             for c in pc_cfgs:  # under $AWQ_PC_CFG=c
                 variants[f"pc{c}"] = pc
-        if _cuda.sm90_config(max(m, _cuda.SM90_MIN_M), n, k, g) >= 0:
-            variants["sm90"] = (lambda a: _cuda.gemm_sm90(x, *a, g, None, out,
-                                                          _cuda.sm90_config(max(m, _cuda.SM90_MIN_M), n, k, g)), ws)
+        sm90_cfg = _cuda.sm90_config(max(m, _cuda.SM90_MIN_M), n, k, g)  # also below the op's own M range
+        if sm90_cfg >= 0:
+            variants["sm90"] = (lambda a: _cuda.gemm_sm90(x, *a, g, None, out, sm90_cfg), ws)
             for c in sm90_cfgs:  # "C": configuration C, CUTLASS's own split; "Ca": _cuda.sm90_splits'
                 cfg, auto = int(c.rstrip("a")), c.endswith("a")
                 if auto and _cuda.sm90_splits(m, n, k, cfg, sms) < 2:
@@ -125,10 +125,8 @@ def bench_shape(k, n, g, ms, bw, only=None, check=True, simt_cfgs=(), pc_cfgs=()
                 del variants[name]
                 r[name] = float("nan")
         for name, (fn, sets) in variants.items():
-            kernel = name.rstrip("0123456789a")
+            kernel = name.rstrip("0123456789")
             env = {"simt": "AWQ_SIMT_CFG", "pc": "AWQ_PC_CFG"}.get(kernel) if name != kernel else None
-            if kernel == "sm90c":
-                env = None
             if env is not None:
                 os.environ[env] = name[len(kernel):]
             err = _rel(fn(sets[0]), ref)
@@ -168,9 +166,8 @@ def table(card, bw, results) -> str:
                 f"{_fmt(r.get('tc', nan))} | {_fmt(r['mma'])} | "
                 f"{_fmt(r.get('simt', nan))} | {_fmt(r.get('sm90', nan))} | {_fmt(r['deq+cublas'])} | {_fmt(cb / op, '.2f')}x | "
                 f"{_fmt(tgm / op, '.2f')}x | {_fmt(100 * r['floor_us'] / op, '.0f')}% ({r['floor_us']:.1f}) |")
-    cfgs = sorted({key for rows in results.values() for r in rows for key in r
-                   if key.rstrip("0123456789a") in ("simt", "pc", "sm90c") and not key.endswith("_err")
-                   and key[-1] in "0123456789a"})
+    cfgs = sorted({key for rows in results.values() for r in rows for key in r if not key.endswith("_err") and (
+        key.startswith("sm90c") or (key.rstrip("0123456789") in ("simt", "pc") and key[-1].isdigit()))})
     if cfgs:
         lines += ["", "Kernel configurations (simtC: $AWQ_SIMT_CFG=C, pcC: $AWQ_PC_CFG=C, sm90cC: CUTLASS tile "
                   "configuration C; us, % of DRAM floor):", "",
