@@ -11,8 +11,9 @@ Dispatch by M (tokens) and N: M <= `simt_max_m(N, K)` runs the CUDA-core GEMV
 M >= `SM90_MIN_M` on sm_90 runs the CUTLASS mixed-input GEMM (int4_gemm_sm90.cu; `sm90_config` picks
 its tile by M, N, K and group size), and a larger M elsewhere dequantizes the weight
 (int4_dequant.cu) and calls cuBLAS through torch. `awq::int4_linear_multi` (linears that read one x,
-fused by the backend) runs, on sm_90 and for M <= `pc_max_m(N, K)`, the producer/consumer kernel
-(int4_gemv_pc.cu: bulk copies into a shared-memory ring), all its weights in one launch.
+fused by the backend) runs all its weights in one launch: of the CUDA-core GEMV up to `simt_max_m`,
+then, on sm_90 and for M <= `pc_max_m(N, K)`, of the producer/consumer kernel (int4_gemv_pc.cu:
+bulk copies into a shared-memory ring).
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ import torch.utils.weak
 
 from .ops import check_int4_linear_args, check_int4_linear_multi_args
 
-__all__ = ["library_path", "load_library", "available", "gemm_mma", "gemm_pc", "gemm_simt", "gemm_tc",
+__all__ = ["library_path", "load_library", "available", "gemm_mma", "gemm_pc", "gemm_simt", "gemm_simt_multi", "gemm_tc",
            "dequantize_cuda", "int4_linear_cuda", "int4_linear_multi_cuda", "mma_max_m", "pc_max_m", "simt_max_m",
            "tc_max_m", "gemm_sm90", "sm90_config", "sm90_operands", "sm90_pick", "sm90_splits", "ENV_VAR"]
 
 ENV_VAR = "AWQ_COMPILE_CUDA_LIB"
-_ABI_VERSION = 5
+_ABI_VERSION = 6
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 
 # Largest M served by the weight-streaming kernel; above it, dequantize + cuBLAS. Measured on an
@@ -56,11 +57,13 @@ TC_MAX_M = 8
 TC_MAX_N = 8192
 
 
-# The producer/consumer kernel (int4_gemv_pc.cu, M <= 8, sm_90 only) serves int4_linear_multi:
-# one launch for q/k/v (or gate/up) against one kernel each, measured on an H100 under CUDA
-# graphs (benchmarks/RESULTS.md, section 4): 28.5 -> 20.1 us for q/k/v at M = 1, 37.8 -> 30.0 for
-# gate/up. One weight alone, it is slower than the CUDA-core GEMV at M = 1 and mixed against the
-# tc / mma kernels at M = 2..8, so int4_linear does not use it. $AWQ_PC=0 switches it off.
+# The producer/consumer kernel (int4_gemv_pc.cu, M <= 8, sm_90 only) serves int4_linear_multi
+# above SIMT_MAX_M: one launch for q/k/v (or gate/up) against one kernel each, measured on an H100
+# under CUDA graphs (benchmarks/RESULTS.md, section 4): 29.3 -> 22.0 us for q/k/v at M = 8, 41.1 ->
+# 32.1 for gate/up. At M = 1 the CUDA-core GEMV's own multi-weight launch is faster (q/k/v 17.0
+# vs 20.3 us, gate/up 23.8 vs 27.8). One weight alone, it is slower than the CUDA-core GEMV at
+# M = 1 and mixed against the tc / mma kernels at M = 2..8, so int4_linear does not use it.
+# $AWQ_PC=0 switches it off.
 PC_MAX_M = 8
 
 
@@ -181,6 +184,10 @@ def load_library() -> ctypes.CDLL | None:
     lib.awq_int4_gemm_simt.restype = i32
     lib.awq_int4_gemm_simt_workspace.argtypes = [i64, i64, i64, i64, i32, i32]
     lib.awq_int4_gemm_simt_workspace.restype = i64
+    lib.awq_int4_gemm_simt_multi.argtypes = [p, i32, p, p, p, p, p, p, p, i64, i64, i64, i64, i32, i32, p]
+    lib.awq_int4_gemm_simt_multi.restype = i32
+    lib.awq_int4_gemm_simt_multi_workspace.argtypes = [i32, p, i64, i64, i64, i32, i32]
+    lib.awq_int4_gemm_simt_multi_workspace.restype = i64
     lib.awq_int4_gemm_tc.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i32, i32, p]
     lib.awq_int4_gemm_tc.restype = i32
     lib.awq_int4_tc_max_m.restype = i64
@@ -261,10 +268,11 @@ def _workspace(numel: int, device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def _simt_workspace_floats(device: int, m, n, k, kp, g, dtype: int, cfg: str | None) -> int:
+def _simt_workspace_floats(device: int, m, ns: tuple[int, ...], k, kp, g, dtype: int, cfg: str | None) -> int:
     # cfg: $AWQ_SIMT_CFG, which the library reads on every call and which changes the K split.
     with torch.cuda.device(device):
-        need = load_library().awq_int4_gemm_simt_workspace(m, n, k, kp, g, dtype)
+        need = load_library().awq_int4_gemm_simt_multi_workspace(
+            len(ns), (ctypes.c_int64 * len(ns))(*ns), m, k, kp, g, dtype)
     if need < 0:
         _check(1)
     return need
@@ -272,21 +280,48 @@ def _simt_workspace_floats(device: int, m, n, k, kp, g, dtype: int, cfg: str | N
 
 def gemm_simt(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T + bias via the CUDA-core GEMV (M <= 8); arguments as
-    gemm_mma's. Its split-K workspace may hold anything, so it is not the mma kernel's."""
-    m, n, k, kp = _sizes("gemm_simt", x2d, qweight, out)
+    gemm_mma's."""
+    return gemm_simt_multi(x2d, [qweight], [scales], [zeros], group_size, [bias], [out])[0]
+
+
+def _multi_arrays(name: str, x2d, qweights, scales, zeros, biases, outs):
+    """ctypes arrays (qweights, scales, zeros, biases, outs, Ns) of a multi-weight launch and its
+    (M, K, Kp), after checking that the lists match and every weight has x's packed K."""
+    n = len(qweights)
+    if not (len(scales) == len(zeros) == len(biases) == len(outs) == n):
+        raise ValueError(f"{name}: {n} qweights but {len(scales)} scales, {len(zeros)} zeros, "
+                         f"{len(biases)} biases, {len(outs)} outs")
+    kp = qweights[0].shape[1] * 2
+    m, k = x2d.shape
+    for qw, out in zip(qweights, outs):
+        if qw.shape[1] * 2 != kp:
+            raise ValueError(f"{name}: the weights' packed K differ ({qw.shape[1] * 2} vs {kp})")
+        _sizes(name, x2d, qw, out)
+    arr = ctypes.c_void_p * n
+    ptrs = [arr(*(t.data_ptr() for t in ts)) for ts in (qweights, scales, zeros)]
+    ptrs.append(arr(*(None if b is None else b.data_ptr() for b in biases)))
+    ptrs.append(arr(*(t.data_ptr() for t in outs)))
+    ptrs.append((ctypes.c_int64 * n)(*(qw.shape[0] for qw in qweights)))
+    return ptrs, (m, k, kp)
+
+
+def gemm_simt_multi(x2d, qweights, scales, zeros, group_size, biases, outs) -> list[torch.Tensor]:
+    """outs[i][M, N_i] = x2d[M, K] @ W_i^T + biases[i] for 1..4 weights that share x, in one launch
+    of the CUDA-core GEMV (M <= 8); lists as gemm_pc's. Its split-K workspace (only when x
+    outgrows shared memory) may hold anything, so it is not the mma kernel's."""
+    ptrs, (m, k, kp) = _multi_arrays("gemm_simt", x2d, qweights, scales, zeros, biases, outs)
     dev = x2d.device
     dt = _DTYPES[x2d.dtype]
-    need = _simt_workspace_floats(dev.index, m, n, k, kp, group_size, dt, os.environ.get("AWQ_SIMT_CFG"))
-    stream = torch.cuda.current_stream(dev).cuda_stream
+    ns = tuple(qw.shape[0] for qw in qweights)
+    need = _simt_workspace_floats(dev.index, m, ns, k, kp, group_size, dt, os.environ.get("AWQ_SIMT_CFG"))
     ws = None
     if need > 0:  # per call, for the reason _workspace gives
         ws = torch.empty(need, dtype=torch.float32, device=dev)
-    _check(load_library().awq_int4_gemm_simt(
-        x2d.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
-        None if bias is None else bias.data_ptr(), out.data_ptr(),
-        None if ws is None else ws.data_ptr(), 0 if ws is None else ws.numel(),
-        m, n, k, kp, group_size, dt, stream))
-    return out
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    _check(load_library().awq_int4_gemm_simt_multi(
+        x2d.data_ptr(), len(ns), *ptrs, None if ws is None else ws.data_ptr(), 0 if ws is None else ws.numel(),
+        m, k, kp, group_size, dt, stream))
+    return outs
 
 
 def gemm_tc(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor:
@@ -305,24 +340,10 @@ def gemm_pc(x2d, qweights, scales, zeros, group_size, biases, outs) -> list[torc
     """outs[i][M, N_i] = x2d[M, K] @ W_i^T + biases[i] for 1..4 weights that share x, in one launch
     of the producer/consumer kernel (int4_gemv_pc.cu, M <= 8, sm_90). Lists of equal length;
     arguments as gemm_mma's otherwise. Needs no workspace."""
-    n = len(qweights)
-    if not (len(scales) == len(zeros) == len(biases) == len(outs) == n):
-        raise ValueError(f"gemm_pc: {n} qweights but {len(scales)} scales, {len(zeros)} zeros, "
-                         f"{len(biases)} biases, {len(outs)} outs")
-    kp = qweights[0].shape[1] * 2
-    m, k = x2d.shape
-    for qw, out in zip(qweights, outs):
-        if qw.shape[1] * 2 != kp:
-            raise ValueError(f"gemm_pc: the weights' packed K differ ({qw.shape[1] * 2} vs {kp})")
-        _sizes("gemm_pc", x2d, qw, out)
-    arr = ctypes.c_void_p * n
-    ptrs = [arr(*(t.data_ptr() for t in ts)) for ts in (qweights, scales, zeros, outs)]
-    bias_ptrs = arr(*(None if b is None else b.data_ptr() for b in biases))
-    ns = (ctypes.c_int64 * n)(*(qw.shape[0] for qw in qweights))
+    ptrs, (m, k, kp) = _multi_arrays("gemm_pc", x2d, qweights, scales, zeros, biases, outs)
     stream = torch.cuda.current_stream(x2d.device).cuda_stream
     _check(load_library().awq_int4_gemm_pc(
-        x2d.data_ptr(), n, ptrs[0], ptrs[1], ptrs[2], bias_ptrs, ptrs[3], ns,
-        m, k, kp, group_size, _DTYPES[x2d.dtype], stream))
+        x2d.data_ptr(), len(qweights), *ptrs, m, k, kp, group_size, _DTYPES[x2d.dtype], stream))
     return outs
 
 
@@ -434,18 +455,22 @@ def int4_linear_cuda(x, qweight, scales, zeros, group_size, bias=None) -> torch.
 
 
 def int4_linear_multi_cuda(x, qweights, scales, zeros, group_size, biases) -> list[torch.Tensor]:
-    """The CUDA implementation of awq::int4_linear_multi: one producer/consumer launch for all the
-    weights when it serves this M, else one int4_linear_cuda call each."""
+    """The CUDA implementation of awq::int4_linear_multi: one launch for all the weights where a
+    kernel serves this M (the CUDA-core GEMV up to simt_max_m, then on sm_90 the
+    producer/consumer kernel up to pc_max_m), else one int4_linear_cuda call each."""
     ns = check_int4_linear_multi_args(x, qweights, scales, zeros, group_size, biases)
     k = x.shape[-1]  # > 0: the check above holds K to the packed weight's
     m = x.numel() // k
-    if 0 < m <= pc_max_m(ns[0], k, x.device.index) and x.device.index == torch.cuda.current_device():
-        for args in zip(qweights, scales, zeros, biases):
-            _check_cuda_tensors(x, *args)
-        x2d = x.reshape(-1, k).contiguous()
-        outs = [x2d.new_empty((m, qw.shape[0])) for qw in qweights]
-        gemm_pc(x2d, list(qweights), list(scales), list(zeros), group_size, list(biases), outs)
-        return [y.reshape(*x.shape[:-1], y.shape[1]) for y in outs]
+    if m > 0 and x.device.index == torch.cuda.current_device():
+        gemm = (gemm_simt_multi if m <= simt_max_m(sum(ns), k) else
+                gemm_pc if m <= pc_max_m(ns[0], k, x.device.index) else None)
+        if gemm is not None:
+            for args in zip(qweights, scales, zeros, biases):
+                _check_cuda_tensors(x, *args)
+            x2d = x.reshape(-1, k).contiguous()
+            outs = [x2d.new_empty((m, n)) for n in ns]
+            gemm(x2d, list(qweights), list(scales), list(zeros), group_size, list(biases), outs)
+            return [y.reshape(*x.shape[:-1], y.shape[1]) for y in outs]
     return [int4_linear_cuda(x, *args[:3], group_size, args[3])
             for args in zip(qweights, scales, zeros, biases)]
 

@@ -82,10 +82,10 @@ def kernel_table() -> None:
                   f"{r['op']:.1f} | {r['cublas']:.1f} | {floor:.1f} |", flush=True)
     if not pc:
         return
-    print("\nSiblings that read one x (Llama-2-7B q/k/v and gate/up): one op call each vs one "
-          "int4_linear_multi launch, us")
-    print("| weights | M | op per weight, summed | one multi launch | floor us |")
-    print("|---|---|---|---|---|")
+    print("\nSiblings that read one x (Llama-2-7B q/k/v and gate/up): one op call each vs one launch "
+          "of a multi-weight kernel, and the int4_linear_multi op (its dispatch), us")
+    print("| weights | M | op per weight, summed | pc multi | simt multi | int4_linear_multi | floor us |")
+    print("|---|---|---|---|---|---|---|")
     for k, ns, name in ((4096, (4096,) * 3, "q, k, v 4096x4096"), (4096, (11008,) * 2, "gate, up 4096x11008")):
         sets = itertools.cycle([[_weight(k, n) for n in ns] for _ in range(max(2, _copies(k, sum(ns))))])
         for m in (1, 8):
@@ -93,13 +93,15 @@ def kernel_table() -> None:
             sep = graph_us(lambda: [torch.ops.awq.int4_linear(x, *w, 128, None) for w in next(sets)])
             outs = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for n in ns]
 
-            def multi():
+            def multi(gemm):
                 ws = next(sets)
-                _cuda.gemm_pc(x, [w[0] for w in ws], [w[1] for w in ws], [w[2] for w in ws], 128, [None] * len(ws),
-                              outs)
-            one = graph_us(multi)
+                gemm(x, [w[0] for w in ws], [w[1] for w in ws], [w[2] for w in ws], 128, [None] * len(ws), outs)
+            pc_us = graph_us(lambda: multi(_cuda.gemm_pc))
+            simt_us = graph_us(lambda: multi(_cuda.gemm_simt_multi)) if m <= 1 else nan
+            op_us = graph_us(lambda: torch.ops.awq.int4_linear_multi(
+                x, *([w[i] for w in next(sets)] for i in range(3)), 128, [None] * len(ns)))
             floor = sum(n * k / 2 + n * k / 128 * 3 for n in ns) / 3.0e12 * 1e6
-            print(f"| {name} | {m} | {sep:.1f} | {one:.1f} | {floor:.1f} |", flush=True)
+            print(f"| {name} | {m} | {sep:.1f} | {pc_us:.1f} | {simt_us:.1f} | {op_us:.1f} | {floor:.1f} |", flush=True)
 
 
 def profile_decode(layers: int, steps: int = 8) -> None:

@@ -55,6 +55,17 @@ int awq_int4_gemm_simt(const void* x, const uint8_t* qweight, const void* scales
                        int64_t workspace_floats, int64_t M, int64_t N, int64_t K, int64_t Kp,
                        int group_size, int dtype, void* stream);
 
+// ys[i] = x @ W_i^T + biases[i] for nseg (1..4) weights of Ns[i] rows that share x, K, Kp and
+// group_size, in one launch of the CUDA-core GEMV, M <= 8. Arrays and workspace as in
+// awq_int4_gemm_pc and awq_int4_gemm_simt; the workspace size comes from
+// awq_int4_gemm_simt_multi_workspace (-1 for bad sizes). Deterministic (no atomics).
+int64_t awq_int4_gemm_simt_multi_workspace(int nseg, const int64_t* Ns, int64_t M, int64_t K, int64_t Kp,
+                                           int group_size, int dtype);
+int awq_int4_gemm_simt_multi(const void* x, int nseg, const uint8_t* const* qweights, const void* const* scales,
+                             const uint8_t* const* zeros, const void* const* biases, void* const* ys,
+                             const int64_t* Ns, float* workspace, int64_t workspace_floats, int64_t M,
+                             int64_t K, int64_t Kp, int group_size, int dtype, void* stream);
+
 // Largest M the register-streaming tensor-core decode kernel accepts (int4_gemv_tc.cu): 8.
 int64_t awq_int4_tc_max_m(void);
 

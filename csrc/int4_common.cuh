@@ -20,6 +20,27 @@ struct Int4Operands {  // the op's tensors, as every kernel's arguments start
   void* y;
 };
 
+// Multi-weight launches (the simt and pc kernels): weights that read the same x (q/k/v, gate/up)
+// run in one launch, their row tiles numbered one after another.
+constexpr int kMaxSeg = 4;
+struct Int4Seg {
+  const uint8_t* qweight;
+  const void* scales;
+  const uint8_t* zeros;
+  const void* bias;
+  void* y;
+  int N;
+  int tile0;  // this weight's first tile
+};
+
+// Which of a launch's nseg weights a tile belongs to.
+__device__ __forceinline__ int seg_of(const Int4Seg (&seg)[kMaxSeg], int nseg, int tile) {
+  int s = 0;
+#pragma unroll
+  for (int i = 1; i < kMaxSeg; ++i) s += (i < nseg && tile >= seg[i].tile0);
+  return s;
+}
+
 // Per-thread message so two host threads launching at once cannot garble each other's error.
 char* error_buffer();
 

@@ -43,21 +43,11 @@
 namespace awq {
 namespace {
 
-constexpr int kMaxM = 8, kMaxSeg = 4;
-
-struct PcSeg {
-  const uint8_t* qweight;
-  const void* scales;
-  const uint8_t* zeros;
-  const void* bias;
-  void* y;
-  int N;
-  int tile0;  // first tile of this weight in the block loop
-};
+constexpr int kMaxM = 8;
 
 struct PcArgs {
   const void* x;
-  PcSeg seg[kMaxSeg];
+  Int4Seg seg[kMaxSeg];
   int nseg, M, K, Kp, groups, log2g, nchunks, tiles, stages_tile;
   int stages;       // ring depth
   int stage_bytes;  // weights (a tile's rows) + x (M rows) of a stage
@@ -92,13 +82,6 @@ struct PcLayout {
 };
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-// Which weight a tile belongs to.
-__device__ __forceinline__ int seg_of(const PcArgs& a, int tile) {
-  int s = 0;
-#pragma unroll
-  for (int i = 1; i < kMaxSeg; ++i) s += (i < a.nseg && tile >= a.seg[i].tile0);
-  return s;
-}
 
 // The raw scale and zero of a lane's two chunks (chunk0, chunk0 + 4), rows g and g + 8.
 struct ScaleZero {
@@ -106,7 +89,7 @@ struct ScaleZero {
 };
 
 // From global memory; goff0 / goff1: the first group of rows g / g + 8.
-__device__ __forceinline__ void load_sz(ScaleZero& sz, const PcArgs& a, const PcSeg& sg, uint32_t goff0,
+__device__ __forceinline__ void load_sz(ScaleZero& sz, const PcArgs& a, const Int4Seg& sg, uint32_t goff0,
                                         uint32_t goff1, int chunk0) {
   const uint16_t* s = static_cast<const uint16_t*>(sg.scales);
 #pragma unroll
@@ -217,7 +200,7 @@ __global__ void __launch_bounds__(32 * (C + 1), MINB) gemv_pc_kernel(const PcArg
     int slot = 0;
     uint32_t phase = 0, tn = 0;
     for (int tile = blockIdx.x; tile < a.tiles; tile += gridDim.x, ++tn) {
-      const PcSeg& sg = a.seg[seg_of(a, tile)];
+      const Int4Seg& sg = a.seg[seg_of(a.seg, a.nseg, tile)];
       const int r0 = (tile - sg.tile0) * TR, rows = min(TR, sg.N - r0);
       if (a.sz_smem) {  // the tile's scales and zeros: two contiguous runs (TR rows, N % TR == 0)
         const int b = tn & 1;
@@ -256,7 +239,7 @@ __global__ void __launch_bounds__(32 * (C + 1), MINB) gemv_pc_kernel(const PcArg
   int slot = 0;
   uint32_t phase = 0, tn = 0;
   for (int tile = blockIdx.x; tile < a.tiles; tile += gridDim.x, ++tn) {
-    const PcSeg& sg = a.seg[seg_of(a, tile)];
+    const Int4Seg& sg = a.seg[seg_of(a.seg, a.nseg, tile)];
     const int rbase = (tile - sg.tile0) * TR + g;  // rows rbase + 16h and rbase + 16h + 8
     uint32_t goff[H][2];
 #pragma unroll
@@ -414,7 +397,7 @@ extern "C" int awq_int4_gemm_pc(const void* x, int nseg, const uint8_t* const* q
     if (log2g < 0) return AWQ_ERR_ARG;
     if (!qweights[i] || !scales[i] || !zeros[i] || !ys[i] || ((uintptr_t)qweights[i] & 15))
       return fail(AWQ_ERR_ARG, "awq_int4_gemm_pc: weight %d: null pointer or qweight not 16-byte aligned", i);
-    a.seg[i] = PcSeg{qweights[i], scales[i], zeros[i], biases[i], ys[i], (int)Ns[i], 0};  // tile0: launch_cfg
+    a.seg[i] = Int4Seg{qweights[i], scales[i], zeros[i], biases[i], ys[i], (int)Ns[i], 0};  // tile0: launch_cfg
     a.sz_smem = a.sz_smem && ((uintptr_t)scales[i] & 15) == 0 && ((uintptr_t)zeros[i] & 15) == 0;
   }
   a.x = x;

@@ -30,6 +30,8 @@
 //     One slice: the epilogue writes y (+ bias). Several: fp32 partials per slice go to a
 //     workspace and a second kernel sums them in slice order. No atomics: results are
 //     bit-for-bit reproducible run to run.
+//   * Up to 4 weights that read the same x (q/k/v, gate/up) run in one launch, their tiles
+//     numbered one after another (awq_int4_gemm_simt_multi).
 //
 // Limitations:
 //   1. Measured at 52-53% of the DRAM floor at M = 1 on an H200 (55 us at 8192 x 28672; the mma
@@ -79,15 +81,18 @@ using Cfg0 = Cfg<32, 4, 2, 2>;
 using Cfg1 = Cfg<8, 2, 2, 2>;
 constexpr int default_cfg(int m) { return m <= 2 ? 0 : 1; }
 
-struct SimtArgs : Int4Operands {
-  float* ws;       // [n_ks, M, N] fp32 partials when n_ks > 1
-  int M, N, K, Kp, groups;
+struct SimtArgs {
+  const void* x;
+  Int4Seg seg[kMaxSeg];  // the weights (awq_int4_gemm_simt_multi)
+  int nseg;
+  float* ws;       // [n_ks, M, ws_rows] fp32 partials when n_ks > 1
+  int ws_rows;     // N for one weight, else every tile's rows (tiles * rows a tile)
+  int M, K, Kp, groups;
   int gshift;      // log2(g) - 5: chunk index -> group index
   int nchunks;     // Kp / 32
   int cps;         // chunks per K slice (multiple of 32); shared memory holds M * cps chunks
   int n_ks;        // K slices = gridDim.y
-  int tiles;       // row tiles of RPI * R rows (one warp each)
-  int slice_warps; // warps per slice = gridDim.x * kWarps
+  int tiles;       // row tiles of RPI * R rows (one warp each), over all weights
   bool x_vec;
 };
 
@@ -161,23 +166,31 @@ struct Stage {
   uint32_t s[R], z[R];
 };
 
-// A lane's rows as 32-bit offsets (N * Kp / 2 < 2^31): 2 registers per row, not 6 for pointers.
+// A lane's rows as 32-bit offsets (N * Kp / 2 < 2^31): 2 registers per row, not 6 for
+// pointers. In a multi-weight launch (MULTI) the tile's weight base pointers come along; a
+// single-weight launch reads them from the kernel parameters, as they are the same for all tiles.
 template <int R>
 struct TileRows {
+  const uint8_t* qweight;
+  const uint16_t* scales;
+  const uint8_t* zeros;
   uint32_t w[R];  // row * Kp / 2
   uint32_t g[R];  // row * groups
 };
 
-template <int R>
+template <int R, bool MULTI>
 __device__ __forceinline__ void issue(Stage<R>& st, const TileRows<R>& tr, const SimtArgs& a,
                                       int chunk) {
   const uint32_t c = min(chunk, a.nchunks - 1);  // tail lanes reload a valid chunk; x is 0 there
   const uint32_t gi = c >> a.gshift;
+  const uint8_t* qw = MULTI ? tr.qweight : a.seg[0].qweight;
+  const uint16_t* sc = MULTI ? tr.scales : static_cast<const uint16_t*>(a.seg[0].scales);
+  const uint8_t* zp = MULTI ? tr.zeros : a.seg[0].zeros;
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    st.w[r] = ld_stream<true>(a.qweight + (tr.w[r] + c * 16));
-    st.s[r] = __ldg(static_cast<const uint16_t*>(a.scales) + (tr.g[r] + gi));
-    st.z[r] = __ldg(a.zeros + (tr.g[r] + gi));
+    st.w[r] = ld_stream<true>(qw + (tr.w[r] + c * 16));
+    st.s[r] = __ldg(sc + (tr.g[r] + gi));
+    st.z[r] = __ldg(zp + (tr.g[r] + gi));
   }
 }
 
@@ -233,21 +246,27 @@ __device__ __forceinline__ void compute(float (&acc)[R][M], const Stage<R>& st, 
   }
 }
 
-template <typename T, int M, class C>
+template <typename T, int M, class C, bool MULTI>
 __global__ void __launch_bounds__(kThreads, C::MINB) gemv_simt_kernel(const SimtArgs a) {
-  constexpr int R = C::R, P = C::P, LK = C::LK, RPI = C::RPI;
+  constexpr int R = C::R, P = C::P, LK = C::LK, RPI = C::RPI, TR = RPI * R;
   extern __shared__ float4 smem4[];
   float* xs = reinterpret_cast<float*>(smem4);
   const int lane = threadIdx.x & 31, rg = lane / LK, c8 = lane % LK;
   const int ks = blockIdx.y, c0 = ks * a.cps, nck = min(a.cps, a.nchunks - c0);
   const int nsteps = (nck + LK - 1) / LK, tok_stride = a.cps * kXStride;
+  const int slice_warps = gridDim.x * kWarps;
   int tile = blockIdx.x * kWarps + (threadIdx.x >> 5);
+  auto seg = [&](int t) { return MULTI ? seg_of(a.seg, a.nseg, t) : 0; };
 
   TileRows<R> tr;
   auto set_rows = [&](int t) {
+    const Int4Seg& sg = a.seg[seg(t)];
+    tr.qweight = sg.qweight;
+    tr.scales = static_cast<const uint16_t*>(sg.scales);
+    tr.zeros = sg.zeros;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const uint32_t row = min(t * RPI * R + RPI * r + rg, a.N - 1);
+      const uint32_t row = min((t - sg.tile0) * TR + RPI * r + rg, sg.N - 1);
       tr.w[r] = row * (uint32_t)(a.Kp / 2);
       tr.g[r] = row * (uint32_t)a.groups;
     }
@@ -257,14 +276,14 @@ __global__ void __launch_bounds__(kThreads, C::MINB) gemv_simt_kernel(const Simt
     set_rows(t);
 #pragma unroll
     for (int q = 0; q < P - 1; ++q)
-      if (q < nsteps) issue(ring[q], tr, a, c0 + q * LK + c8);
+      if (q < nsteps) issue<R, MULTI>(ring[q], tr, a, c0 + q * LK + c8);
   };
   // The first tile's loads are requested before x is staged, so the two latencies overlap.
   if (tile < a.tiles) prime(tile);
   stage_x<T, M>(xs, a, c0, nck);
   __syncthreads();
 
-  for (; tile < a.tiles; tile += a.slice_warps) {
+  for (; tile < a.tiles; tile += slice_warps) {
     float acc[R][M];
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -273,7 +292,7 @@ __global__ void __launch_bounds__(kThreads, C::MINB) gemv_simt_kernel(const Simt
     for (int s = 0; s < nsteps; s += P) {
 #pragma unroll
       for (int p = 0; p < P; ++p) {
-        if (s + p + P - 1 < nsteps) issue(ring[(p + P - 1) % P], tr, a, c0 + (s + p + P - 1) * LK + c8);
+        if (s + p + P - 1 < nsteps) issue<R, MULTI>(ring[(p + P - 1) % P], tr, a, c0 + (s + p + P - 1) * LK + c8);
         if (s + p < nsteps) compute<T, M, R>(acc, ring[p], xs + ((s + p) * LK + c8) * kXStride, tok_stride);
       }
     }
@@ -287,28 +306,30 @@ __global__ void __launch_bounds__(kThreads, C::MINB) gemv_simt_kernel(const Simt
         for (int o = 1; o < LK; o *= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
         acc[r][m] = v;
       }
-    const int next = tile + a.slice_warps;
-    const int row0 = tile * RPI * R + rg;
+    const int sg_i = seg(tile), next = tile + slice_warps;
+    const int row0 = (tile - a.seg[sg_i].tile0) * TR + rg;
     if (next < a.tiles) prime(next);  // next tile's loads before this tile's stores
     if (c8 == 0) {
+      const Int4Seg& sg = a.seg[sg_i];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         const int row = row0 + RPI * r;
-        if (row >= a.N) continue;
-        const float b = (a.n_ks == 1 && a.bias) ? Half2Traits<T>::to_float(static_cast<const T*>(a.bias)[row]) : 0.f;
+        if (row >= sg.N) continue;
+        const float b = (a.n_ks == 1 && sg.bias) ? Half2Traits<T>::to_float(static_cast<const T*>(sg.bias)[row]) : 0.f;
+        const int wrow = tile * TR + RPI * r + rg;  // the row in the workspace (= row for one weight)
 #pragma unroll
         for (int m = 0; m < M; ++m) {
           if (a.n_ks == 1)
-            static_cast<T*>(a.y)[(size_t)m * a.N + row] = Half2Traits<T>::from_float(acc[r][m] + b);
+            static_cast<T*>(sg.y)[(size_t)m * sg.N + row] = Half2Traits<T>::from_float(acc[r][m] + b);
           else
-            a.ws[((size_t)ks * M + m) * a.N + row] = acc[r][m];
+            a.ws[((size_t)ks * M + m) * a.ws_rows + wrow] = acc[r][m];
         }
       }
     }
   }
 }
 
-// y = sum over slices (in slice order) + bias, rounded to T.
+// y = sum over slices (in slice order) + bias, rounded to T: one weight.
 template <typename T>
 __global__ void simt_finalize(const float* ws, const T* bias, T* y, int64_t total, int N, int n_ks) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
@@ -320,10 +341,28 @@ __global__ void simt_finalize(const float* ws, const T* bias, T* y, int64_t tota
   }
 }
 
+// The same for several weights; blockIdx.y is the token. Their workspace rows are tile rows (TR
+// a tile): a weight's rows start at its first tile, and rows past its N are skipped.
+template <typename T, int TR>
+__global__ void simt_finalize_multi(const SimtArgs a) {
+  const int rows = a.ws_rows, m = blockIdx.y;
+  const size_t slice = (size_t)a.M * rows;
+  for (int wrow = blockIdx.x * blockDim.x + threadIdx.x; wrow < rows; wrow += gridDim.x * blockDim.x) {
+    const Int4Seg& sg = a.seg[seg_of(a.seg, a.nseg, wrow / TR)];
+    const int row = wrow - sg.tile0 * TR;
+    if (row >= sg.N) continue;
+    const float* p = a.ws + (size_t)m * rows + wrow;
+    float v = 0.f;
+    for (int k = 0; k < a.n_ks; ++k) v += p[k * slice];
+    if (sg.bias) v += Half2Traits<T>::to_float(static_cast<const T*>(sg.bias)[row]);
+    static_cast<T*>(sg.y)[(size_t)m * sg.N + row] = Half2Traits<T>::from_float(v);
+  }
+}
+
 struct SimtDevice {
   bool init = false;
   int sms = 0, smem_sm = 0, smem_optin = 0, smem_reserved = 0;
-  int reg_occ[2][kMaxM + 1][2] = {};  // blocks per SM allowed by registers: (dtype, M, config)
+  int reg_occ[2][kMaxM + 1][2][2] = {};  // blocks per SM allowed by registers: (dtype, M, config, multi)
 };
 
 SimtDevice& simt_device(int dev) {
@@ -333,15 +372,21 @@ SimtDevice& simt_device(int dev) {
 
 struct Plan {
   int n_ks = 0, cps = 0, tiles = 0, blocks = 0;
+  int tile0[kMaxSeg] = {};
   size_t smem = 0;
 };
 
 // Slices K only as far as shared memory needs and parallelism wants: each extra slice adds a
 // partial write/read of M*N floats and a second launch. The target is half the resident warps
-// busy (1 tile each), or slices no shorter than 64 chunks.
+// busy (1 tile each), or slices no shorter than 64 chunks. (Splitting a tile's K over the warps
+// of one block instead, summed in shared memory in one launch, measured no faster at 4096x4096
+// and 5% slower at 11008x4096 on an H100: csrc/NOTES.md, session 5.)
 Plan make_plan(const SimtArgs& a, const SimtDevice& d, int reg_occ, int rows_per_tile) {
   Plan p;
-  p.tiles = (a.N + rows_per_tile - 1) / rows_per_tile;
+  for (int i = 0; i < a.nseg; ++i) {
+    p.tile0[i] = p.tiles;
+    p.tiles += (a.seg[i].N + rows_per_tile - 1) / rows_per_tile;
+  }
   const size_t per_chunk = (size_t)a.M * kXStride * sizeof(float);
   const size_t budget = std::min<size_t>(d.smem_optin, d.smem_sm / 2 - d.smem_reserved);
   const int max_cps = (int)(budget / per_chunk) & ~31;
@@ -383,9 +428,10 @@ template <typename T, int M, class C, int CI>
 int plan_for(const SimtArgs& a, int dtype, Plan& p) {
   SimtDevice* d = nullptr;
   if (int e = device_setup(d)) return e;
-  int& occ = d->reg_occ[dtype][M][CI];
+  const bool multi = a.nseg > 1;
+  int& occ = d->reg_occ[dtype][M][CI][multi];
   if (occ == 0) {
-    auto kernel = gemv_simt_kernel<T, M, C>;
+    auto kernel = multi ? gemv_simt_kernel<T, M, C, true> : gemv_simt_kernel<T, M, C, false>;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, d->smem_optin) != cudaSuccess ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kThreads, 0) != cudaSuccess)
       return check_launch("gemv_simt setup");
@@ -397,24 +443,42 @@ int plan_for(const SimtArgs& a, int dtype, Plan& p) {
   return AWQ_OK;
 }
 
+// Workspace rows of a launch (SimtArgs::ws_rows) and the floats of workspace a plan needs.
+int ws_rows(const SimtArgs& a, const Plan& p, int rows_per_tile) {
+  return a.nseg == 1 ? a.seg[0].N : p.tiles * rows_per_tile;
+}
+int64_t ws_need(const SimtArgs& a, const Plan& p, int rows_per_tile) {
+  return p.n_ks > 1 ? (int64_t)p.n_ks * a.M * ws_rows(a, p, rows_per_tile) : 0;
+}
+
 template <typename T, int M, class C, int CI>
 int launch(SimtArgs a, int dtype, int64_t ws_floats, cudaStream_t stream) {
+  constexpr int TR = C::RPI * C::R;
   Plan p;
   if (int e = plan_for<T, M, C, CI>(a, dtype, p)) return e;
-  a.cps = p.cps; a.n_ks = p.n_ks; a.tiles = p.tiles; a.slice_warps = p.blocks * kWarps;
-  if (p.n_ks > 1 && (a.ws == nullptr || ws_floats < (int64_t)p.n_ks * a.M * a.N))
+  a.cps = p.cps; a.n_ks = p.n_ks; a.tiles = p.tiles;
+  for (int i = 0; i < a.nseg; ++i) a.seg[i].tile0 = p.tile0[i];
+  a.ws_rows = ws_rows(a, p, TR);
+  const int64_t need = ws_need(a, p, TR);
+  if (need > 0 && (a.ws == nullptr || ws_floats < need))
     return fail(AWQ_ERR_ARG, "awq_int4_gemm_simt: %d K slices need a workspace of %lld floats, got %lld",
-                p.n_ks, (long long)p.n_ks * a.M * a.N, (long long)ws_floats);
-  gemv_simt_kernel<T, M, C><<<dim3(p.blocks, p.n_ks), kThreads, p.smem, stream>>>(a);
+                p.n_ks, (long long)need, (long long)ws_floats);
+  const dim3 grid(p.blocks, p.n_ks);
+  if (a.nseg > 1)
+    gemv_simt_kernel<T, M, C, true><<<grid, kThreads, p.smem, stream>>>(a);
+  else
+    gemv_simt_kernel<T, M, C, false><<<grid, kThreads, p.smem, stream>>>(a);
   if (int e = check_launch("gemv_simt_kernel")) return e;
-  if (p.n_ks > 1) {
-    const int64_t total = (int64_t)a.M * a.N;
+  if (p.n_ks > 1 && a.nseg == 1) {
+    const int64_t total = (int64_t)a.M * a.ws_rows;
     const int blocks = (int)std::min<int64_t>((total + 255) / 256, 4096);
-    simt_finalize<T><<<blocks, 256, 0, stream>>>(a.ws, static_cast<const T*>(a.bias),
-                                                 static_cast<T*>(a.y), total, a.N, p.n_ks);
-    return check_launch("simt_finalize");
+    simt_finalize<T><<<blocks, 256, 0, stream>>>(a.ws, static_cast<const T*>(a.seg[0].bias),
+                                                 static_cast<T*>(a.seg[0].y), total, a.ws_rows, p.n_ks);
+  } else if (p.n_ks > 1) {
+    const int blocks = std::min((a.ws_rows + 255) / 256, 1024);
+    simt_finalize_multi<T, TR><<<dim3(blocks, a.M), 256, 0, stream>>>(a);
   }
-  return AWQ_OK;
+  return p.n_ks > 1 ? check_launch("simt_finalize") : AWQ_OK;
 }
 
 // Read on every call (a getenv costs ~100 ns), so a benchmark can switch configurations in-process.
@@ -439,7 +503,7 @@ struct NeedC {
   static int run(const SimtArgs& a, int dtype, int64_t* out) {
     Plan p;
     if (int e = plan_for<T, M, C, CI>(a, dtype, p)) return e;
-    *out = p.n_ks > 1 ? (int64_t)p.n_ks * a.M * a.N : 0;
+    *out = ws_need(a, p, C::RPI * C::R);
     return AWQ_OK;
   }
 };
@@ -467,10 +531,18 @@ int by_m(int m, Args&&... args) {
   }
 }
 
-int make_args(SimtArgs& a, int64_t M, int64_t N, int64_t K, int64_t Kp, int group_size, int dtype) {
-  const int log2g = check_gemv_sizes("awq_int4_gemm_simt", M, kMaxM, N, K, Kp, group_size, dtype);
-  if (log2g < 0) return AWQ_ERR_ARG;
-  a.M = (int)M; a.N = (int)N; a.K = (int)K; a.Kp = (int)Kp;
+int make_args(SimtArgs& a, int nseg, const int64_t* Ns, int64_t M, int64_t K, int64_t Kp, int group_size,
+              int dtype) {
+  if (nseg < 1 || nseg > kMaxSeg || !Ns)
+    return fail(AWQ_ERR_ARG, "awq_int4_gemm_simt: %d weights (1..%d) or a null array", nseg, kMaxSeg);
+  int log2g = -1;
+  for (int i = 0; i < nseg; ++i) {
+    log2g = check_gemv_sizes("awq_int4_gemm_simt", M, kMaxM, Ns[i], K, Kp, group_size, dtype);
+    if (log2g < 0) return AWQ_ERR_ARG;
+    a.seg[i].N = (int)Ns[i];
+  }
+  a.nseg = nseg;
+  a.M = (int)M; a.K = (int)K; a.Kp = (int)Kp;
   a.groups = (int)(Kp / group_size);
   a.gshift = log2g - 5;
   a.nchunks = (int)(Kp / 32);
@@ -482,30 +554,50 @@ int make_args(SimtArgs& a, int64_t M, int64_t N, int64_t K, int64_t Kp, int grou
 
 extern "C" int64_t awq_int4_simt_max_m(void) { return awq::kMaxM; }
 
-extern "C" int64_t awq_int4_gemm_simt_workspace(int64_t M, int64_t N, int64_t K, int64_t Kp,
-                                                int group_size, int dtype) {
+extern "C" int64_t awq_int4_gemm_simt_multi_workspace(int nseg, const int64_t* Ns, int64_t M, int64_t K,
+                                                      int64_t Kp, int group_size, int dtype) {
   using namespace awq;
   SimtArgs a{};
-  if (make_args(a, M, N, K, Kp, group_size, dtype)) return -1;
+  if (make_args(a, nseg, Ns, M, K, Kp, group_size, dtype)) return -1;
   int64_t need = 0;
   const int e = dtype == AWQ_DTYPE_BF16 ? by_m<__nv_bfloat16, Need>(a.M, a, dtype, &need)
                                         : by_m<__half, Need>(a.M, a, dtype, &need);
   return e ? -1 : need;
 }
 
-extern "C" int awq_int4_gemm_simt(const void* x, const uint8_t* qweight, const void* scales,
-                                  const uint8_t* zeros, const void* bias, void* y, float* workspace,
-                                  int64_t workspace_floats, int64_t M, int64_t N, int64_t K,
-                                  int64_t Kp, int group_size, int dtype, void* stream) {
+extern "C" int awq_int4_gemm_simt_multi(const void* x, int nseg, const uint8_t* const* qweights,
+                                        const void* const* scales, const uint8_t* const* zeros,
+                                        const void* const* biases, void* const* ys, const int64_t* Ns,
+                                        float* workspace, int64_t workspace_floats, int64_t M, int64_t K,
+                                        int64_t Kp, int group_size, int dtype, void* stream) {
   using namespace awq;
   SimtArgs a{};
-  if (int e = make_args(a, M, N, K, Kp, group_size, dtype)) return e;
-  if (!x || !qweight || !scales || !zeros || !y || ((uintptr_t)qweight & 15))
-    return fail(AWQ_ERR_ARG, "awq_int4_gemm_simt: null pointer or qweight not 16-byte aligned");
-  a.x = x; a.qweight = qweight; a.scales = scales; a.zeros = zeros; a.bias = bias; a.y = y;
+  if (int e = make_args(a, nseg, Ns, M, K, Kp, group_size, dtype)) return e;
+  if (!x || !qweights || !scales || !zeros || !biases || !ys)
+    return fail(AWQ_ERR_ARG, "awq_int4_gemm_simt: null pointer");
+  for (int i = 0; i < nseg; ++i) {
+    if (!qweights[i] || !scales[i] || !zeros[i] || !ys[i] || ((uintptr_t)qweights[i] & 15))
+      return fail(AWQ_ERR_ARG, "awq_int4_gemm_simt: weight %d: null pointer or qweight not 16-byte aligned", i);
+    a.seg[i].qweight = qweights[i]; a.seg[i].scales = scales[i]; a.seg[i].zeros = zeros[i];
+    a.seg[i].bias = biases[i]; a.seg[i].y = ys[i];
+  }
+  a.x = x;
   a.ws = workspace;
   a.x_vec = (K % 8 == 0) && (((uintptr_t)x & 15) == 0);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   return dtype == AWQ_DTYPE_BF16 ? by_m<__nv_bfloat16, Launch>(a.M, a, dtype, workspace_floats, s)
                                  : by_m<__half, Launch>(a.M, a, dtype, workspace_floats, s);
+}
+
+extern "C" int64_t awq_int4_gemm_simt_workspace(int64_t M, int64_t N, int64_t K, int64_t Kp,
+                                                int group_size, int dtype) {
+  return awq_int4_gemm_simt_multi_workspace(1, &N, M, K, Kp, group_size, dtype);
+}
+
+extern "C" int awq_int4_gemm_simt(const void* x, const uint8_t* qweight, const void* scales,
+                                  const uint8_t* zeros, const void* bias, void* y, float* workspace,
+                                  int64_t workspace_floats, int64_t M, int64_t N, int64_t K,
+                                  int64_t Kp, int group_size, int dtype, void* stream) {
+  return awq_int4_gemm_simt_multi(x, 1, &qweight, &scales, &zeros, &bias, &y, &N, workspace, workspace_floats,
+                                  M, K, Kp, group_size, dtype, stream);
 }

@@ -147,27 +147,32 @@ def test_pc_configs(cfg, monkeypatch):
         _check_kernel("pc", _pc_one, *_case(k, n, g, torch.bfloat16), g, torch.bfloat16, (1, 3, 8))
 
 
+def _check_multi(gemm, one, k, ns, g, dtype, seed, bit_exact):
+    """gemm (a multi-weight launcher) on the first 2..len(ns) weights of different N that share x,
+    into NaN-poisoned outputs, against float64; where bit_exact(m) each output must equal the
+    one-weight launch `one` bit for bit."""
+    segs = [_random_weight(k, n, g, dtype, seed=seed + i) for i, n in enumerate(ns)]
+    w64 = [dequantize(qw, s, z, g, k, dtype=torch.float64) for qw, s, z, _ in segs]
+    for nseg in range(2, len(ns) + 1):
+        for m in (1, 5, 8):
+            x = torch.randn(m, k, device="cuda").to(dtype)
+            biases = [b if i % 2 else None for i, (_, _, _, b) in enumerate(segs[:nseg])]
+            outs = [torch.full((m, n), float("nan"), dtype=dtype, device="cuda") for n in ns[:nseg]]
+            gemm(x, *([t[j] for t in segs[:nseg]] for j in range(3)), g, biases, outs)
+            for i, (y, (qw, s, z, _)) in enumerate(zip(outs, segs)):
+                ref = x.double() @ w64[i].T + (0 if biases[i] is None else biases[i].double())
+                assert torch.isfinite(y).all() and _rel_err(y, ref) < TOL[dtype], f"weight {i} of {nseg}, M={m}"
+                if bit_exact(m):
+                    assert torch.equal(y, one(x, qw, s, z, g, biases[i], torch.empty_like(y))), f"weight {i} of {nseg}"
+    return segs
+
+
 @needs_sm90
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_pc_multi_weights(dtype):
     """Up to 4 weights of different N that share x, in one launch: each output equals the
     single-weight launch bit for bit, and the float64 reference within tolerance."""
-    k, g = 1536, 64
-    ns = (4096, 200, 1536, 48)
-    segs = [_random_weight(k, n, g, dtype, seed=i) for i, n in enumerate(ns)]
-    w64 = [dequantize(qw, s, z, g, k, dtype=torch.float64) for qw, s, z, _ in segs]
-    for nseg in (2, 3, 4):
-        for m in (1, 5, 8):
-            x = torch.randn(m, k, device="cuda").to(dtype)
-            biases = [b if i % 2 else None for i, (_, _, _, b) in enumerate(segs[:nseg])]
-            outs = [torch.full((m, n), float("nan"), dtype=dtype, device="cuda") for n in ns[:nseg]]
-            cuda_mod.gemm_pc(x, [t[0] for t in segs[:nseg]], [t[1] for t in segs[:nseg]],
-                             [t[2] for t in segs[:nseg]], g, biases, outs)
-            for i, (y, (qw, s, z, _)) in enumerate(zip(outs, segs)):
-                one = _pc_one(x, qw, s, z, g, biases[i], torch.empty_like(y))
-                assert torch.equal(y, one), f"weight {i} of {nseg}, M={m}"
-                ref = x.double() @ w64[i].T + (0 if biases[i] is None else biases[i].double())
-                assert _rel_err(y, ref) < TOL[dtype]
+    _check_multi(cuda_mod.gemm_pc, _pc_one, 1536, (4096, 200, 1536, 48), 64, dtype, 0, lambda m: True)
 
 
 @pytest.mark.parametrize("m", [1, 8, 16])
@@ -216,6 +221,22 @@ def test_simt_configs(k, n, g, dtype, monkeypatch):
     for cfg in range(2):
         monkeypatch.setenv("AWQ_SIMT_CFG", str(cfg))
         _check_simt(*_case(k, n, g, dtype), g, dtype, ms=(1, 3, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("k,ns", [(1536, (4096, 200, 1536, 48)), (28672, (200, 1024))],
+                         ids=["K1536", "K28672-sliced"])
+def test_simt_multi_weights(k, ns, dtype):
+    """Up to 4 weights of different N that share x, in one CUDA-core GEMV launch, against float64;
+    at K = 1536 and M = 1 (no K split either way) each output equals the one-weight launch bit for
+    bit. K = 28672 outgrows shared memory, so K is sliced and the second kernel sums per weight."""
+    g = 64
+    segs = _check_multi(cuda_mod.gemm_simt_multi, cuda_mod.gemm_simt, k, ns, g, dtype, 20,
+                        lambda m: m == 1 and k == 1536)
+    x = torch.randn(1, k, device="cuda").to(dtype)
+    with pytest.raises(RuntimeError, match="5 weights"):
+        cuda_mod.gemm_simt_multi(x, [segs[0][0]] * 5, [segs[0][1]] * 5, [segs[0][2]] * 5, g, [None] * 5,
+                                 [x.new_empty((1, ns[0]))] * 5)
 
 
 def test_simt_deterministic():
