@@ -90,13 +90,14 @@ def compile_objects(
         return list(pool.map(one, sources))
 
 
-def build(out: Path | None = None, archs=ARCHS, nvcc: str | None = None, jobs: int = 2) -> Path:
-    """Compile and link libawq_int4.so (static CUDA runtime: no libcudart needed at load time)."""
+def build(out: Path | None = None, archs=ARCHS, nvcc: str | None = None, jobs: int = 2, sources=SOURCES) -> Path:
+    """Compile and link libawq_int4.so (static CUDA runtime: no libcudart needed at load time);
+    `sources`, a subset of SOURCES, only for tests of part of the library."""
     out = Path(out or default_output())
     out.parent.mkdir(parents=True, exist_ok=True)
     nvcc = nvcc or find_nvcc()
     with tempfile.TemporaryDirectory() as tmp:
-        objs = compile_objects(Path(tmp), archs, nvcc=nvcc, jobs=jobs)
+        objs = compile_objects(Path(tmp), archs, sources, nvcc=nvcc, jobs=jobs)
         gencodes = [flag for a in archs for flag in _gencode(a)]
         tmp_out = Path(tmp) / out.name
         cmd = [nvcc, "-shared", "-cudart", "static", *gencodes, *map(str, objs), "-o", str(tmp_out)]

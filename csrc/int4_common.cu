@@ -30,6 +30,34 @@ int check_gemv_sizes(const char* who, int64_t M, int64_t max_m, int64_t N, int64
   return log2g;
 }
 
+int check_segs(const char* who, Int4Seg (&seg)[kMaxSeg], int nseg, const int64_t* Ns, int64_t M, int64_t max_m,
+               int64_t K, int64_t Kp, int group_size, int dtype) {
+  if (nseg < 1 || nseg > kMaxSeg || !Ns) {
+    fail(AWQ_ERR_ARG, "%s: %d weights (1..%d) or a null array", who, nseg, kMaxSeg);
+    return -1;
+  }
+  int log2g = -1;
+  for (int i = 0; i < nseg; ++i) {
+    log2g = check_gemv_sizes(who, M, max_m, Ns[i], K, Kp, group_size, dtype);
+    if (log2g < 0) return -1;
+    seg[i].N = (int)Ns[i];
+  }
+  return log2g;
+}
+
+int set_seg_pointers(const char* who, Int4Seg (&seg)[kMaxSeg], int nseg, const void* x,
+                     const uint8_t* const* qweights, const void* const* scales, const uint8_t* const* zeros,
+                     const void* const* biases, void* const* ys) {
+  if (!x || !qweights || !scales || !zeros || !biases || !ys) return fail(AWQ_ERR_ARG, "%s: null pointer", who);
+  for (int i = 0; i < nseg; ++i) {
+    if (!qweights[i] || !scales[i] || !zeros[i] || !ys[i] || ((uintptr_t)qweights[i] & 15))
+      return fail(AWQ_ERR_ARG, "%s: weight %d: null pointer or qweight not 16-byte aligned", who, i);
+    seg[i].qweight = qweights[i]; seg[i].scales = scales[i]; seg[i].zeros = zeros[i];
+    seg[i].bias = biases[i]; seg[i].y = ys[i];
+  }
+  return AWQ_OK;
+}
+
 int check_launch(const char* what) {
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return fail(AWQ_ERR_CUDA, "%s: %s (%s)", what, cudaGetErrorName(e), cudaGetErrorString(e));

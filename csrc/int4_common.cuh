@@ -55,6 +55,17 @@ int fail(int code, const char* fmt, ...);
 int check_gemv_sizes(const char* who, int64_t M, int64_t max_m, int64_t N, int64_t K, int64_t Kp,
                      int group_size, int dtype);
 
+// A multi-weight launch's checks (simt, pc), in two parts because a workspace query has sizes but
+// no pointers. check_segs: 1..kMaxSeg weights, each passing check_gemv_sizes with its Ns[i]
+// (stored in seg[i].N); returns log2(group_size), or -1 with the message set. set_seg_pointers:
+// x and every weight's pointers non-null (biases may be), qweights 16-byte aligned, stored in
+// seg[i]; returns AWQ_OK or AWQ_ERR_ARG with the message set.
+int check_segs(const char* who, Int4Seg (&seg)[kMaxSeg], int nseg, const int64_t* Ns, int64_t M, int64_t max_m,
+               int64_t K, int64_t Kp, int group_size, int dtype);
+int set_seg_pointers(const char* who, Int4Seg (&seg)[kMaxSeg], int nseg, const void* x,
+                     const uint8_t* const* qweights, const void* const* scales, const uint8_t* const* zeros,
+                     const void* const* biases, void* const* ys);
+
 // Checks the launch just made and converts a CUDA error into AWQ_ERR_CUDA with its name.
 int check_launch(const char* what);
 

@@ -382,24 +382,18 @@ extern "C" int awq_int4_gemm_pc(const void* x, int nseg, const uint8_t* const* q
                                 const int64_t* Ns, int64_t M, int64_t K, int64_t Kp, int group_size, int dtype,
                                 void* stream) {
   using namespace awq;
-  if (nseg < 1 || nseg > kMaxSeg || !x || !qweights || !scales || !zeros || !biases || !ys || !Ns)
-    return fail(AWQ_ERR_ARG, "awq_int4_gemm_pc: %d weights (1..%d) or a null array", nseg, kMaxSeg);
+  PcArgs a{};
+  const int log2g = check_segs("awq_int4_gemm_pc", a.seg, nseg, Ns, M, kMaxM, K, Kp, group_size, dtype);
+  if (log2g < 0) return AWQ_ERR_ARG;
+  if (int e = set_seg_pointers("awq_int4_gemm_pc", a.seg, nseg, x, qweights, scales, zeros, biases, ys)) return e;
   int dev = 0, major = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
     return check_launch("awq_int4_gemm_pc: device query");
   if (major < 9) return fail(AWQ_ERR_ARG, "awq_int4_gemm_pc: needs sm_90 or newer (device is sm_%d)", major * 10);
-  PcArgs a{};
-  a.sz_smem = true;  // and every N a multiple of the tile: launch_cfg
-  int log2g = -1;
-  for (int i = 0; i < nseg; ++i) {
-    log2g = check_gemv_sizes("awq_int4_gemm_pc", M, kMaxM, Ns[i], K, Kp, group_size, dtype);
-    if (log2g < 0) return AWQ_ERR_ARG;
-    if (!qweights[i] || !scales[i] || !zeros[i] || !ys[i] || ((uintptr_t)qweights[i] & 15))
-      return fail(AWQ_ERR_ARG, "awq_int4_gemm_pc: weight %d: null pointer or qweight not 16-byte aligned", i);
-    a.seg[i] = Int4Seg{qweights[i], scales[i], zeros[i], biases[i], ys[i], (int)Ns[i], 0};  // tile0: launch_cfg
+  a.sz_smem = true;  // and every N a multiple of the tile: launch_cfg (which also sets tile0)
+  for (int i = 0; i < nseg; ++i)
     a.sz_smem = a.sz_smem && ((uintptr_t)scales[i] & 15) == 0 && ((uintptr_t)zeros[i] & 15) == 0;
-  }
   a.x = x;
   a.nseg = nseg;
   a.M = (int)M; a.K = (int)K; a.Kp = (int)Kp;

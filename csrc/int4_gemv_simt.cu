@@ -533,14 +533,8 @@ int by_m(int m, Args&&... args) {
 
 int make_args(SimtArgs& a, int nseg, const int64_t* Ns, int64_t M, int64_t K, int64_t Kp, int group_size,
               int dtype) {
-  if (nseg < 1 || nseg > kMaxSeg || !Ns)
-    return fail(AWQ_ERR_ARG, "awq_int4_gemm_simt: %d weights (1..%d) or a null array", nseg, kMaxSeg);
-  int log2g = -1;
-  for (int i = 0; i < nseg; ++i) {
-    log2g = check_gemv_sizes("awq_int4_gemm_simt", M, kMaxM, Ns[i], K, Kp, group_size, dtype);
-    if (log2g < 0) return AWQ_ERR_ARG;
-    a.seg[i].N = (int)Ns[i];
-  }
+  const int log2g = check_segs("awq_int4_gemm_simt", a.seg, nseg, Ns, M, kMaxM, K, Kp, group_size, dtype);
+  if (log2g < 0) return AWQ_ERR_ARG;
   a.nseg = nseg;
   a.M = (int)M; a.K = (int)K; a.Kp = (int)Kp;
   a.groups = (int)(Kp / group_size);
@@ -573,14 +567,7 @@ extern "C" int awq_int4_gemm_simt_multi(const void* x, int nseg, const uint8_t* 
   using namespace awq;
   SimtArgs a{};
   if (int e = make_args(a, nseg, Ns, M, K, Kp, group_size, dtype)) return e;
-  if (!x || !qweights || !scales || !zeros || !biases || !ys)
-    return fail(AWQ_ERR_ARG, "awq_int4_gemm_simt: null pointer");
-  for (int i = 0; i < nseg; ++i) {
-    if (!qweights[i] || !scales[i] || !zeros[i] || !ys[i] || ((uintptr_t)qweights[i] & 15))
-      return fail(AWQ_ERR_ARG, "awq_int4_gemm_simt: weight %d: null pointer or qweight not 16-byte aligned", i);
-    a.seg[i].qweight = qweights[i]; a.seg[i].scales = scales[i]; a.seg[i].zeros = zeros[i];
-    a.seg[i].bias = biases[i]; a.seg[i].y = ys[i];
-  }
+  if (int e = set_seg_pointers("awq_int4_gemm_simt", a.seg, nseg, x, qweights, scales, zeros, biases, ys)) return e;
   a.x = x;
   a.ws = workspace;
   a.x_vec = (K % 8 == 0) && (((uintptr_t)x & 15) == 0);

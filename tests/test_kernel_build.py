@@ -1,5 +1,6 @@
 """CPU-machine checks of the CUDA kernels: the sources compile with nvcc for sm_90a and sm_80, and
-the package imports and runs without the library.
+the package imports and runs without the library; the multi-weight launchers' shared argument
+checks refuse bad input before any CUDA call.
 
 Compiling all of csrc/ takes about 2 minutes per target on 2 cores, most of it the CUTLASS GEMM
 (int4_gemm_sm90.cu).
@@ -23,6 +24,41 @@ def test_sources_compile(tmp_path, arch):
     objs = build_kernels.compile_objects(tmp_path, archs=(arch,), jobs=2)
     assert [o.name for o in objs] == [s.replace(".cu", ".o") for s in build_kernels.SOURCES]
     assert all(o.stat().st_size > 0 for o in objs)
+
+
+@pytest.mark.skipif(build_kernels.find_nvcc() is None, reason="nvcc not installed")
+def test_multi_weight_argument_checks(tmp_path):
+    """The multi-weight launchers (simt, pc) share their argument checks, which run before any
+    CUDA call: a library of those sources (sm_80, linked here) refuses bad counts, sizes and
+    pointers on a CPU machine with the shared messages."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(build_kernels.build(tmp_path / "libpart.so", archs=("80",),
+                                               sources=("int4_common.cu", "int4_gemv_simt.cu", "int4_gemv_pc.cu"))))
+    p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    lib.awq_int4_last_error.restype = ctypes.c_char_p
+    lib.awq_int4_gemm_simt_multi_workspace.argtypes = [i32, p, i64, i64, i64, i32, i32]
+    lib.awq_int4_gemm_simt_multi_workspace.restype = i64
+    lib.awq_int4_gemm_simt_multi.argtypes = [p, i32, p, p, p, p, p, p, p, i64, i64, i64, i64, i32, i32, p]
+    lib.awq_int4_gemm_pc.argtypes = [p, i32, p, p, p, p, p, p, i64, i64, i64, i32, i32, p]
+    ns = (i64 * 5)(64, 64, 64, 64, 64)
+    ok, unaligned = (p * 2)(256, 512), (p * 2)(256, 520)
+
+    def err() -> str:
+        return lib.awq_int4_last_error().decode()
+
+    assert lib.awq_int4_gemm_simt_multi_workspace(5, ns, 1, 512, 512, 64, 1) == -1
+    assert err() == "awq_int4_gemm_simt: 5 weights (1..4) or a null array"
+    assert lib.awq_int4_gemm_simt_multi_workspace(2, ns, 9, 512, 512, 64, 1) == -1
+    assert err().startswith("awq_int4_gemm_simt: bad sizes M=9 N=64")
+    assert lib.awq_int4_gemm_simt_multi(256, 2, unaligned, ok, ok, ok, ok, ns, None, 0, 1, 512, 512, 64, 1, None) == 1
+    assert err() == "awq_int4_gemm_simt: weight 1: null pointer or qweight not 16-byte aligned"
+    assert lib.awq_int4_gemm_pc(256, 5, ok, ok, ok, ok, ok, ns, 1, 512, 512, 64, 1, None) == 1
+    assert err() == "awq_int4_gemm_pc: 5 weights (1..4) or a null array"
+    assert lib.awq_int4_gemm_pc(256, 2, ok, ok, ok, ok, ok, ns, 1, 512, 500, 64, 1, None) == 1
+    assert err().startswith("awq_int4_gemm_pc: bad sizes M=1 N=64 K=512 Kp=500")
+    assert lib.awq_int4_gemm_pc(256, 2, ok, ok, None, ok, ok, ns, 1, 512, 512, 64, 1, None) == 1
+    assert err() == "awq_int4_gemm_pc: null pointer"
 
 
 def test_import_without_library(tmp_path):
