@@ -66,8 +66,9 @@ def trace(model, cfg, tag: str, compile_kwargs: dict, out: str) -> None:
     for e in one:
         print(f"{e['ts'] - t0:9.1f} {e['dur']:7.1f} gap {e['ts'] - prev:5.1f}  {e['name'][:100]}")
         prev = e["ts"] + e["dur"]
-        by_kind[kind(e["name"])][0] += 1
-        by_kind[kind(e["name"])][1] += e["dur"]
+        entry = by_kind[kind(e["name"])]
+        entry[0] += 1
+        entry[1] += e["dur"]
     print(f"kernel time {sum(v[1] for v in by_kind.values()):.1f} us, first start to last end {prev - t0:.1f} us")
     for k, (n, us) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):
         print(f"  {k:40s} {n:4d} {us:8.1f} us")
