@@ -23,8 +23,11 @@
 //   * x is staged once per block as fp32 in shared memory, 36 floats per chunk (32 x, Sx, 3 pad:
 //     chunks 8 apart land on distinct banks), zero beyond K: padded columns and clamped tail
 //     loads contribute exactly 0, whatever the weight bytes there hold.
-//   * Weights are streamed with ld.global.nc.L1::no_allocate into a P-deep register ring (P - 1
-//     steps of loads in flight while a step computes); scales and zeros ride with them.
+//   * Weights are streamed with cp.async (16 bytes a lane, L1 bypassed, L2 256-byte prefetch) into
+//     a per-warp shared-memory ring of P steps (P - 1 in flight while a step computes); each lane
+//     reads back only what it copied, so no barrier is needed. Scales and zeros ride in a
+//     register ring beside it. The shared ring (instead of registers) is what lets 3 blocks a SM
+//     fit at M <= 2 (csrc/NOTES.md, session 7: q/k/v 16.7 -> 14.4 us on an H100).
 //   * Work: blocks of 8 warps; blockIdx.y is a K slice (as long as shared memory and the
 //     parallelism target allow), each warp takes tiles of 4R rows strided over the slice's warps.
 //     One slice: the epilogue writes y (+ bias). Several: fp32 partials per slice go to a
@@ -34,17 +37,18 @@
 //     numbered one after another (awq_int4_gemm_simt_multi).
 //
 // Limitations:
-//   1. Measured at 52-53% of the DRAM floor at M = 1 on an H200 (55 us at 8192 x 28672; the mma
-//      kernel: 66), not the 80% target; each extra token adds ~15 us, so _cuda.py sends only
-//      M = 1 here. M <= 8 is accepted (awq_int4_simt_max_m) and tested.
+//   1. Under CUDA graphs on an H100, M = 1: 53 us at 8192 x 28672 (77% of a 3.0 TB/s floor), 8.7
+//      at 4096 x 4096 (33%); not the 85% target. Each extra token adds ~15 us, so _cuda.py sends
+//      only M = 1 here. M <= 8 is accepted (awq_int4_simt_max_m) and tested.
 //   2. N * Kp / 2 < 2^31 (32-bit row offsets are not used, but tile and chunk counts are int).
 //   3. qweight's base pointer must be 16-byte aligned; x is read with 16-byte loads only if
 //      K % 8 == 0 and x is 16-byte aligned, else element by element.
 //   4. Only sm_90 was run; sm_80 builds the same code (shared memory budget read off the device).
 //
-// Tuning notes (csrc/NOTES.md, "SIMT decode kernel"): ~3.1 instructions per weight at M = 1 but
-// an issued IPC of ~0.4; more bytes in flight (P = 3, 24 warps/SM) and longer row bursts (LK = 32
-// vs 8) did not help, so the weight stream, not the math, is what stops it near 2.2 TB/s.
+// Tuning notes (csrc/NOTES.md, "SIMT decode kernel" and session 7): ~2.9 instructions per weight
+// at M = 1. With the math cut to half (wrong results, timing only) 8192 x 28672 drops from 53 to
+// 45 us, and a memory-only build runs at 43 us (95% of a copy): the math not hiding under the
+// loads is what is missing. Deeper rings (P = 3..6) and longer row bursts did not help.
 #include <stdlib.h>
 #include <string.h>
 
@@ -67,7 +71,8 @@ constexpr int kMaxM = 8;
 //       (1 wavefront), which M >= 3 needs to stay under the shared-memory bandwidth.
 //   R:  rows per lane; more rows share each x register (fewer shared loads per weight).
 //   P:  register ring depth (P - 1 steps of loads in flight while one step computes).
-//   MINB: blocks per SM that ptxas must fit (caps registers; chosen so that nothing spills).
+//   MINB: blocks per SM that ptxas must fit (caps registers) at M <= 2; 2 above, where the
+//       accumulators need the registers (kernel_minb).
 template <int LK_, int R_, int P_, int MINB_>
 struct Cfg {
   static constexpr int LK = LK_, R = R_, P = P_, MINB = MINB_, RPI = 32 / LK_;
@@ -75,11 +80,24 @@ struct Cfg {
 // The instantiated configurations (AWQ_SIMT_CFG=i picks one for experiments; default by M).
 // Measured on an H200 (csrc/NOTES.md) against <32,2,3>, <8,4,2> and <8,2,3>, which were within
 // 2-4% of these (M = 1: 55.5 us vs 56-58 for the R = 4 / P = 3 ones, 65 for R = 2 / LK = 8):
-//   Cfg0: M <= 2, 4 rows per lane, 512-byte row reads (110 registers, 2 blocks per SM).
+//   Cfg0: M <= 2, 4 rows per lane, 512-byte row reads (80 registers, 3 blocks per SM).
 //   Cfg1: M >= 3, 2 rows per lane (R = 4 spills from M = 4 on), 1-wavefront x loads.
-using Cfg0 = Cfg<32, 4, 2, 2>;
+using Cfg0 = Cfg<32, 4, 2, 3>;
 using Cfg1 = Cfg<8, 2, 2, 2>;
 constexpr int default_cfg(int m) { return m <= 2 ? 0 : 1; }
+template <class C, int M>
+constexpr int kernel_minb() { return M <= 2 ? C::MINB : 2; }
+// The weight ring in shared memory, per block: kWarps x P steps x R rows x 32 lanes x 16 bytes.
+template <class C>
+constexpr size_t ring_bytes() { return (size_t)kWarps * C::P * C::R * 32 * 16; }
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;"
+               ::"r"((uint32_t)__cvta_generic_to_shared(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
 struct SimtArgs {
   const void* x;
@@ -159,7 +177,8 @@ __device__ void stage_x(float* xs, const SimtArgs& a, int c0, int nck) {
   }
 }
 
-// One pipeline stage of a lane: R rows x one 16-byte chunk, with their scales and zeros.
+// One pipeline stage of a lane: R rows x one 16-byte chunk (w: read back from the shared ring
+// just before the step computes), with their scales and zeros.
 template <int R>
 struct Stage {
   uint4 w[R];
@@ -178,8 +197,10 @@ struct TileRows {
   uint32_t g[R];  // row * groups
 };
 
+// Requests a step: the weights into this lane's slots of a ring stage (slot[r * 32 + lane]), the
+// scales and zeros into st; one cp.async group a step.
 template <int R, bool MULTI>
-__device__ __forceinline__ void issue(Stage<R>& st, const TileRows<R>& tr, const SimtArgs& a,
+__device__ __forceinline__ void issue(Stage<R>& st, uint4* slot, const TileRows<R>& tr, const SimtArgs& a,
                                       int chunk) {
   const uint32_t c = min(chunk, a.nchunks - 1);  // tail lanes reload a valid chunk; x is 0 there
   const uint32_t gi = c >> a.gshift;
@@ -188,10 +209,11 @@ __device__ __forceinline__ void issue(Stage<R>& st, const TileRows<R>& tr, const
   const uint8_t* zp = MULTI ? tr.zeros : a.seg[0].zeros;
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    st.w[r] = ld_stream<true>(qw + (tr.w[r] + c * 16));
+    cp_async16(slot + r * 32 + (threadIdx.x & 31), qw + (tr.w[r] + c * 16));
     st.s[r] = __ldg(sc + (tr.g[r] + gi));
     st.z[r] = __ldg(zp + (tr.g[r] + gi));
   }
+  cp_async_commit();
 }
 
 // acc[r][m] += s * (sum_k (128 + q) x - (128 + z) * Sx) over one chunk; xc = this chunk's x.
@@ -247,7 +269,7 @@ __device__ __forceinline__ void compute(float (&acc)[R][M], const Stage<R>& st, 
 }
 
 template <typename T, int M, class C, bool MULTI>
-__global__ void __launch_bounds__(kThreads, C::MINB) gemv_simt_kernel(const SimtArgs a) {
+__global__ void __launch_bounds__(kThreads, (kernel_minb<C, M>())) gemv_simt_kernel(const SimtArgs a) {
   constexpr int R = C::R, P = C::P, LK = C::LK, RPI = C::RPI, TR = RPI * R;
   extern __shared__ float4 smem4[];
   float* xs = reinterpret_cast<float*>(smem4);
@@ -272,11 +294,17 @@ __global__ void __launch_bounds__(kThreads, C::MINB) gemv_simt_kernel(const Simt
     }
   };
   Stage<R> ring[P];
+  // This warp's ring, after x. Every step commits one cp.async group, empty past the end, so
+  // "step s has landed" is cp.async.wait_group(P - 1) once the P - 1 steps after it are requested.
+  uint4* wring = reinterpret_cast<uint4*>(xs + M * a.cps * kXStride) + (threadIdx.x >> 5) * (P * R * 32);
+  auto request = [&](int q, int slot, int chunk) {
+    if (q < nsteps) issue<R, MULTI>(ring[slot], wring + slot * R * 32, tr, a, chunk);
+    else cp_async_commit();
+  };
   auto prime = [&](int t) {  // a tile's first P - 1 steps
     set_rows(t);
 #pragma unroll
-    for (int q = 0; q < P - 1; ++q)
-      if (q < nsteps) issue<R, MULTI>(ring[q], tr, a, c0 + q * LK + c8);
+    for (int q = 0; q < P - 1; ++q) request(q, q, c0 + q * LK + c8);
   };
   // The first tile's loads are requested before x is staged, so the two latencies overlap.
   if (tile < a.tiles) prime(tile);
@@ -292,8 +320,14 @@ __global__ void __launch_bounds__(kThreads, C::MINB) gemv_simt_kernel(const Simt
     for (int s = 0; s < nsteps; s += P) {
 #pragma unroll
       for (int p = 0; p < P; ++p) {
-        if (s + p + P - 1 < nsteps) issue<R, MULTI>(ring[(p + P - 1) % P], tr, a, c0 + (s + p + P - 1) * LK + c8);
-        if (s + p < nsteps) compute<T, M, R>(acc, ring[p], xs + ((s + p) * LK + c8) * kXStride, tok_stride);
+        // The slot refilled here was read (into registers, consumed) by the step before.
+        request(s + p + P - 1, (p + P - 1) % P, c0 + (s + p + P - 1) * LK + c8);
+        if (s + p < nsteps) {
+          cp_async_wait<P - 1>();
+#pragma unroll
+          for (int r = 0; r < R; ++r) ring[p].w[r] = wring[(p * R + r) * 32 + lane];
+          compute<T, M, R>(acc, ring[p], xs + ((s + p) * LK + c8) * kXStride, tok_stride);
+        }
       }
     }
     // Sum the LK lanes of each row (fixed butterfly order), then lane c8 == 0 stores.
@@ -381,14 +415,14 @@ struct Plan {
 // busy (1 tile each), or slices no shorter than 64 chunks. (Splitting a tile's K over the warps
 // of one block instead, summed in shared memory in one launch, measured no faster at 4096x4096
 // and 5% slower at 11008x4096 on an H100: csrc/NOTES.md, session 5.)
-Plan make_plan(const SimtArgs& a, const SimtDevice& d, int reg_occ, int rows_per_tile) {
+Plan make_plan(const SimtArgs& a, const SimtDevice& d, int reg_occ, int rows_per_tile, int minb, size_t ring) {
   Plan p;
   for (int i = 0; i < a.nseg; ++i) {
     p.tile0[i] = p.tiles;
     p.tiles += (a.seg[i].N + rows_per_tile - 1) / rows_per_tile;
   }
   const size_t per_chunk = (size_t)a.M * kXStride * sizeof(float);
-  const size_t budget = std::min<size_t>(d.smem_optin, d.smem_sm / 2 - d.smem_reserved);
+  const size_t budget = std::min<size_t>(d.smem_optin, d.smem_sm / minb - d.smem_reserved) - ring;
   const int max_cps = (int)(budget / per_chunk) & ~31;
   if (max_cps < 32) return p;
   auto round32 = [](int c) { return (c + 31) & ~31; };
@@ -396,7 +430,7 @@ Plan make_plan(const SimtArgs& a, const SimtDevice& d, int reg_occ, int rows_per
   for (;; ++n) {
     p.cps = std::min(round32((a.nchunks + n - 1) / n), max_cps);
     p.n_ks = (a.nchunks + p.cps - 1) / p.cps;
-    p.smem = per_chunk * p.cps;
+    p.smem = per_chunk * p.cps + ring;
     occ = std::max(1, std::min<int>(reg_occ, (int)(d.smem_sm / (p.smem + d.smem_reserved))));
     const long long slots = (long long)d.sms * occ * kWarps;
     if ((long long)p.tiles * p.n_ks * 2 >= slots || p.cps <= 64) break;
@@ -436,7 +470,7 @@ int plan_for(const SimtArgs& a, int dtype, Plan& p) {
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kThreads, 0) != cudaSuccess)
       return check_launch("gemv_simt setup");
   }
-  p = make_plan(a, *d, occ, C::RPI * C::R);
+  p = make_plan(a, *d, occ, C::RPI * C::R, kernel_minb<C, M>(), ring_bytes<C>());
   if (p.n_ks == 0)
     return fail(AWQ_ERR_ARG, "awq_int4_gemm_simt: M=%d needs %d bytes of shared memory per 32 chunks, "
                 "the device grants %d", a.M, a.M * kXStride * 4 * 32, d->smem_optin);
