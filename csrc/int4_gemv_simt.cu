@@ -70,7 +70,8 @@ constexpr int kMaxM = 8;
 //       (4 shared-memory wavefronts); LK = 8 reads 4 rows x 128 B and an x load serves 8 chunks
 //       (1 wavefront), which M >= 3 needs to stay under the shared-memory bandwidth.
 //   R:  rows per lane; more rows share each x register (fewer shared loads per weight).
-//   P:  register ring depth (P - 1 steps of loads in flight while one step computes).
+//   P:  ring depth (P - 1 steps of loads in flight while one step computes): the weights' ring
+//       in shared memory, the scales' and zeros' in registers.
 //   MINB: blocks per SM that ptxas must fit (caps registers) at M <= 2; 2 above, where the
 //       accumulators need the registers (kernel_minb).
 template <int LK_, int R_, int P_, int MINB_>
@@ -177,11 +178,10 @@ __device__ void stage_x(float* xs, const SimtArgs& a, int c0, int nck) {
   }
 }
 
-// One pipeline stage of a lane: R rows x one 16-byte chunk (w: read back from the shared ring
-// just before the step computes), with their scales and zeros.
+// What a lane keeps in registers of a pipeline stage: the scales and zeros of its R rows (their
+// 16-byte weight chunks are in the shared ring until the step computes).
 template <int R>
 struct Stage {
-  uint4 w[R];
   uint32_t s[R], z[R];
 };
 
@@ -216,10 +216,11 @@ __device__ __forceinline__ void issue(Stage<R>& st, uint4* slot, const TileRows<
   cp_async_commit();
 }
 
-// acc[r][m] += s * (sum_k (128 + q) x - (128 + z) * Sx) over one chunk; xc = this chunk's x.
+// acc[r][m] += s * (sum_k (128 + q) x - (128 + z) * Sx) over one chunk; wc: the R rows' 16-byte
+// chunks, xc: this chunk's x.
 template <typename T, int M, int R>
-__device__ __forceinline__ void compute(float (&acc)[R][M], const Stage<R>& st, const float* xc,
-                                        int tok_stride) {
+__device__ __forceinline__ void compute(float (&acc)[R][M], const uint4 (&wc)[R], const Stage<R>& st,
+                                        const float* xc, int tok_stride) {
   float A[R][M];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -235,7 +236,7 @@ __device__ __forceinline__ void compute(float (&acc)[R][M], const Stage<R>& st, 
     }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const uint32_t w = word(st.w[r], j);
+      const uint32_t w = word(wc[r], j);
       const uint32_t t0 = w & 0x0F0F0F0Fu, t1 = (w >> 4) & 0x0F0F0F0Fu;
       float f[8];
 #pragma unroll
@@ -324,9 +325,10 @@ __global__ void __launch_bounds__(kThreads, (kernel_minb<C, M>())) gemv_simt_ker
         request(s + p + P - 1, (p + P - 1) % P, c0 + (s + p + P - 1) * LK + c8);
         if (s + p < nsteps) {
           cp_async_wait<P - 1>();
+          uint4 wc[R];
 #pragma unroll
-          for (int r = 0; r < R; ++r) ring[p].w[r] = wring[(p * R + r) * 32 + lane];
-          compute<T, M, R>(acc, ring[p], xs + ((s + p) * LK + c8) * kXStride, tok_stride);
+          for (int r = 0; r < R; ++r) wc[r] = wring[(p * R + r) * 32 + lane];
+          compute<T, M, R>(acc, wc, ring[p], xs + ((s + p) * LK + c8) * kXStride, tok_stride);
         }
       }
     }
