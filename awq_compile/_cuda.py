@@ -18,6 +18,7 @@ bulk copies into a shared-memory ring).
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
 import os
@@ -365,20 +366,63 @@ def gemm_mma(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor
 _SM90_OPERANDS = torch.utils.weak.WeakIdKeyDictionary()
 
 
+@functools.lru_cache(maxsize=64)
+def _side_stream(device: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+@functools.lru_cache(maxsize=1)
+def _builder() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="awq-sm90-operands")
+
+
+def _build_sm90_operands(scales, zeros) -> tuple[torch.Tensor, torch.Tensor]:
+    s_t = scales.t().contiguous()
+    z_t = (zeros.t().float() * s_t.float()).neg_().to(scales.dtype)  # one rounding, as the header says
+    return s_t, z_t.contiguous()
+
+
+def _build_off_thread(scales, zeros) -> tuple[torch.Tensor, torch.Tensor]:
+    """_build_sm90_operands on a worker thread and a side stream, ordered after the current
+    stream's work and before what it queues next. torch.compile's CUDA-graph trees run their
+    warm-up with this thread's allocations routed to the graph's private pool; a tensor kept from
+    there would sit in that pool untracked, which they refuse ("tensor(s) in the cudagraph pool
+    not tracked as outputs"). The worker's allocations go to the ordinary pool."""
+    main = torch.cuda.current_stream(scales.device)
+    ready = torch.cuda.Event()
+    ready.record(main)
+
+    def work():
+        side = _side_stream(scales.device.index)
+        with torch.cuda.device(scales.device), torch.cuda.stream(side):
+            side.wait_event(ready)
+            ops = _build_sm90_operands(scales, zeros)
+            done = torch.cuda.Event()
+            done.record(side)
+        return ops, done
+
+    ops, done = _builder().submit(work).result()
+    main.wait_event(done)
+    return ops
+
+
 def sm90_operands(scales, zeros) -> tuple[torch.Tensor, torch.Tensor]:
     """(scales^T, (-zeros * scales)^T), both [Kp/g, N] in scales' dtype: what the CUTLASS GEMM reads
     in place of scales and zeros (it dequantizes as q * s + z'). Built once per weight and kept
     while the scales tensor lives; rebuilt if either tensor was modified in place or re-pointed
-    (version counters, data pointers), and never cached during CUDA-graph capture."""
+    (version counters, data pointers), and never cached during CUDA-graph capture. On the GPU the
+    kept pair is built off this thread (_build_off_thread says why)."""
     key = (scales._version, zeros._version, scales.data_ptr(), zeros.data_ptr())
     hit = _SM90_OPERANDS.get(scales)
     if hit is not None and hit[0] == key:
         return hit[1]
-    s_t = scales.t().contiguous()
-    z_t = (zeros.t().float() * s_t.float()).neg_().to(scales.dtype)  # one rounding, as the header says
-    ops = (s_t, z_t.contiguous())
-    if not (scales.is_cuda and torch.cuda.is_current_stream_capturing()):
-        _SM90_OPERANDS[scales] = (key, ops)
+    if not scales.is_cuda:
+        ops = _build_sm90_operands(scales, zeros)
+    elif torch.cuda.is_current_stream_capturing():
+        return _build_sm90_operands(scales, zeros)  # used by this graph only, not kept
+    else:
+        ops = _build_off_thread(scales, zeros)
+    _SM90_OPERANDS[scales] = (key, ops)
     return ops
 
 

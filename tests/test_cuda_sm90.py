@@ -96,6 +96,22 @@ def test_sm90_cuda_graph():
     assert _rel_err(out, x.double() @ w64.T + b.double()) < TOL[torch.bfloat16]
 
 
+
+def test_sm90_under_cudagraph_trees():
+    """torch.compile(mode="reduce-overhead") around the op, whose first CUTLASS GEMM call (which
+    builds and keeps the derived scales) runs inside CUDA-graph trees' warm-up: the kept tensors
+    must not land in the graph's pool, which the trees refuse ("not tracked as outputs")."""
+    k, n, g, m = 1536, 576, 64, 100
+    qw, s, z, b = _random_weight(k, n, g, torch.bfloat16, seed=21)
+    f = torch.compile(lambda x: torch.ops.awq.int4_linear(x, qw, s, z, g, b), mode="reduce-overhead")
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    ref = x.double() @ dequantize(qw, s, z, g, k, dtype=torch.float64).T + b.double()
+    for _ in range(3):  # warm-up, record, replay
+        y = f(x).clone()
+        assert _rel_err(y, ref) < TOL[torch.bfloat16]
+    assert s in cuda_mod._SM90_OPERANDS  # the CUTLASS path ran, and kept its operands
+
+
 def test_sm90_errors():
     k, n, g, m = 4096, 4096, 128, 64
     qw, s, z, b, _ = _case(k, n, g, torch.bfloat16)
