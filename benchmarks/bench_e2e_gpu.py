@@ -105,10 +105,12 @@ def decode(args) -> list[dict]:
     cfg = llama_config(args.layers, args.tiny, args.shape)
     model = random_model(cfg, DEV)
     rows = []
-    for b in args.batch:
+    for b in args.batch if args.models in ("both", "bf16") else ():
         r = _decode(model, b, args.prompt, args.new, {"mode": "reduce-overhead", "fullgraph": True})
         rows.append({"model": "bf16 inductor", **r})
         print(rows[-1], flush=True)
+    if args.models == "bf16":
+        return rows
     # Decode speed does not depend on the weights' values: round-to-nearest gives the same
     # packed format and kernels as AWQ, in seconds.
     q = awq_compile.quantize_rtn(model, awq_compile.AWQConfig(group_size=128, compute_dtype="bfloat16"))
@@ -158,6 +160,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--unfused", type=int, nargs="*", default=[],
                     help="batch sizes to also decode with fuse_siblings=False (ablation)")
+    ap.add_argument("--models", choices=["both", "bf16", "int4"], default="both",
+                    help="decode: which side(s) to run (an A/B of two kernel libraries needs bf16 once)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--n-samples", type=int, default=128)
