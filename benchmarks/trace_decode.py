@@ -1,9 +1,9 @@
 """Kernel by kernel: one compiled decode step (CUDA graphs), bf16 inductor and INT4 backend="awq".
 
-    python benchmarks/trace_decode.py [--layers 4] [--out DIR]
+    python benchmarks/trace_decode.py [--layers 4] [--batch 1] [--out DIR]
 
 Llama-2-7B shapes with --layers layers (random bf16 weights; INT4 by round to nearest, the same
-kernels as AWQ), batch 1, a 128-token prompt, a 384-token static cache. Both models are compiled
+kernels as AWQ), batch --batch (1), a 128-token prompt, a 384-token static cache. Both models are compiled
 with mode="reduce-overhead"; after 6 steps (warm-up, recording), 4 steps run under torch.profiler.
 Prints the kernels of the last step in order (start us, duration us, gap to the one before), then
 the step's GPU time by kind of kernel. The Chrome traces go to --out (trace_bf16.json,
@@ -35,12 +35,12 @@ def kind(name: str) -> str:
 
 
 @torch.no_grad()
-def trace(model, cfg, tag: str, compile_kwargs: dict, out: str) -> None:
+def trace(model, cfg, tag: str, compile_kwargs: dict, out: str, batch: int = 1) -> None:
     from transformers import StaticCache
 
     cache = StaticCache(config=cfg, max_cache_len=384)
     step = torch.compile(model, **compile_kwargs)
-    ids = torch.randint(0, cfg.vocab_size, (1, 128), device="cuda")
+    ids = torch.randint(0, cfg.vocab_size, (batch, 128), device="cuda")
     model(ids, past_key_values=cache, cache_position=torch.arange(128, device="cuda"), use_cache=True)
     tok = ids[:, -1:]
     pos = torch.arange(128, 384, device="cuda")
@@ -77,6 +77,7 @@ def trace(model, cfg, tag: str, compile_kwargs: dict, out: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     import awq_compile
@@ -87,11 +88,11 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     cfg = llama_config(args.layers)
     model = random_model(cfg, "cuda")
-    trace(model, cfg, "bf16", {"mode": "reduce-overhead", "fullgraph": True}, args.out)
+    trace(model, cfg, "bf16", {"mode": "reduce-overhead", "fullgraph": True}, args.out, args.batch)
     q = awq_compile.quantize_rtn(model, awq_compile.AWQConfig(group_size=128, compute_dtype="bfloat16"))
     del model
     torch.cuda.empty_cache()
-    trace(q, cfg, "int4", {"backend": "awq", "mode": "reduce-overhead", "fullgraph": True}, args.out)
+    trace(q, cfg, "int4", {"backend": "awq", "mode": "reduce-overhead", "fullgraph": True}, args.out, args.batch)
 
 
 if __name__ == "__main__":
