@@ -261,6 +261,12 @@ def _sizes(name: str, x2d, qweight, out) -> tuple[int, int, int, int]:
     return m, n, k, kp
 
 
+def _raw_stream(device: torch.device) -> int:
+    """The handle of the device's current CUDA stream, for a launch: torch's raw-stream call (what
+    inductor's generated code uses) instead of building a torch.cuda.Stream object each call."""
+    return torch._C._cuda_getCurrentRawStream(device.index)
+
+
 def _workspace(numel: int, device: torch.device) -> torch.Tensor:
     """A zeroed float32 split-K buffer, allocated per call (one memset): a cached buffer first
     allocated during torch.compile's CUDA-graph warm-up would sit in the graph's private pool
@@ -318,7 +324,7 @@ def gemm_simt_multi(x2d, qweights, scales, zeros, group_size, biases, outs) -> l
     ws = None
     if need > 0:  # per call, for the reason _workspace gives
         ws = torch.empty(need, dtype=torch.float32, device=dev)
-    stream = torch.cuda.current_stream(dev).cuda_stream
+    stream = _raw_stream(dev)
     _check(load_library().awq_int4_gemm_simt_multi(
         x2d.data_ptr(), len(ns), *ptrs, None if ws is None else ws.data_ptr(), 0 if ws is None else ws.numel(),
         m, k, kp, group_size, dt, stream))
@@ -329,7 +335,7 @@ def gemm_tc(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T + bias via the register-streaming tensor-core decode kernel
     (int4_gemv_tc.cu, M <= 8); arguments as gemm_mma's. Needs no workspace."""
     m, n, k, kp = _sizes("gemm_tc", x2d, qweight, out)
-    stream = torch.cuda.current_stream(x2d.device).cuda_stream
+    stream = _raw_stream(x2d.device)
     _check(load_library().awq_int4_gemm_tc(
         x2d.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
         None if bias is None else bias.data_ptr(), out.data_ptr(),
@@ -342,7 +348,7 @@ def gemm_pc(x2d, qweights, scales, zeros, group_size, biases, outs) -> list[torc
     of the producer/consumer kernel (int4_gemv_pc.cu, M <= 8, sm_90). Lists of equal length;
     arguments as gemm_mma's otherwise. Needs no workspace."""
     ptrs, (m, k, kp) = _multi_arrays("gemm_pc", x2d, qweights, scales, zeros, biases, outs)
-    stream = torch.cuda.current_stream(x2d.device).cuda_stream
+    stream = _raw_stream(x2d.device)
     _check(load_library().awq_int4_gemm_pc(
         x2d.data_ptr(), len(qweights), *ptrs, m, k, kp, group_size, _DTYPES[x2d.dtype], stream))
     return outs
@@ -353,7 +359,7 @@ def gemm_mma(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor
     x2d contiguous, out preallocated (tests poison it first)."""
     m, n, k, kp = _sizes("gemm_mma", x2d, qweight, out)
     ws = _workspace(m * n, x2d.device)
-    stream = torch.cuda.current_stream(x2d.device).cuda_stream
+    stream = _raw_stream(x2d.device)
     _check(load_library().awq_int4_gemm_mma(
         x2d.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
         None if bias is None else bias.data_ptr(), out.data_ptr(), ws.data_ptr(),
@@ -453,7 +459,7 @@ def gemm_sm90(x2d, qweight, scales, zeros, group_size, bias, out, config: int | 
     s_t, z_t = sm90_operands(scales, zeros)
     need = _sm90_workspace_bytes(dev.index, m, n, k, kp, group_size, dt, config, splits)
     ws = torch.empty(need, dtype=torch.uint8, device=dev) if need > 0 else None
-    stream = torch.cuda.current_stream(dev).cuda_stream
+    stream = _raw_stream(dev)
     _check(load_library().awq_int4_gemm_sm90(
         x2d.data_ptr(), qweight.data_ptr(), s_t.data_ptr(), z_t.data_ptr(),
         None if bias is None else bias.data_ptr(), out.data_ptr(),
@@ -466,7 +472,7 @@ def dequantize_cuda(qweight, scales, zeros, group_size, k, out=None) -> torch.Te
     n, kp = qweight.shape[0], qweight.shape[1] * 2
     if out is None:
         out = torch.empty((n, k), dtype=scales.dtype, device=qweight.device)
-    stream = torch.cuda.current_stream(qweight.device).cuda_stream
+    stream = _raw_stream(qweight.device)
     _check(load_library().awq_int4_dequant(
         qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), out.data_ptr(),
         n, k, kp, group_size, _DTYPES[scales.dtype], stream))
@@ -519,12 +525,22 @@ def int4_linear_multi_cuda(x, qweights, scales, zeros, group_size, biases) -> li
             for args in zip(qweights, scales, zeros, biases)]
 
 
+_IMPL: torch.library.Library | None = None
+
+
 def _register() -> bool:
+    """Registers the CUDA kernels at the ops' CUDA dispatch key. Directly, not through
+    torch.library.register_kernel, whose wrapper (an output-aliasing check and a dynamo-disabled
+    frame around each call) is pure host time; the kernels here never return a view of an input,
+    which is what it checks. On the H100 machine's host this and _raw_stream took an eager call
+    from 75 to 51 us at M = 1 and from 53 to 31 us at M = 8 (benchmarks/RESULTS.md, section 3)."""
+    global _IMPL
     if load_library() is None:
         return False
-    torch.library.register_kernel("awq::int4_linear", "cuda", int4_linear_cuda)
+    _IMPL = torch.library.Library("awq", "IMPL")
+    _IMPL.impl("int4_linear", int4_linear_cuda, "CUDA")
     if hasattr(torch.ops.awq, "int4_linear_multi"):
-        torch.library.register_kernel("awq::int4_linear_multi", "cuda", int4_linear_multi_cuda)
+        _IMPL.impl("int4_linear_multi", int4_linear_multi_cuda, "CUDA")
     return True
 
 
