@@ -424,9 +424,14 @@ Plan make_plan(const SimtArgs& a, const SimtDevice& d, int reg_occ, int rows_per
     p.tiles += (a.seg[i].N + rows_per_tile - 1) / rows_per_tile;
   }
   const size_t per_chunk = (size_t)a.M * kXStride * sizeof(float);
-  const size_t budget = std::min<size_t>(d.smem_optin, d.smem_sm / minb - d.smem_reserved) - ring;
-  const int max_cps = (int)(budget / per_chunk) & ~31;
-  if (max_cps < 32) return p;
+  // A block's share of shared memory at minb blocks a SM, or at fewer where the ring and 32
+  // chunks of x do not fit that share (100 KB a SM on sm_86/89: a third leaves ~300 bytes
+  // beside configuration 0's 32 KB ring).
+  size_t share = 0;
+  for (int b = minb; b >= 1 && share < ring + 32 * per_chunk; --b)
+    share = std::min<size_t>(d.smem_optin, d.smem_sm / b - d.smem_reserved);
+  if (share < ring + 32 * per_chunk) return p;
+  const int max_cps = (int)((share - ring) / per_chunk) & ~31;
   auto round32 = [](int c) { return (c + 31) & ~31; };
   int n = (a.nchunks + max_cps - 1) / max_cps, occ = 1;
   for (;; ++n) {
