@@ -96,7 +96,6 @@ def test_sm90_cuda_graph():
     assert _rel_err(out, x.double() @ w64.T + b.double()) < TOL[torch.bfloat16]
 
 
-
 def test_sm90_under_cudagraph_trees():
     """torch.compile(mode="reduce-overhead") around the op, whose first CUTLASS GEMM call (which
     builds and keeps the derived scales) runs inside CUDA-graph trees' warm-up: the kept tensors
