@@ -5,14 +5,15 @@ torch's C++ ABI. Lookup: $AWQ_COMPILE_CUDA_LIB, else awq_compile/_lib/libawq_int
 `python -m awq_compile.build_kernels`; docs/kernels.md). If it is missing or fails to load, nothing
 is registered and the op keeps its reference implementation: importing this module never fails.
 
-Dispatch by M (tokens) and N: M <= `simt_max_m(N, K)` runs the CUDA-core GEMV
-(int4_gemv_simt.cu), M <= `tc_max_m(N, K)` the register-streaming tensor-core kernel
+Dispatch by M (tokens) and N: where `use_fold(M, N, K, g)` says (M <= 8, g = 128, wide or long
+weights) the folded tensor-core GEMV (int4_gemv_fold.cu), else M <= `simt_max_m(N, K)` runs the
+CUDA-core GEMV (int4_gemv_simt.cu), M <= `tc_max_m(N, K)` the register-streaming tensor-core kernel
 (int4_gemv_tc.cu), M <= `mma_max_m(N, K)` the cp.async tensor-core kernel (int4_gemv_mma.cu);
 M >= `SM90_MIN_M` on sm_90 runs the CUTLASS mixed-input GEMM (int4_gemm_sm90.cu; `sm90_config` picks
 its tile by M, N, K and group size), and a larger M elsewhere dequantizes the weight
 (int4_dequant.cu) and calls cuBLAS through torch. `awq::int4_linear_multi` (linears that read one x,
-fused by the backend) runs all its weights in one launch: of the CUDA-core GEMV up to `simt_max_m`,
-then, on sm_90 and for M <= `pc_max_m(N, K)`, of the producer/consumer kernel (int4_gemv_pc.cu:
+fused by the backend) runs all its weights in one launch: of the folded GEMV where `use_fold` says
+(N the weights' rows together), else of the CUDA-core GEMV up to `simt_max_m`, then, on sm_90 and for M <= `pc_max_m(N, K)`, of the producer/consumer kernel (int4_gemv_pc.cu:
 bulk copies into a shared-memory ring).
 """
 
@@ -32,10 +33,10 @@ from .ops import check_int4_linear_args, check_int4_linear_multi_args
 
 __all__ = ["library_path", "load_library", "available", "gemm_mma", "gemm_pc", "gemm_simt", "gemm_simt_multi", "gemm_tc",
            "dequantize_cuda", "int4_linear_cuda", "int4_linear_multi_cuda", "mma_max_m", "pc_max_m", "simt_max_m",
-           "tc_max_m", "gemm_sm90", "sm90_config", "sm90_operands", "sm90_pick", "sm90_splits", "ENV_VAR"]
+           "tc_max_m", "use_fold", "gemm_fold", "gemm_sm90", "sm90_config", "sm90_operands", "sm90_pick", "sm90_splits", "ENV_VAR"]
 
 ENV_VAR = "AWQ_COMPILE_CUDA_LIB"
-_ABI_VERSION = 6
+_ABI_VERSION = 7
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 
 # Largest M served by the weight-streaming kernel; above it, dequantize + cuBLAS. Measured on an
@@ -67,6 +68,11 @@ TC_MAX_N = 8192
 # $AWQ_PC=0 switches it off.
 PC_MAX_M = 8
 
+
+# The folded tensor-core decode kernel (int4_gemv_fold.cu, M <= 8, group size 128) serves
+# int4_linear and int4_linear_multi where `use_fold` says, ahead of the other decode kernels.
+# $AWQ_FOLD=0 switches it off.
+FOLD_MAX_M = 8
 
 # The CUTLASS prefill GEMM (int4_gemm_sm90.cu) serves every M above the decode kernels' range
 # on sm_90 (measured on an H100: at M = 16 it beats the mma kernel on all six shapes timed,
@@ -140,6 +146,21 @@ def sm90_pick(m: int, n: int, k: int, group_size: int, sms: int) -> int:
     return big if 2 * tiles >= sms or k // max(1, sms // tiles) >= 4096 else small
 
 
+def use_fold(m: int, n: int, k: int, group_size: int) -> bool:
+    """Whether M tokens times weights of n rows in all (q/k/v together) and K columns go to the
+    folded tensor-core decode kernel. The rule is read off H100 runs under CUDA graphs
+    (benchmarks/RESULTS.md, section 4, session 9) over 7B's q/k/v, o, gate/up and down, 8192x8192,
+    8192x28672 and 28672x8192. At M = 2..8 it beats the tc / pc kernels where n >= 12288 (q/k/v
+    16.6-17.2 vs 20.9-21.5 us, gate/up 21.6-24.0 vs 28.5-32.1, 8192x28672) or where K >= 2n with
+    n < 8192 (down, 11008x4096: 17.1-18.3 vs 18.8-20.2); it loses on o (4096x4096), on 8192x8192
+    and, at M = 2 and 4, on 28672x8192. At M = 1 it beats the CUDA-core GEMV only on the widest
+    weights, gate/up (21.3-21.6 vs 23.1-23.5 us, n = 5.4 K) and 8192x28672 (50.6 vs 53.9,
+    n = 3.5 K), not on q/k/v (n = 3 K)."""
+    if os.environ.get("AWQ_FOLD") == "0" or group_size != 128 or not 1 <= m <= FOLD_MAX_M:
+        return False
+    return 2 * n >= 7 * k if m == 1 else (n >= 12288 or (k >= 2 * n and n < 8192))
+
+
 def tc_max_m(n: int, k: int) -> int:
     """Largest M that goes to the register-streaming tensor-core kernel (0: none, for this N)."""
     return TC_MAX_M if n <= TC_MAX_N else 0
@@ -189,6 +210,10 @@ def load_library() -> ctypes.CDLL | None:
     lib.awq_int4_gemm_simt_multi.restype = i32
     lib.awq_int4_gemm_simt_multi_workspace.argtypes = [i32, p, i64, i64, i64, i32, i32]
     lib.awq_int4_gemm_simt_multi_workspace.restype = i64
+    lib.awq_int4_gemm_fold.argtypes = [p, i32, p, p, p, p, p, p, p, i64, i64, i64, i64, i32, i32, p]
+    lib.awq_int4_gemm_fold.restype = i32
+    lib.awq_int4_gemm_fold_workspace.argtypes = [i32, p, i64, i64, i64, i32, i32]
+    lib.awq_int4_gemm_fold_workspace.restype = i64
     lib.awq_int4_gemm_tc.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i32, i32, p]
     lib.awq_int4_gemm_tc.restype = i32
     lib.awq_int4_tc_max_m.restype = i64
@@ -275,10 +300,12 @@ def _workspace(numel: int, device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def _simt_workspace_floats(device: int, m, ns: tuple[int, ...], k, kp, g, dtype: int, cfg: str | None) -> int:
-    # cfg: $AWQ_SIMT_CFG, which the library reads on every call and which changes the K split.
+def _multi_workspace_floats(query: str, device: int, m, ns: tuple[int, ...], k, kp, g, dtype: int, env: tuple) -> int:
+    """Floats of split-K workspace the library's `query` function asks for. env: the experiment
+    variables the kernel reads on every call and which change its K split ($AWQ_SIMT_CFG,
+    $AWQ_FOLD_CFG ...), so that a change of them is a new cache entry."""
     with torch.cuda.device(device):
-        need = load_library().awq_int4_gemm_simt_multi_workspace(
+        need = getattr(load_library(), query)(
             len(ns), (ctypes.c_int64 * len(ns))(*ns), m, k, kp, g, dtype)
     if need < 0:
         _check(1)
@@ -320,7 +347,8 @@ def gemm_simt_multi(x2d, qweights, scales, zeros, group_size, biases, outs) -> l
     dev = x2d.device
     dt = _DTYPES[x2d.dtype]
     ns = tuple(qw.shape[0] for qw in qweights)
-    need = _simt_workspace_floats(dev.index, m, ns, k, kp, group_size, dt, os.environ.get("AWQ_SIMT_CFG"))
+    need = _multi_workspace_floats("awq_int4_gemm_simt_multi_workspace", dev.index, m, ns, k, kp, group_size, dt,
+                                   (os.environ.get("AWQ_SIMT_CFG"),))
     ws = None
     if need > 0:  # per call, for the reason _workspace gives
         ws = torch.empty(need, dtype=torch.float32, device=dev)
@@ -328,6 +356,23 @@ def gemm_simt_multi(x2d, qweights, scales, zeros, group_size, biases, outs) -> l
     _check(load_library().awq_int4_gemm_simt_multi(
         x2d.data_ptr(), len(ns), *ptrs, None if ws is None else ws.data_ptr(), 0 if ws is None else ws.numel(),
         m, k, kp, group_size, dt, stream))
+    return outs
+
+
+def gemm_fold(x2d, qweights, scales, zeros, group_size, biases, outs) -> list[torch.Tensor]:
+    """outs[i][M, N_i] = x2d[M, K] @ W_i^T + biases[i] for 1..4 weights that share x, in one launch
+    of the folded tensor-core decode kernel (M <= 8, group size 128); lists as gemm_simt_multi's,
+    and a split-K workspace per call as there."""
+    ptrs, (m, k, kp) = _multi_arrays("gemm_fold", x2d, qweights, scales, zeros, biases, outs)
+    dev = x2d.device
+    dt = _DTYPES[x2d.dtype]
+    ns = tuple(qw.shape[0] for qw in qweights)
+    env = tuple(os.environ.get(v) for v in ("AWQ_FOLD_CFG", "AWQ_FOLD_KS", "AWQ_FOLD_FILL"))
+    need = _multi_workspace_floats("awq_int4_gemm_fold_workspace", dev.index, m, ns, k, kp, group_size, dt, env)
+    ws = torch.empty(need, dtype=torch.float32, device=dev) if need > 0 else None
+    _check(load_library().awq_int4_gemm_fold(
+        x2d.data_ptr(), len(ns), *ptrs, None if ws is None else ws.data_ptr(), 0 if ws is None else ws.numel(),
+        m, k, kp, group_size, dt, _raw_stream(dev)))
     return outs
 
 
@@ -490,7 +535,9 @@ def int4_linear_cuda(x, qweight, scales, zeros, group_size, bias=None) -> torch.
     if x.device.index != torch.cuda.current_device():
         with torch.cuda.device(x.device):
             return int4_linear_cuda(x, qweight, scales, zeros, group_size, bias)
-    if m <= simt_max_m(n, k):
+    if use_fold(m, n, k, group_size):
+        y = gemm_fold(x2d, [qweight], [scales], [zeros], group_size, [bias], [x2d.new_empty((m, n))])[0]
+    elif m <= simt_max_m(n, k):
         y = gemm_simt(x2d, qweight, scales, zeros, group_size, bias, x2d.new_empty((m, n)))
     elif m <= tc_max_m(n, k):
         y = gemm_tc(x2d, qweight, scales, zeros, group_size, bias, x2d.new_empty((m, n)))
@@ -506,13 +553,15 @@ def int4_linear_cuda(x, qweight, scales, zeros, group_size, bias=None) -> torch.
 
 def int4_linear_multi_cuda(x, qweights, scales, zeros, group_size, biases) -> list[torch.Tensor]:
     """The CUDA implementation of awq::int4_linear_multi: one launch for all the weights where a
-    kernel serves this M (the CUDA-core GEMV up to simt_max_m, then on sm_90 the
-    producer/consumer kernel up to pc_max_m), else one int4_linear_cuda call each."""
+    kernel serves this M (the folded GEMV where use_fold says, else the CUDA-core GEMV up to
+    simt_max_m, then on sm_90 the producer/consumer kernel up to pc_max_m), else one
+    int4_linear_cuda call each."""
     ns = check_int4_linear_multi_args(x, qweights, scales, zeros, group_size, biases)
     k = x.shape[-1]  # > 0: the check above holds K to the packed weight's
     m = x.numel() // k
     if m > 0 and x.device.index == torch.cuda.current_device():
-        gemm = (gemm_simt_multi if m <= simt_max_m(sum(ns), k) else
+        gemm = (gemm_fold if use_fold(m, sum(ns), k, group_size) else
+                gemm_simt_multi if m <= simt_max_m(sum(ns), k) else
                 gemm_pc if m <= pc_max_m(ns[0], k, x.device.index) else None)
         if gemm is not None:
             for args in zip(qweights, scales, zeros, biases):

@@ -66,6 +66,20 @@ int awq_int4_gemm_simt_multi(const void* x, int nseg, const uint8_t* const* qwei
                              const int64_t* Ns, float* workspace, int64_t workspace_floats, int64_t M,
                              int64_t K, int64_t Kp, int group_size, int dtype, void* stream);
 
+// Largest M the folded tensor-core decode kernel accepts (int4_gemv_fold.cu): 8.
+int64_t awq_int4_fold_max_m(void);
+
+// ys[i] = x @ W_i^T + biases[i] for nseg (1..4) weights that share x, as awq_int4_gemm_simt_multi,
+// through the folded tensor-core decode kernel (int4_gemv_fold.cu): M <= 8, group_size 128 only.
+// The workspace size comes from awq_int4_gemm_fold_workspace (-1 for bad sizes); its contents on
+// entry do not matter. Deterministic (no atomics).
+int64_t awq_int4_gemm_fold_workspace(int nseg, const int64_t* Ns, int64_t M, int64_t K, int64_t Kp,
+                                     int group_size, int dtype);
+int awq_int4_gemm_fold(const void* x, int nseg, const uint8_t* const* qweights, const void* const* scales,
+                       const uint8_t* const* zeros, const void* const* biases, void* const* ys,
+                       const int64_t* Ns, float* workspace, int64_t workspace_floats, int64_t M,
+                       int64_t K, int64_t Kp, int group_size, int dtype, void* stream);
+
 // Largest M the register-streaming tensor-core decode kernel accepts (int4_gemv_tc.cu): 8.
 int64_t awq_int4_tc_max_m(void);
 

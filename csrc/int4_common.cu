@@ -67,6 +67,6 @@ int check_launch(const char* what) {
 }  // namespace awq
 
 extern "C" {
-int awq_int4_abi_version(void) { return 6; }  // 2: +awq_int4_gemm_simt; 3: +_tc; 4: +_pc; 5: +_sm90; 6: +_simt_multi
+int awq_int4_abi_version(void) { return 7; }  // 2: +awq_int4_gemm_simt; 3: +_tc; 4: +_pc; 5: +_sm90; 6: +_simt_multi; 7: +_fold
 const char* awq_int4_last_error(void) { return awq::error_buffer(); }
 }

@@ -174,4 +174,25 @@ __device__ __forceinline__ void mma_word(float (&c)[2][4], uint32_t q0, uint32_t
     mma16816<T>(c[h], p0[2 * h], p1[2 * h], p0[2 * h + 1], p1[2 * h + 1], xp[2 * h], xp[2 * h + 1]);
 }
 
+
+// The split-K sum of the multi-weight decode kernels (simt, fold), run by a second launch with
+// blockIdx.y the token: y = the n_ks slices' fp32 partials (ws[n_ks][M][rows]) summed in slice
+// order, + bias, rounded to T. Workspace rows are tile rows (TR a tile): a weight's rows start at
+// its first tile, and rows past its N are skipped.
+template <typename T, int TR>
+__device__ __forceinline__ void sum_slices(const Int4Seg (&seg)[kMaxSeg], int nseg, const float* ws, int rows,
+                                           int M, int n_ks) {
+  const int m = blockIdx.y;
+  const size_t slice = (size_t)M * rows;
+  for (int wrow = blockIdx.x * blockDim.x + threadIdx.x; wrow < rows; wrow += gridDim.x * blockDim.x) {
+    const Int4Seg& sg = seg[seg_of(seg, nseg, wrow / TR)];
+    const int row = wrow - sg.tile0 * TR;
+    if (row >= sg.N) continue;
+    const float* p = ws + (size_t)m * rows + wrow;
+    float v = 0.f;
+    for (int k = 0; k < n_ks; ++k) v += p[k * slice];
+    if (sg.bias) v += Half2Traits<T>::to_float(static_cast<const T*>(sg.bias)[row]);
+    static_cast<T*>(sg.y)[(size_t)m * sg.N + row] = Half2Traits<T>::from_float(v);
+  }
+}
 }  // namespace awq

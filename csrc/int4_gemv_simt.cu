@@ -377,22 +377,10 @@ __global__ void simt_finalize(const float* ws, const T* bias, T* y, int64_t tota
   }
 }
 
-// The same for several weights; blockIdx.y is the token. Their workspace rows are tile rows (TR
-// a tile): a weight's rows start at its first tile, and rows past its N are skipped.
+// The same for several weights (int4_common.cuh, sum_slices).
 template <typename T, int TR>
 __global__ void simt_finalize_multi(const SimtArgs a) {
-  const int rows = a.ws_rows, m = blockIdx.y;
-  const size_t slice = (size_t)a.M * rows;
-  for (int wrow = blockIdx.x * blockDim.x + threadIdx.x; wrow < rows; wrow += gridDim.x * blockDim.x) {
-    const Int4Seg& sg = a.seg[seg_of(a.seg, a.nseg, wrow / TR)];
-    const int row = wrow - sg.tile0 * TR;
-    if (row >= sg.N) continue;
-    const float* p = a.ws + (size_t)m * rows + wrow;
-    float v = 0.f;
-    for (int k = 0; k < a.n_ks; ++k) v += p[k * slice];
-    if (sg.bias) v += Half2Traits<T>::to_float(static_cast<const T*>(sg.bias)[row]);
-    static_cast<T*>(sg.y)[(size_t)m * sg.N + row] = Half2Traits<T>::from_float(v);
-  }
+  sum_slices<T, TR>(a.seg, a.nseg, a.ws, a.ws_rows, a.M, a.n_ks);
 }
 
 struct SimtDevice {

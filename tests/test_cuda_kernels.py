@@ -239,6 +239,55 @@ def test_simt_multi_weights(k, ns, dtype):
                                  [x.new_empty((1, ns[0]))] * 5)
 
 
+def _fold_one(x, qw, s, z, g, b, out):
+    return cuda_mod.gemm_fold(x, [qw], [s], [z], g, [b], [out])[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("k,n", SHAPES, ids=[f"K{k}xN{n}" for k, n in SHAPES])
+def test_fold_sweep(k, n, dtype):
+    """The folded tensor-core decode kernel (M <= 8, group size 128), one weight a launch."""
+    _check_kernel("fold", _fold_one, *_case(k, n, 128, dtype), 128, dtype, TC_MS, check_op=True)
+
+
+@pytest.mark.parametrize("cfg", ["0", "1", "2", "3"])
+def test_fold_configs(cfg, monkeypatch):
+    """Every block configuration $AWQ_FOLD_CFG can pick, with K unsplit and forced into slices."""
+    monkeypatch.setenv("AWQ_FOLD_CFG", cfg)
+    for ks in ("", "3"):
+        monkeypatch.setenv("AWQ_FOLD_KS", ks)
+        for k, n in [(576, 1536), (573, 200), (11008, 4096)]:
+            _check_kernel("fold", _fold_one, *_case(k, n, 128, torch.bfloat16), 128, torch.bfloat16, (1, 3, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fold_multi_weights(dtype):
+    """Up to 4 weights of different N that share x in one launch of the folded kernel, against
+    float64 (bit equality with one-weight launches is not asked: the K split depends on the
+    launch's total rows)."""
+    _check_multi(cuda_mod.gemm_fold, _fold_one, 1536, (4096, 200, 1536, 48), 128, dtype, 30, lambda m: False)
+
+
+def test_fold_deterministic_and_errors():
+    """Split K is summed in slice order (two runs agree bit for bit); sizes it cannot serve are
+    refused with the reason."""
+    k, n = 28672, 1024
+    qw, s, z, b = _random_weight(k, n, 128, torch.bfloat16, seed=4)
+    for m in (2, 8):
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        y1 = _fold_one(x, qw, s, z, 128, b, x.new_empty((m, n)))
+        y2 = _fold_one(x, qw, s, z, 128, b, x.new_full((m, n), float("nan")))
+        assert torch.equal(y1, y2)
+    assert cuda_mod.FOLD_MAX_M <= cuda_mod.load_library().awq_int4_fold_max_m()
+    assert not cuda_mod.use_fold(2, n, k, 64) and not cuda_mod.use_fold(9, 28672, 4096, 128)
+    qw64, s64, z64, _ = _random_weight(512, 64, 64, torch.bfloat16, seed=5)
+    x = torch.randn(2, 512, device="cuda").to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="group_size=64; this kernel needs 128"):
+        _fold_one(x, qw64, s64, z64, 64, None, x.new_empty((2, 64)))
+    big = torch.randn(9, k, device="cuda").to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bad sizes M=9"):
+        _fold_one(big, qw, s, z, 128, None, big.new_empty((9, n)))
+
 def test_simt_deterministic():
     """Split K is summed in a fixed order: two runs agree bit for bit."""
     k, n, g = 28672, 1024, 128

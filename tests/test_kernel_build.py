@@ -28,13 +28,14 @@ def test_sources_compile(tmp_path, arch):
 
 @pytest.mark.skipif(build_kernels.find_nvcc() is None, reason="nvcc not installed")
 def test_multi_weight_argument_checks(tmp_path):
-    """The multi-weight launchers (simt, pc) share their argument checks, which run before any
+    """The multi-weight launchers (simt, pc, fold) share their argument checks, which run before any
     CUDA call: a library of those sources (sm_80, linked here) refuses bad counts, sizes and
     pointers on a CPU machine with the shared messages."""
     import ctypes
 
     lib = ctypes.CDLL(str(build_kernels.build(tmp_path / "libpart.so", archs=("80",),
-                                               sources=("int4_common.cu", "int4_gemv_simt.cu", "int4_gemv_pc.cu"))))
+                                               sources=("int4_common.cu", "int4_gemv_simt.cu", "int4_gemv_pc.cu",
+                                                        "int4_gemv_fold.cu"))))
     p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     lib.awq_int4_last_error.restype = ctypes.c_char_p
     lib.awq_int4_gemm_simt_multi_workspace.argtypes = [i32, p, i64, i64, i64, i32, i32]
@@ -59,6 +60,15 @@ def test_multi_weight_argument_checks(tmp_path):
     assert err().startswith("awq_int4_gemm_pc: bad sizes M=1 N=64 K=512 Kp=500")
     assert lib.awq_int4_gemm_pc(256, 2, ok, ok, None, ok, ok, ns, 1, 512, 512, 64, 1, None) == 1
     assert err() == "awq_int4_gemm_pc: null pointer"
+    lib.awq_int4_gemm_fold_workspace.argtypes = [i32, p, i64, i64, i64, i32, i32]
+    lib.awq_int4_gemm_fold_workspace.restype = i64
+    lib.awq_int4_gemm_fold.argtypes = lib.awq_int4_gemm_simt_multi.argtypes
+    assert lib.awq_int4_gemm_fold_workspace(2, ns, 2, 512, 512, 64, 1) == -1
+    assert err() == "awq_int4_gemm_fold: group_size=64; this kernel needs 128"
+    assert lib.awq_int4_gemm_fold(256, 5, ok, ok, ok, ok, ok, ns, None, 0, 2, 512, 512, 128, 1, None) == 1
+    assert err() == "awq_int4_gemm_fold: 5 weights (1..4) or a null array"
+    assert lib.awq_int4_gemm_fold(256, 2, unaligned, ok, ok, ok, ok, ns, None, 0, 2, 512, 512, 128, 1, None) == 1
+    assert err() == "awq_int4_gemm_fold: weight 1: null pointer or qweight not 16-byte aligned"
 
 
 def test_import_without_library(tmp_path):

@@ -1,0 +1,517 @@
+// Tensor-core INT4 decode GEMV for M = 1..8 tokens and group size 128, with the zero point and
+// scale folded out of the inner loop ("fold").
+//
+//     y[m, n] = sum_{k < K} x[m, k] * (q[n, k] - z[n, k/128]) * s[n, k/128]  +  bias[n]
+//
+// straight from the NK_U8 layout (docs/format.md). Per group of 128 k and row,
+//     sum_k x_k (q_k - z) s = s * (D - (B + z) * Sx),   D = sum_k x_k (B + q_k),   Sx = sum_k x_k,
+// where B + q_k (B = 128 for bf16, 1024 for fp16) is what one LOP3 makes of two nibbles (the
+// exponent pattern OR-ed over them, int4_common.cuh), so the weights reach the tensor cores with
+// no subtract and no multiply: 7 ALU instructions per 8 weights (3 shifts, 4 LOP3), one
+// mma.m16n8k16 per 16 weights of a lane, and 2 FFMA per group, row and token. The 8 tokens of the
+// mma's B cost the same as one, which is what this kernel is for: the CUDA-core GEMV
+// (int4_gemv_simt.cu) adds ~1 FFMA a weight per token.
+//
+// Mapping: a warp owns a tile of 16 rows; lane (g, t) = (lane / 4, lane % 4) computes rows g and
+// g + 8, chunk 4 * group + t (32 k), so an mma's 16 k-slots never mix groups. mma "swap AB":
+// weights are A, the tokens the 8 columns of B; the k permutation pairs (k_i, k_i+4) of each
+// 8-k word (int4_common.cuh, dequant8), and x is staged once a block in shared memory already in
+// that order (one LDS.128 a word and token), with Sx per group and token.
+// The weights stream through a per-warp shared-memory ring of P stages, each stage 2 groups of
+// the tile's 16 rows (16 rows x 128 contiguous bytes, copied by cp.async 4 rows x 128 bytes an
+// instruction); P - 1 stages are in flight while one computes, also across the stage boundary
+// (the next stage is requested before the current one is waited for). Scales and zeros ride in a
+// register ring beside it.
+// Work: blockIdx.y is a K slice, each warp takes tiles strided over the slice's warps, which are
+// interleaved over the blocks. One slice writes y (+ bias); several write fp32 partials that a
+// second kernel sums in slice order (no atomics: bit-for-bit reproducible). Up to 4 weights that
+// read the same x (q/k/v, gate/up) run in one launch, their tiles numbered one after another.
+// K is sliced when x does not fit beside the ring, and further until half the resident warps
+// have a tile.
+//
+// Configurations (FoldCfg; $AWQ_FOLD_CFG picks one for experiments): warps a block, ring depth,
+// blocks a SM. The default, one block of 16 warps a SM with 3 stages, stages x once per SM, which
+// leaves room for 8 tokens of x beside the ring (K up to ~8000 at M = 8 without a K split).
+// Measured on an H100 (benchmarks/RESULTS.md, section 4, session 9), against the kernels it
+// replaces at M = 2..8: q/k/v of 7B 21.7 -> 16.8 us at M = 8, gate/up 31.8 -> 23.7, down 20.2 ->
+// 18.0, 8192 x 28672 71.6 -> 55.9; slower on o (4096 x 4096: 9.7 -> 10.9) and 8192 x 8192 at
+// M <= 4, which _cuda.py leaves on the tc kernel.
+//
+// Numerics: products and sums in fp32 (tensor-core accumulate); D carries B * Sx, which the fold
+// cancels, so a group's result keeps ~24 - log2(B / |q - z|) bits, as in the CUDA-core GEMV.
+// Limitations: group size 128 only (other sizes: the other kernels); N * Kp / 2 < 2^31; qweight
+// 16-byte aligned; x read with 16-byte loads only if K % 8 == 0 and x is 16-byte aligned.
+#include <stdlib.h>
+
+#include <algorithm>
+
+#include "int4_common.cuh"
+
+namespace awq {
+namespace {
+
+constexpr int kMaxM = 8, kTileRows = 16;
+constexpr int kU = 2;                                  // groups a pipeline stage
+constexpr int kRowBytes = kU * 64;                     // a row's bytes in a stage
+constexpr int kStageBytes = kTileRows * kRowBytes;     // a warp's stage: 2 KB
+constexpr int kXGroupBytes = 4 * 64;                   // a token's x of one group in shared memory
+
+template <int W_, int P_, int MINB_>
+struct FoldCfg {
+  static constexpr int W = W_, P = P_, MINB = MINB_, THREADS = 32 * W_;
+  static constexpr size_t RING = (size_t)W_ * P_ * kStageBytes;
+};
+using F0 = FoldCfg<16, 3, 1>;  // one block of 16 warps a SM, 3 stages (96 KB ring): the default
+using F1 = FoldCfg<8, 3, 2>;   // two blocks of 8 warps, 3 stages (48 KB ring each)
+using F2 = FoldCfg<16, 2, 1>;  // one block of 16 warps, 2 stages (64 KB)
+using F3 = FoldCfg<8, 2, 2>;   // two blocks of 8 warps, 2 stages (32 KB each)
+constexpr int kNumCfg = 4;
+
+struct FoldArgs {
+  const void* x;
+  Int4Seg seg[kMaxSeg];
+  int nseg;
+  float* ws;    // [n_ks, M, ws_rows] fp32 partials when n_ks > 1
+  int ws_rows;  // tiles * 16
+  int M, K, Kp, groups;
+  int gps;   // groups a K slice
+  int n_ks;  // K slices = gridDim.y
+  int tiles;
+  bool x_vec;
+};
+
+__device__ __forceinline__ float raw_to_float(uint32_t raw, __nv_bfloat16*) { return __uint_as_float(raw << 16); }
+__device__ __forceinline__ float raw_to_float(uint32_t raw, __half*) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(raw)));
+}
+
+// The 16-byte slot of word j in chunk (4 * group + t) of token g: XOR-swizzled so that the 8
+// lanes of an LDS.128 phase (g in {2h, 2h + 1}, t = 0..3) hit 8 distinct bank groups.
+__device__ __forceinline__ int x_slot(int g, int t, int j) { return j ^ ((t >> 1) | ((g & 1) << 1)); }
+
+// Stages x[:, groups gs0 .. gs0 + ngs) into shared memory: per token and chunk, 4 words of 4
+// registers (b0, b1 of the two mmas of a word: pairs (k_i, k_i+4)), and per token and group the
+// fp32 sum of the group's x. Zero past the slice and past K. One thread a word (8 k); the 16
+// threads of a group are adjacent lanes. A thread's kBatch words are loaded before any is used,
+// so that 8 tokens cost one memory latency per batch, not one per word.
+constexpr int kBatch = 4;
+template <typename T>
+__device__ __forceinline__ uint4 load_x_word(const FoldArgs& a, int m, int k) {
+  const T* xr = static_cast<const T*>(a.x) + (size_t)m * a.K;
+  if (a.x_vec && k + 8 <= a.K) return __ldg(reinterpret_cast<const uint4*>(xr + k));
+  const uint16_t* xu = reinterpret_cast<const uint16_t*>(xr);
+  uint32_t h[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) h[i] = k + i < a.K ? xu[k + i] : 0u;
+  return make_uint4(h[0] | h[1] << 16, h[2] | h[3] << 16, h[4] | h[5] << 16, h[6] | h[7] << 16);
+}
+
+template <typename T, int THREADS>
+__device__ void stage_x(uint8_t* xs, float* sx, const FoldArgs& a, int gs0, int ngs) {
+  const int cps = a.gps * 4, words_tok = cps * 4, total = a.M * words_tok;
+  for (int base = 0; base < total; base += THREADS * kBatch) {  // uniform trip count: shuffles below
+    uint4 v[kBatch];
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int u = base + b * THREADS + threadIdx.x;
+      const int m = u / words_tok, rem = u - m * words_tok, ch = rem >> 2, j = rem & 3;
+      v[b] = make_uint4(0u, 0u, 0u, 0u);
+      if (u < total && ch < ngs * 4) v[b] = load_x_word<T>(a, m, (gs0 * 4 + ch) * 32 + 8 * j);
+    }
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int u = base + b * THREADS + threadIdx.x;
+      const int m = u / words_tok, rem = u - m * words_tok, ch = rem >> 2, j = rem & 3;
+      const T* h = reinterpret_cast<const T*>(&v[b]);
+      auto f = [&](int i) { return Half2Traits<T>::to_float(h[i]); };
+      float s = ((f(0) + f(1)) + (f(2) + f(3))) + ((f(4) + f(5)) + (f(6) + f(7)));
+      s += __shfl_xor_sync(0xffffffffu, s, 1);
+      s += __shfl_xor_sync(0xffffffffu, s, 2);
+      s += __shfl_xor_sync(0xffffffffu, s, 4);
+      s += __shfl_xor_sync(0xffffffffu, s, 8);
+      if (u < total) {
+        const int slot = ((m * cps + ch) * 4 + x_slot(m, ch & 3, j)) * 16;
+        *reinterpret_cast<uint4*>(xs + slot) =
+            make_uint4(__byte_perm(v[b].x, v[b].z, 0x5410), __byte_perm(v[b].x, v[b].z, 0x7632),
+                       __byte_perm(v[b].y, v[b].w, 0x5410), __byte_perm(v[b].y, v[b].w, 0x7632));
+      }
+      if (u < total && (u & 15) == 0) sx[m * a.gps + (ch >> 2)] = s;
+    }
+  }
+}
+
+// What a lane keeps of a pipeline stage in registers: the scale and zero of its rows g and g + 8
+// for the stage's kU groups. The weights go to the warp's shared-memory ring.
+struct Stage {
+  uint32_t s0[kU], s1[kU], z0[kU], z1[kU];
+};
+
+// A lane's rows: the 4 it copies (rows 4i + lane / 8 of the tile) and the 2 it computes (g, g + 8),
+// as 32-bit byte and group offsets (N * Kp / 2 < 2^31).
+struct Rows {
+  const uint8_t* qweight;
+  const uint16_t* scales;
+  const uint8_t* zeros;
+  uint32_t cw[4];
+  uint32_t g0, g1;
+};
+
+__device__ __forceinline__ void cp16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"((uint32_t)__cvta_generic_to_shared(dst)),
+               "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// Requests the stage of groups first, first + 1 (clamped to the slice's last group) into `ring`
+// (one stage of this warp), and its scales and zeros into st. Lane (rr, cc) = (lane / 8, lane % 8)
+// copies 16-byte piece cc of rows 4i + rr: each instruction moves 4 rows x 128 contiguous bytes.
+// Odd rows store their pieces swapped by halves (cc ^ 4), so that the fragment reads (8 lanes:
+// rows 2p and 2p + 1, 4 pieces each) hit distinct banks.
+__device__ __forceinline__ void issue(Stage& st, uint8_t* ring, const Rows& r, int first, int last, int lane) {
+  const int rr = lane >> 3, cc = lane & 7;
+  const uint32_t off = (uint32_t)min(first + (cc >> 2), last) * 64 + (cc & 3) * 16;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int row = 4 * i + rr;
+    cp16(ring + row * kRowBytes + ((cc ^ ((row & 1) << 2)) * 16), r.qweight + (r.cw[i] + off));
+  }
+  cp_commit();
+#pragma unroll
+  for (int u = 0; u < kU; ++u) {
+    const uint32_t gi = min(first + u, last);
+    st.s0[u] = __ldg(r.scales + (r.g0 + gi));
+    st.s1[u] = __ldg(r.scales + (r.g1 + gi));
+    st.z0[u] = __ldg(r.zeros + (r.g0 + gi));
+    st.z1[u] = __ldg(r.zeros + (r.g1 + gi));
+  }
+}
+
+// acc += one group of rows g, g + 8 (acc[0], acc[1]: row g, tokens 2t, 2t + 1; acc[2], acc[3]:
+// row g + 8). w0, w1: the group's chunk of rows g and g + 8; xc: this lane's chunk of its token in
+// shared memory (zeros if the token is past M: xv false); sxa, sxb: Sx of tokens 2t, 2t + 1.
+template <typename T>
+__device__ __forceinline__ void group_step(float (&acc)[4], const uint4& w0, const uint4& w1, uint32_t s0r,
+                                           uint32_t s1r, uint32_t z0r, uint32_t z1r, const uint8_t* xc, int sw,
+                                           bool xv, float sxa, float sxb) {
+  constexpr uint32_t kMagic2 = Half2Traits<T>::kMagic * 0x10001u;
+  constexpr float kBase = Half2Traits<T>::kMagic == 0x4300u ? 128.f : 1024.f;
+  float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+  const uint32_t q0[4] = {w0.x, w0.y, w0.z, w0.w};
+  const uint32_t q1[4] = {w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    uint4 xw = make_uint4(0u, 0u, 0u, 0u);
+    if (xv) xw = *reinterpret_cast<const uint4*>(xc + ((j ^ sw) << 4));
+    uint32_t p0[4], p1[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      p0[i] = and_or(q0[j] >> (4 * i), 0x000F000Fu, kMagic2);
+      p1[i] = and_or(q1[j] >> (4 * i), 0x000F000Fu, kMagic2);
+    }
+    mma16816<T>(c[0], p0[0], p1[0], p0[1], p1[1], xw.x, xw.y);
+    mma16816<T>(c[1], p0[2], p1[2], p0[3], p1[3], xw.z, xw.w);
+  }
+  const float s0 = raw_to_float(s0r, static_cast<T*>(nullptr));
+  const float s1 = raw_to_float(s1r, static_cast<T*>(nullptr));
+  const float z0 = kBase + (float)z0r, z1 = kBase + (float)z1r;
+  acc[0] = fmaf(s0, fmaf(-z0, sxa, c[0][0] + c[1][0]), acc[0]);
+  acc[1] = fmaf(s0, fmaf(-z0, sxb, c[0][1] + c[1][1]), acc[1]);
+  acc[2] = fmaf(s1, fmaf(-z1, sxa, c[0][2] + c[1][2]), acc[2]);
+  acc[3] = fmaf(s1, fmaf(-z1, sxb, c[0][3] + c[1][3]), acc[3]);
+}
+
+template <typename T, class C, bool MULTI>
+__global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const FoldArgs a) {
+  constexpr int P = C::P;
+  extern __shared__ float4 smem4[];
+  const int cps = a.gps * 4;
+  uint8_t* xs = reinterpret_cast<uint8_t*>(smem4);
+  const size_t xbytes = (size_t)a.M * a.gps * kXGroupBytes;
+  float* sx = reinterpret_cast<float*>(xs + xbytes);
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, warp = threadIdx.x >> 5;
+  const int ks = blockIdx.y, gs0 = ks * a.gps, ngs = min(a.gps, a.groups - gs0);
+  const int slice_warps = gridDim.x * C::W;
+  // Warp w of block b is slice warp b + w * gridDim.x: the grid has a block for every SM share of
+  // the slice, and when there are fewer tiles than warps every block has some warps idle rather
+  // than whole SMs idle (one block of 16 warps a SM would leave a third of an H100 without work at
+  // 7B's q/k/v otherwise).
+  int tile = blockIdx.x + warp * gridDim.x;
+  auto seg = [&](int tl) { return MULTI ? seg_of(a.seg, a.nseg, tl) : 0; };
+
+  const int nst = (ngs + kU - 1) / kU, last = gs0 + ngs - 1;  // stages of the slice, its last group
+  uint8_t* wring = xs + (xbytes + (size_t)a.M * a.gps * sizeof(float) + 15) / 16 * 16 +
+                   (size_t)warp * P * kStageBytes;
+  Rows rows;
+  auto set_rows = [&](int tl) {
+    const Int4Seg& sg = a.seg[seg(tl)];
+    rows.qweight = sg.qweight;
+    rows.scales = static_cast<const uint16_t*>(sg.scales);
+    rows.zeros = sg.zeros;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      rows.cw[i] = (uint32_t)min((tl - sg.tile0) * kTileRows + 4 * i + (lane >> 3), sg.N - 1) * (uint32_t)(a.Kp / 2);
+    const uint32_t r0 = min((tl - sg.tile0) * kTileRows + g, sg.N - 1);
+    const uint32_t r1 = min((tl - sg.tile0) * kTileRows + g + 8, sg.N - 1);
+    rows.g0 = r0 * (uint32_t)a.groups;
+    rows.g1 = r1 * (uint32_t)a.groups;
+  };
+  Stage ring[P];
+  // Every stage commits one cp.async group (possibly empty), so "stage q has landed" is
+  // cp.async.wait_group(P - 1) once the P - 1 stages after it are requested.
+  auto request = [&](int q, int slot) {
+    if (q < nst) issue(ring[slot], wring + slot * kStageBytes, rows, gs0 + q * kU, last, lane);
+    else cp_commit();
+  };
+  auto prime = [&](int tl) {  // a tile's first P - 1 stages
+    set_rows(tl);
+#pragma unroll
+    for (int q = 0; q < P - 1; ++q) request(q, q);
+  };
+  // The first tile's loads are requested before x is staged, so the two latencies overlap.
+  if (tile < a.tiles) prime(tile);
+  stage_x<T, C::THREADS>(xs, sx, a, gs0, ngs);
+  __syncthreads();
+
+  const bool xv = g < a.M;
+  const uint8_t* xl = xs + ((size_t)min(g, a.M - 1) * cps + t) * 64;  // + group * 256 + slot * 16
+  const int xsw = (t >> 1) | ((g & 1) << 1);
+  const bool ta = 2 * t < a.M, tb = 2 * t + 1 < a.M;
+  const float* sxa = sx + (ta ? 2 * t : 0) * a.gps;
+  const float* sxb = sx + (tb ? 2 * t + 1 : 0) * a.gps;
+  const int sw = (g & 1) << 2;  // this lane's rows' piece swap (g and g + 8 have g's parity)
+  for (; tile < a.tiles; tile += slice_warps) {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int s = 0; s < nst; s += P) {
+#pragma unroll
+      for (int p = 0; p < P; ++p) {
+        if (s + p < nst) {
+          __syncwarp();  // every lane done with the stage before (its slot is refilled now)
+          request(s + p + P - 1, (p + P - 1) % P);
+          cp_wait<P - 1>();
+          __syncwarp();  // every lane's pieces of this stage landed
+          const uint8_t* st = wring + p * kStageBytes;
+#pragma unroll
+          for (int u = 0; u < kU; ++u) {
+            const int gl = (s + p) * kU + u;  // group in the slice
+            if (gl < ngs) {
+              const int piece = ((4 * u + t) ^ sw) * 16;
+              const uint4 w0 = *reinterpret_cast<const uint4*>(st + g * kRowBytes + piece);
+              const uint4 w1 = *reinterpret_cast<const uint4*>(st + (g + 8) * kRowBytes + piece);
+              group_step<T>(acc, w0, w1, ring[p].s0[u], ring[p].s1[u], ring[p].z0[u], ring[p].z1[u],
+                            xl + (size_t)gl * kXGroupBytes, xsw, xv, ta ? sxa[gl] : 0.f, tb ? sxb[gl] : 0.f);
+            }
+          }
+        }
+      }
+    }
+    const int sg_i = seg(tile), next = tile + slice_warps;
+    cp_wait<0>();  // drain (the empty groups of stages past the end)
+    __syncwarp();  // every lane done reading the ring before the next tile's copies
+    if (next < a.tiles) prime(next);  // next tile's loads before this tile's stores
+    const Int4Seg& sg = a.seg[sg_i];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int tok = 2 * t + (e & 1), trow = g + (e >> 1) * 8;
+      const int row = (tile - sg.tile0) * kTileRows + trow;
+      if (tok >= a.M || row >= sg.N) continue;
+      if (a.n_ks == 1) {
+        const float b = sg.bias ? Half2Traits<T>::to_float(static_cast<const T*>(sg.bias)[row]) : 0.f;
+        static_cast<T*>(sg.y)[(size_t)tok * sg.N + row] = Half2Traits<T>::from_float(acc[e] + b);
+      } else {
+        a.ws[((size_t)ks * a.M + tok) * a.ws_rows + tile * kTileRows + trow] = acc[e];
+      }
+    }
+  }
+}
+
+// y = the slices' partials summed in slice order + bias, rounded to T (int4_common.cuh).
+template <typename T>
+__global__ void fold_finalize(const FoldArgs a) {
+  sum_slices<T, kTileRows>(a.seg, a.nseg, a.ws, a.ws_rows, a.M, a.n_ks);
+}
+
+struct Plan {
+  int cfg = 0, n_ks = 0, gps = 0, tiles = 0, blocks = 0, threads = 0;
+  int tile0[kMaxSeg] = {};
+  size_t smem = 0;
+};
+
+struct FoldDevice {
+  bool init = false;
+  int sms = 0, smem_sm = 0, smem_optin = 0, smem_reserved = 0;
+  int reg_occ[kNumCfg][2][2] = {};  // blocks per SM allowed by registers: (config, dtype, multi)
+};
+
+// K slices: the fewest that give every tile's warp a slot in one wave of half the resident warps
+// (the CUDA-core GEMV's rule), but no slice shorter than 2 groups; shared memory holds the
+// slice's x. $AWQ_FOLD_KS=n forces at least n slices (experiments).
+template <class C>
+Plan make_plan(const FoldArgs& a, const FoldDevice& d, int reg_occ) {
+  Plan p;
+  p.threads = C::THREADS;
+  for (int i = 0; i < a.nseg; ++i) {
+    p.tile0[i] = p.tiles;
+    p.tiles += (a.seg[i].N + kTileRows - 1) / kTileRows;
+  }
+  const size_t per_group = (size_t)a.M * (kXGroupBytes + sizeof(float));
+  const long long avail = std::min<long long>(d.smem_optin, d.smem_sm / C::MINB - d.smem_reserved);
+  const long long budget = avail - (long long)C::RING;
+  int max_gps = budget > 0 ? (int)(budget / (long long)per_group) : 0;
+  while (max_gps > 0 && (long long)((per_group * max_gps + 15) / 16 * 16) > budget) --max_gps;  // 16-byte rounding
+  if (max_gps < 1) return p;
+  const char* force = getenv("AWQ_FOLD_KS");
+  const char* fill_env = getenv("AWQ_FOLD_FILL");  // experiments: 1 / fill of the resident warps
+  const int fill = fill_env && *fill_env ? std::max(1, atoi(fill_env)) : 2;
+  int n = (a.groups + max_gps - 1) / max_gps, occ = 1;
+  if (force && *force) n = std::max(n, atoi(force));
+  for (;; ++n) {
+    p.gps = (a.groups + n - 1) / n;
+    p.n_ks = (a.groups + p.gps - 1) / p.gps;
+    p.smem = (per_group * p.gps + 15) / 16 * 16 + C::RING;
+    occ = std::max(1, std::min<int>(reg_occ, (int)(d.smem_sm / (p.smem + d.smem_reserved))));
+    const long long slots = (long long)d.sms * occ * C::W;
+    if ((force && *force) || (long long)p.tiles * p.n_ks * fill >= slots || p.gps <= 2) break;
+  }
+  // As many blocks as fit the slice's share of the GPU (one a tile at most); warps take tiles
+  // strided by the slice's warps.
+  p.blocks = (int)std::max(1LL, std::min<long long>(p.tiles, (long long)d.sms * occ / p.n_ks));
+  return p;
+}
+
+FoldDevice* fold_device() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return nullptr;
+  static FoldDevice info[64];
+  FoldDevice& d = info[dev & 63];
+  if (!d.init) {
+    if (cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&d.smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&d.smem_reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev) != cudaSuccess)
+      return nullptr;
+    d.init = true;
+  }
+  return &d;
+}
+
+template <typename T, class C>
+int plan_cfg(const FoldArgs& a, int dtype, int cfg, Plan& p) {
+  FoldDevice* d = fold_device();
+  if (!d) return check_launch("cudaGetDevice / cudaDeviceGetAttribute");
+  const bool multi = a.nseg > 1;
+  int& occ = d->reg_occ[cfg][dtype == AWQ_DTYPE_BF16][multi];
+  if (occ == 0) {
+    auto kernel = multi ? gemv_fold_kernel<T, C, true> : gemv_fold_kernel<T, C, false>;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, d->smem_optin) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, C::THREADS, 0) != cudaSuccess)
+      return check_launch("gemv_fold setup");
+  }
+  p = make_plan<C>(a, *d, occ);
+  p.cfg = cfg;
+  if (p.n_ks == 0)
+    return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold: M=%d needs %d bytes of shared memory a group, the device grants %d",
+                a.M, (int)(a.M * (kXGroupBytes + 4)), d->smem_optin);
+  return AWQ_OK;
+}
+
+// The configuration: $AWQ_FOLD_CFG (experiments), else kDefaultCfg.
+constexpr int kDefaultCfg = 0;  // RESULTS.md section 4, session 9: the fastest on 6 of 7 shapes at M = 2..8
+int pick_cfg() {
+  const char* e = getenv("AWQ_FOLD_CFG");
+  const int c = e && *e ? atoi(e) : kDefaultCfg;
+  return c >= 0 && c < kNumCfg ? c : kDefaultCfg;
+}
+
+template <typename T>
+int plan_for(const FoldArgs& a, int dtype, Plan& p) {
+  switch (pick_cfg()) {
+    case 1: return plan_cfg<T, F1>(a, dtype, 1, p);
+    case 2: return plan_cfg<T, F2>(a, dtype, 2, p);
+    case 3: return plan_cfg<T, F3>(a, dtype, 3, p);
+    default: return plan_cfg<T, F0>(a, dtype, 0, p);
+  }
+}
+
+int64_t ws_need(const FoldArgs& a, const Plan& p) {
+  return p.n_ks > 1 ? (int64_t)p.n_ks * a.M * p.tiles * kTileRows : 0;
+}
+
+template <typename T, class C>
+void launch_cfg(const FoldArgs& a, const Plan& p, cudaStream_t stream) {
+  const dim3 grid(p.blocks, p.n_ks);
+  if (a.nseg > 1)
+    gemv_fold_kernel<T, C, true><<<grid, C::THREADS, p.smem, stream>>>(a);
+  else
+    gemv_fold_kernel<T, C, false><<<grid, C::THREADS, p.smem, stream>>>(a);
+}
+
+template <typename T>
+int launch(FoldArgs a, int dtype, int64_t ws_floats, cudaStream_t stream) {
+  Plan p;
+  if (int e = plan_for<T>(a, dtype, p)) return e;
+  a.gps = p.gps; a.n_ks = p.n_ks; a.tiles = p.tiles;
+  a.ws_rows = p.tiles * kTileRows;
+  for (int i = 0; i < a.nseg; ++i) a.seg[i].tile0 = p.tile0[i];
+  const int64_t need = ws_need(a, p);
+  if (need > 0 && (a.ws == nullptr || ws_floats < need))
+    return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold: %d K slices need a workspace of %lld floats, got %lld",
+                p.n_ks, (long long)need, (long long)ws_floats);
+  switch (p.cfg) {
+    case 1: launch_cfg<T, F1>(a, p, stream); break;
+    case 2: launch_cfg<T, F2>(a, p, stream); break;
+    case 3: launch_cfg<T, F3>(a, p, stream); break;
+    default: launch_cfg<T, F0>(a, p, stream); break;
+  }
+  if (int e = check_launch("gemv_fold_kernel")) return e;
+  if (p.n_ks == 1) return AWQ_OK;
+  const int blocks = std::min((a.ws_rows + 255) / 256, 1024);
+  fold_finalize<T><<<dim3(blocks, a.M), 256, 0, stream>>>(a);
+  return check_launch("fold_finalize");
+}
+
+// The checks and argument packing of both entry points.
+int prepare(FoldArgs& a, int nseg, const int64_t* Ns, int64_t M, int64_t K, int64_t Kp, int group_size,
+            int dtype) {
+  if (check_segs("awq_int4_gemm_fold", a.seg, nseg, Ns, M, kMaxM, K, Kp, group_size, dtype) < 0)
+    return AWQ_ERR_ARG;
+  if (group_size != 128)
+    return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold: group_size=%d; this kernel needs 128", group_size);
+  a.nseg = nseg;
+  a.M = (int)M; a.K = (int)K; a.Kp = (int)Kp;
+  a.groups = (int)(Kp / 128);
+  return AWQ_OK;
+}
+
+}  // namespace
+}  // namespace awq
+
+extern "C" int64_t awq_int4_fold_max_m(void) { return awq::kMaxM; }
+
+extern "C" int64_t awq_int4_gemm_fold_workspace(int nseg, const int64_t* Ns, int64_t M, int64_t K, int64_t Kp,
+                                                int group_size, int dtype) {
+  using namespace awq;
+  FoldArgs a{};
+  if (!Ns || prepare(a, nseg, Ns, M, K, Kp, group_size, dtype) != AWQ_OK) return -1;
+  Plan p;
+  const int e = dtype == AWQ_DTYPE_BF16 ? plan_for<__nv_bfloat16>(a, dtype, p) : plan_for<__half>(a, dtype, p);
+  return e == AWQ_OK ? ws_need(a, p) : -1;
+}
+
+extern "C" int awq_int4_gemm_fold(const void* x, int nseg, const uint8_t* const* qweights, const void* const* scales,
+                                  const uint8_t* const* zeros, const void* const* biases, void* const* ys,
+                                  const int64_t* Ns, float* ws, int64_t ws_floats, int64_t M, int64_t K, int64_t Kp,
+                                  int group_size, int dtype, void* stream) {
+  using namespace awq;
+  FoldArgs a{};
+  if (!Ns || !qweights || !scales || !zeros || !biases || !ys)
+    return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold: null array argument");
+  if (int e = prepare(a, nseg, Ns, M, K, Kp, group_size, dtype)) return e;
+  if (int e = set_seg_pointers("awq_int4_gemm_fold", a.seg, nseg, x, qweights, scales, zeros, biases, ys)) return e;
+  a.x = x;
+  a.ws = ws;
+  a.x_vec = (K % 8 == 0) && (((uintptr_t)x & 15) == 0);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return dtype == AWQ_DTYPE_BF16 ? launch<__nv_bfloat16>(a, dtype, ws_floats, s) : launch<__half>(a, dtype, ws_floats, s);
+}
