@@ -300,12 +300,12 @@ def _workspace(numel: int, device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def _multi_workspace_floats(query: str, device: int, m, ns: tuple[int, ...], k, kp, g, dtype: int, env: tuple) -> int:
-    """Floats of split-K workspace the library's `query` function asks for. env: the experiment
-    variables the kernel reads on every call and which change its K split ($AWQ_SIMT_CFG,
-    $AWQ_FOLD_CFG ...), so that a change of them is a new cache entry."""
+def _multi_workspace_floats(kernel: str, device: int, m, ns: tuple[int, ...], k, kp, g, dtype: int, env: tuple) -> int:
+    """Floats of split-K workspace the library's awq_int4_gemm_<kernel>_workspace asks for. env:
+    the experiment variables the kernel reads on every call and which change its K split
+    ($AWQ_SIMT_CFG, $AWQ_FOLD_CFG ...), so that a change of them is a new cache entry."""
     with torch.cuda.device(device):
-        need = getattr(load_library(), query)(
+        need = getattr(load_library(), f"awq_int4_gemm_{kernel}_workspace")(
             len(ns), (ctypes.c_int64 * len(ns))(*ns), m, k, kp, g, dtype)
     if need < 0:
         _check(1)
@@ -339,41 +339,39 @@ def _multi_arrays(name: str, x2d, qweights, scales, zeros, biases, outs):
     return ptrs, (m, k, kp)
 
 
+def _launch_multi(kernel: str, name: str, env_vars: tuple[str, ...], x2d, qweights, scales, zeros, group_size,
+                  biases, outs) -> list[torch.Tensor]:
+    """One launch of awq_int4_gemm_<kernel> (simt_multi, fold) for 1..4 weights that share x, with
+    the split-K workspace it asks for allocated per call (for the reason _workspace gives); its
+    contents on entry do not matter. name: the caller, for error messages; env_vars: what the
+    kernel's K split depends on."""
+    ptrs, (m, k, kp) = _multi_arrays(name, x2d, qweights, scales, zeros, biases, outs)
+    dev = x2d.device
+    dt = _DTYPES[x2d.dtype]
+    ns = tuple(qw.shape[0] for qw in qweights)
+    need = _multi_workspace_floats(kernel, dev.index, m, ns, k, kp, group_size, dt,
+                                   tuple(os.environ.get(v) for v in env_vars))
+    ws = torch.empty(need, dtype=torch.float32, device=dev) if need > 0 else None
+    _check(getattr(load_library(), f"awq_int4_gemm_{kernel}")(
+        x2d.data_ptr(), len(ns), *ptrs, None if ws is None else ws.data_ptr(), 0 if ws is None else ws.numel(),
+        m, k, kp, group_size, dt, _raw_stream(dev)))
+    return outs
+
+
 def gemm_simt_multi(x2d, qweights, scales, zeros, group_size, biases, outs) -> list[torch.Tensor]:
     """outs[i][M, N_i] = x2d[M, K] @ W_i^T + biases[i] for 1..4 weights that share x, in one launch
     of the CUDA-core GEMV (M <= 8); lists as gemm_pc's. Its split-K workspace (only when x
     outgrows shared memory) may hold anything, so it is not the mma kernel's."""
-    ptrs, (m, k, kp) = _multi_arrays("gemm_simt", x2d, qweights, scales, zeros, biases, outs)
-    dev = x2d.device
-    dt = _DTYPES[x2d.dtype]
-    ns = tuple(qw.shape[0] for qw in qweights)
-    need = _multi_workspace_floats("awq_int4_gemm_simt_multi_workspace", dev.index, m, ns, k, kp, group_size, dt,
-                                   (os.environ.get("AWQ_SIMT_CFG"),))
-    ws = None
-    if need > 0:  # per call, for the reason _workspace gives
-        ws = torch.empty(need, dtype=torch.float32, device=dev)
-    stream = _raw_stream(dev)
-    _check(load_library().awq_int4_gemm_simt_multi(
-        x2d.data_ptr(), len(ns), *ptrs, None if ws is None else ws.data_ptr(), 0 if ws is None else ws.numel(),
-        m, k, kp, group_size, dt, stream))
-    return outs
+    return _launch_multi("simt_multi", "gemm_simt", ("AWQ_SIMT_CFG",), x2d, qweights, scales, zeros, group_size,
+                         biases, outs)
 
 
 def gemm_fold(x2d, qweights, scales, zeros, group_size, biases, outs) -> list[torch.Tensor]:
     """outs[i][M, N_i] = x2d[M, K] @ W_i^T + biases[i] for 1..4 weights that share x, in one launch
     of the folded tensor-core decode kernel (M <= 8, group size 128); lists as gemm_simt_multi's,
     and a split-K workspace per call as there."""
-    ptrs, (m, k, kp) = _multi_arrays("gemm_fold", x2d, qweights, scales, zeros, biases, outs)
-    dev = x2d.device
-    dt = _DTYPES[x2d.dtype]
-    ns = tuple(qw.shape[0] for qw in qweights)
-    env = tuple(os.environ.get(v) for v in ("AWQ_FOLD_CFG", "AWQ_FOLD_KS", "AWQ_FOLD_FILL"))
-    need = _multi_workspace_floats("awq_int4_gemm_fold_workspace", dev.index, m, ns, k, kp, group_size, dt, env)
-    ws = torch.empty(need, dtype=torch.float32, device=dev) if need > 0 else None
-    _check(load_library().awq_int4_gemm_fold(
-        x2d.data_ptr(), len(ns), *ptrs, None if ws is None else ws.data_ptr(), 0 if ws is None else ws.numel(),
-        m, k, kp, group_size, dt, _raw_stream(dev)))
-    return outs
+    return _launch_multi("fold", "gemm_fold", ("AWQ_FOLD_CFG", "AWQ_FOLD_KS", "AWQ_FOLD_FILL"), x2d, qweights, scales,
+                         zeros, group_size, biases, outs)
 
 
 def gemm_tc(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor:

@@ -64,6 +64,25 @@ int check_launch(const char* what) {
   return AWQ_OK;
 }
 
+int device_smem(const DeviceSmem*& out) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return check_launch("cudaGetDevice");
+  static DeviceSmem info[64];
+  DeviceSmem& d = info[dev & 63];
+  if (d.sms == 0) {
+    DeviceSmem n;
+    n.dev = dev;
+    if (cudaDeviceGetAttribute(&n.sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&n.smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&n.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&n.smem_reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev) != cudaSuccess)
+      return check_launch("cudaDeviceGetAttribute");
+    d = n;
+  }
+  out = &d;
+  return AWQ_OK;
+}
+
 }  // namespace awq
 
 extern "C" {

@@ -69,6 +69,14 @@ int set_seg_pointers(const char* who, Int4Seg (&seg)[kMaxSeg], int nseg, const v
 // Checks the launch just made and converts a CUDA error into AWQ_ERR_CUDA with its name.
 int check_launch(const char* what);
 
+// What the decode kernels' plans read of the current device (simt, fold): its index, SM count,
+// and shared memory a SM, a block (opt-in) and reserved a block. Read once per device.
+struct DeviceSmem {
+  int dev = 0, sms = 0, smem_sm = 0, smem_optin = 0, smem_reserved = 0;
+};
+// Points `out` at the current device's limits; AWQ_OK, or the CUDA error with its message set.
+int device_smem(const DeviceSmem*& out);
+
 // The two activation types. kMagic is the 16-bit pattern whose low mantissa bits a nibble can
 // be OR-ed into to read as (kBase + q) exactly: bf16 128.0 has a 7-bit mantissa of ulp 1, fp16
 // 1024.0 a 10-bit one of ulp 1. That turns int -> float into one LOP3 per two weights.
@@ -174,6 +182,22 @@ __device__ __forceinline__ void mma_word(float (&c)[2][4], uint32_t q0, uint32_t
     mma16816<T>(c[h], p0[2 * h], p1[2 * h], p0[2 * h + 1], p1[2 * h + 1], xp[2 * h], xp[2 * h + 1]);
 }
 
+
+// 16-byte cp.async global -> shared (L1 bypassed, L2 asked for the 256-byte run), its commit and
+// wait: the weight rings of the simt and fold kernels.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;"
+               ::"r"((uint32_t)__cvta_generic_to_shared(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// A scale's raw 16 bits (the low half of `raw`) as fp32.
+__device__ __forceinline__ float scale_to_float(uint32_t raw, __nv_bfloat16*) { return __uint_as_float(raw << 16); }
+__device__ __forceinline__ float scale_to_float(uint32_t raw, __half*) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(raw)));
+}
 
 // The split-K sum of the multi-weight decode kernels (simt, fold), run by a second launch with
 // blockIdx.y the token: y = the n_ks slices' fp32 partials (ws[n_ks][M][rows]) summed in slice

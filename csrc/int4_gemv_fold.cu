@@ -80,11 +80,6 @@ struct FoldArgs {
   bool x_vec;
 };
 
-__device__ __forceinline__ float raw_to_float(uint32_t raw, __nv_bfloat16*) { return __uint_as_float(raw << 16); }
-__device__ __forceinline__ float raw_to_float(uint32_t raw, __half*) {
-  return __half2float(__ushort_as_half(static_cast<unsigned short>(raw)));
-}
-
 // The 16-byte slot of word j in chunk (4 * group + t) of token g: XOR-swizzled so that the 8
 // lanes of an LDS.128 phase (g in {2h, 2h + 1}, t = 0..3) hit 8 distinct bank groups.
 __device__ __forceinline__ int x_slot(int g, int t, int j) { return j ^ ((t >> 1) | ((g & 1) << 1)); }
@@ -156,14 +151,6 @@ struct Rows {
   uint32_t g0, g1;
 };
 
-__device__ __forceinline__ void cp16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"((uint32_t)__cvta_generic_to_shared(dst)),
-               "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
-
 // Requests the stage of groups first, first + 1 (clamped to the slice's last group) into `ring`
 // (one stage of this warp), and its scales and zeros into st. Lane (rr, cc) = (lane / 8, lane % 8)
 // copies 16-byte piece cc of rows 4i + rr: each instruction moves 4 rows x 128 contiguous bytes.
@@ -175,9 +162,9 @@ __device__ __forceinline__ void issue(Stage& st, uint8_t* ring, const Rows& r, i
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int row = 4 * i + rr;
-    cp16(ring + row * kRowBytes + ((cc ^ ((row & 1) << 2)) * 16), r.qweight + (r.cw[i] + off));
+    cp_async16(ring + row * kRowBytes + ((cc ^ ((row & 1) << 2)) * 16), r.qweight + (r.cw[i] + off));
   }
-  cp_commit();
+  cp_async_commit();
 #pragma unroll
   for (int u = 0; u < kU; ++u) {
     const uint32_t gi = min(first + u, last);
@@ -213,8 +200,8 @@ __device__ __forceinline__ void group_step(float (&acc)[4], const uint4& w0, con
     mma16816<T>(c[0], p0[0], p1[0], p0[1], p1[1], xw.x, xw.y);
     mma16816<T>(c[1], p0[2], p1[2], p0[3], p1[3], xw.z, xw.w);
   }
-  const float s0 = raw_to_float(s0r, static_cast<T*>(nullptr));
-  const float s1 = raw_to_float(s1r, static_cast<T*>(nullptr));
+  const float s0 = scale_to_float(s0r, static_cast<T*>(nullptr));
+  const float s1 = scale_to_float(s1r, static_cast<T*>(nullptr));
   const float z0 = kBase + (float)z0r, z1 = kBase + (float)z1r;
   acc[0] = fmaf(s0, fmaf(-z0, sxa, c[0][0] + c[1][0]), acc[0]);
   acc[1] = fmaf(s0, fmaf(-z0, sxb, c[0][1] + c[1][1]), acc[1]);
@@ -262,7 +249,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const Fo
   // cp.async.wait_group(P - 1) once the P - 1 stages after it are requested.
   auto request = [&](int q, int slot) {
     if (q < nst) issue(ring[slot], wring + slot * kStageBytes, rows, gs0 + q * kU, last, lane);
-    else cp_commit();
+    else cp_async_commit();
   };
   auto prime = [&](int tl) {  // a tile's first P - 1 stages
     set_rows(tl);
@@ -289,7 +276,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const Fo
         if (s + p < nst) {
           __syncwarp();  // every lane done with the stage before (its slot is refilled now)
           request(s + p + P - 1, (p + P - 1) % P);
-          cp_wait<P - 1>();
+          cp_async_wait<P - 1>();
           __syncwarp();  // every lane's pieces of this stage landed
           const uint8_t* st = wring + p * kStageBytes;
 #pragma unroll
@@ -307,7 +294,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const Fo
       }
     }
     const int sg_i = seg(tile), next = tile + slice_warps;
-    cp_wait<0>();  // drain (the empty groups of stages past the end)
+    cp_async_wait<0>();  // drain (the empty groups of stages past the end)
     __syncwarp();  // every lane done reading the ring before the next tile's copies
     if (next < a.tiles) prime(next);  // next tile's loads before this tile's stores
     const Int4Seg& sg = a.seg[sg_i];
@@ -333,24 +320,17 @@ __global__ void fold_finalize(const FoldArgs a) {
 }
 
 struct Plan {
-  int cfg = 0, n_ks = 0, gps = 0, tiles = 0, blocks = 0, threads = 0;
+  int cfg = 0, n_ks = 0, gps = 0, tiles = 0, blocks = 0;
   int tile0[kMaxSeg] = {};
   size_t smem = 0;
-};
-
-struct FoldDevice {
-  bool init = false;
-  int sms = 0, smem_sm = 0, smem_optin = 0, smem_reserved = 0;
-  int reg_occ[kNumCfg][2][2] = {};  // blocks per SM allowed by registers: (config, dtype, multi)
 };
 
 // K slices: the fewest that give every tile's warp a slot in one wave of half the resident warps
 // (the CUDA-core GEMV's rule), but no slice shorter than 2 groups; shared memory holds the
 // slice's x. $AWQ_FOLD_KS=n forces at least n slices (experiments).
 template <class C>
-Plan make_plan(const FoldArgs& a, const FoldDevice& d, int reg_occ) {
+Plan make_plan(const FoldArgs& a, const DeviceSmem& d, int reg_occ) {
   Plan p;
-  p.threads = C::THREADS;
   for (int i = 0; i < a.nseg; ++i) {
     p.tile0[i] = p.tiles;
     p.tiles += (a.seg[i].N + kTileRows - 1) / kTileRows;
@@ -380,28 +360,13 @@ Plan make_plan(const FoldArgs& a, const FoldDevice& d, int reg_occ) {
   return p;
 }
 
-FoldDevice* fold_device() {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return nullptr;
-  static FoldDevice info[64];
-  FoldDevice& d = info[dev & 63];
-  if (!d.init) {
-    if (cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&d.smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&d.smem_reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev) != cudaSuccess)
-      return nullptr;
-    d.init = true;
-  }
-  return &d;
-}
-
 template <typename T, class C>
 int plan_cfg(const FoldArgs& a, int dtype, int cfg, Plan& p) {
-  FoldDevice* d = fold_device();
-  if (!d) return check_launch("cudaGetDevice / cudaDeviceGetAttribute");
+  const DeviceSmem* d = nullptr;
+  if (int e = device_smem(d)) return e;
   const bool multi = a.nseg > 1;
-  int& occ = d->reg_occ[cfg][dtype == AWQ_DTYPE_BF16][multi];
+  static int reg_occ[64][kNumCfg][2][2];  // blocks per SM allowed by registers: (device, config, dtype, multi)
+  int& occ = reg_occ[d->dev & 63][cfg][dtype == AWQ_DTYPE_BF16][multi];
   if (occ == 0) {
     auto kernel = multi ? gemv_fold_kernel<T, C, true> : gemv_fold_kernel<T, C, false>;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, d->smem_optin) != cudaSuccess ||

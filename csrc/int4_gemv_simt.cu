@@ -92,14 +92,6 @@ constexpr int kernel_minb() { return M <= 2 ? C::MINB : 2; }
 template <class C>
 constexpr size_t ring_bytes() { return (size_t)kWarps * C::P * C::R * 32 * 16; }
 
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;"
-               ::"r"((uint32_t)__cvta_generic_to_shared(dst)), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
-
 struct SimtArgs {
   const void* x;
   Int4Seg seg[kMaxSeg];  // the weights (awq_int4_gemm_simt_multi)
@@ -117,13 +109,6 @@ struct SimtArgs {
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
-
-__device__ __forceinline__ float scale_to_float(uint32_t raw, __nv_bfloat16*) {
-  return __uint_as_float(raw << 16);
-}
-__device__ __forceinline__ float scale_to_float(uint32_t raw, __half*) {
-  return __half2float(__ushort_as_half(static_cast<unsigned short>(raw)));
 }
 
 // 8 activations (16 bytes of T) -> fp32.
@@ -383,17 +368,6 @@ __global__ void simt_finalize_multi(const SimtArgs a) {
   sum_slices<T, TR>(a.seg, a.nseg, a.ws, a.ws_rows, a.M, a.n_ks);
 }
 
-struct SimtDevice {
-  bool init = false;
-  int sms = 0, smem_sm = 0, smem_optin = 0, smem_reserved = 0;
-  int reg_occ[2][kMaxM + 1][2][2] = {};  // blocks per SM allowed by registers: (dtype, M, config, multi)
-};
-
-SimtDevice& simt_device(int dev) {
-  static SimtDevice info[64];
-  return info[dev & 63];
-}
-
 struct Plan {
   int n_ks = 0, cps = 0, tiles = 0, blocks = 0;
   int tile0[kMaxSeg] = {};
@@ -405,7 +379,7 @@ struct Plan {
 // busy (1 tile each), or slices no shorter than 64 chunks. (Splitting a tile's K over the warps
 // of one block instead, summed in shared memory in one launch, measured no faster at 4096x4096
 // and 5% slower at 11008x4096 on an H100: csrc/NOTES.md, session 5.)
-Plan make_plan(const SimtArgs& a, const SimtDevice& d, int reg_occ, int rows_per_tile, int minb, size_t ring) {
+Plan make_plan(const SimtArgs& a, const DeviceSmem& d, int reg_occ, int rows_per_tile, int minb, size_t ring) {
   Plan p;
   for (int i = 0; i < a.nseg; ++i) {
     p.tile0[i] = p.tiles;
@@ -437,28 +411,13 @@ Plan make_plan(const SimtArgs& a, const SimtDevice& d, int reg_occ, int rows_per
   return p;
 }
 
-int device_setup(SimtDevice*& out) {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return check_launch("cudaGetDevice");
-  SimtDevice& d = simt_device(dev);
-  if (!d.init) {
-    if (cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&d.smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&d.smem_reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev) != cudaSuccess)
-      return check_launch("cudaDeviceGetAttribute");
-    d.init = true;
-  }
-  out = &d;
-  return AWQ_OK;
-}
-
 template <typename T, int M, class C, int CI>
 int plan_for(const SimtArgs& a, int dtype, Plan& p) {
-  SimtDevice* d = nullptr;
-  if (int e = device_setup(d)) return e;
+  const DeviceSmem* d = nullptr;
+  if (int e = device_smem(d)) return e;
   const bool multi = a.nseg > 1;
-  int& occ = d->reg_occ[dtype][M][CI][multi];
+  static int reg_occ[64][2][kMaxM + 1][2][2];  // blocks per SM allowed by registers: (device, dtype, M, config, multi)
+  int& occ = reg_occ[d->dev & 63][dtype][M][CI][multi];
   if (occ == 0) {
     auto kernel = multi ? gemv_simt_kernel<T, M, C, true> : gemv_simt_kernel<T, M, C, false>;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, d->smem_optin) != cudaSuccess ||
