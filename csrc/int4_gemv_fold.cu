@@ -222,8 +222,8 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const Fo
   const int slice_warps = gridDim.x * C::W;
   // Warp w of block b is slice warp b + w * gridDim.x: the grid has a block for every SM share of
   // the slice, and when there are fewer tiles than warps every block has some warps idle rather
-  // than whole SMs idle (one block of 16 warps a SM would leave a third of an H100 without work at
-  // 7B's q/k/v otherwise).
+  // than whole SMs idle (packed 16 warps a block, 7B's q/k/v, 768 tiles in 2 K slices, would be
+  // 96 blocks for an H100's 132 SMs).
   int tile = blockIdx.x + warp * gridDim.x;
   auto seg = [&](int tl) { return MULTI ? seg_of(a.seg, a.nseg, tl) : 0; };
 
@@ -263,7 +263,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const Fo
 
   const bool xv = g < a.M;
   const uint8_t* xl = xs + ((size_t)min(g, a.M - 1) * cps + t) * 64;  // + group * 256 + slot * 16
-  const int xsw = (t >> 1) | ((g & 1) << 1);
+  const int xsw = x_slot(g, t, 0);  // word j of a chunk sits in slot j ^ xsw
   const bool ta = 2 * t < a.M, tb = 2 * t + 1 < a.M;
   const float* sxa = sx + (ta ? 2 * t : 0) * a.gps;
   const float* sxb = sx + (tb ? 2 * t + 1 : 0) * a.gps;

@@ -288,6 +288,7 @@ def test_fold_deterministic_and_errors():
     with pytest.raises(RuntimeError, match="bad sizes M=9"):
         _fold_one(big, qw, s, z, 128, None, big.new_empty((9, n)))
 
+
 def test_simt_deterministic():
     """Split K is summed in a fixed order: two runs agree bit for bit."""
     k, n, g = 28672, 1024, 128

@@ -1,0 +1,91 @@
+"""The decode kernels' dispatch with and without the folded tensor-core GEMV, under CUDA graphs.
+
+    python benchmarks/bench_fold_dispatch.py [--m 1 2 4 8]
+
+For 7B's q/k/v (3 x 4096x4096, one multi-weight call), o (4096x4096), gate/up (2 x 4096x11008),
+down (11008x4096), and 8192x8192, 8192x28672, 28672x8192, at each M: the op's dispatch with the
+folded kernel switched off (`AWQ_FOLD=0`: the CUDA-core GEMV at M = 1, the producer/consumer
+kernel for several weights, tc / mma for one), the folded kernel alone in its default block
+configuration (<16 warps, 3 stages, 1 block a SM>) and in <8, 3, 2>, the op's dispatch as it is
+(`_cuda.use_fold`), and cuBLAS bf16 (one F.linear a weight). Graph-timed (20 calls a graph, the
+weights rotated so none is found in the L2), us, the median of 3 interleaved rounds; bf16,
+group size 128. Every output is checked against float64 first (relative Frobenius error, printed
+for the two dispatches). This is the table of benchmarks/RESULTS.md, section 4, session 9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+
+import torch
+
+from awq_compile import _cuda
+from awq_compile.quant import dequantize
+from profile_decode import _copies, _weight, graph_us
+
+CASES = [(4096, (4096,) * 3), (4096, (4096,)), (4096, (11008,) * 2), (11008, (4096,)), (8192, (8192,)),
+         (8192, (28672,)), (28672, (8192,))]
+
+
+def _op(fold: str):
+    def run(x, w, outs):
+        os.environ["AWQ_FOLD"] = fold
+        os.environ.pop("AWQ_FOLD_CFG", None)
+        if len(w) == 1:
+            return [torch.ops.awq.int4_linear(x, *w[0], 128, None)]
+        return torch.ops.awq.int4_linear_multi(x, *([t[i] for t in w] for i in range(3)), 128, [None] * len(w))
+    return run
+
+
+def _fold(cfg: str):
+    def run(x, w, outs):
+        os.environ["AWQ_FOLD_CFG"] = cfg
+        return _cuda.gemm_fold(x, *([t[i] for t in w] for i in range(3)), 128, [None] * len(w), outs)
+    return run
+
+
+def _rel_err(ys, x, w64) -> float:
+    return max(((y.double() - x.double() @ w.T).norm() / (x.double() @ w.T).norm()).item() for y, w in zip(ys, w64))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8])
+    args = ap.parse_args()
+    bf16: dict[int, list[torch.Tensor]] = {}
+    variants = [("AWQ_FOLD=0", _op("0")), ("fold <16,3,1>", _fold("0")), ("dispatch", _op("1")),
+                ("fold <8,3,2>", _fold("1")), ("cuBLAS bf16", lambda x, w, outs: [torch.nn.functional.linear(x, b)
+                                                                                    for b in bf16[id(w)]])]
+    print(torch.cuda.get_device_name())
+    print("| weights | M | " + " | ".join(v[0] for v in variants) + " | error AWQ_FOLD=0 / dispatch |")
+    print("|---" * (len(variants) + 3) + "|")
+    for k, ns in CASES:
+        sets = [[_weight(k, n) for n in ns] for _ in range(_copies(k, sum(ns)))]
+        w64 = [dequantize(*t, 128, k, dtype=torch.float64) for t in sets[0]]
+        bf16.clear()
+        bf16.update({id(s): [dequantize(*t, 128, k, dtype=torch.bfloat16) for t in s] for s in sets})
+        cycle = itertools.cycle(sets)
+        for m in args.m:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            outs = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for n in ns]
+            errs = {}
+            for name, fn in variants[:-1]:
+                errs[name] = _rel_err(fn(x, sets[0], [torch.full_like(o, float("nan")) for o in outs]), x, w64)
+                assert errs[name] < 6e-3, f"{name}: relative error {errs[name]:.2e} at M={m}, {k}x{ns}"
+            times = {name: [] for name, _ in variants}
+            for _ in range(3):
+                for name, fn in variants:
+                    times[name].append(graph_us(lambda: fn(x, next(cycle), outs)))
+            cells = " | ".join(f"{sorted(t)[1]:.1f}" for t in times.values())
+            print(f"| {' + '.join(f'{k}x{n}' for n in ns)} | {m} | {cells} | "
+                  f"{errs['AWQ_FOLD=0']:.1e} / {errs['dispatch']:.1e} |", flush=True)
+        del sets, w64
+        bf16.clear()
+        torch.cuda.empty_cache()
+    os.environ.pop("AWQ_FOLD", None)
+
+
+if __name__ == "__main__":
+    main()
