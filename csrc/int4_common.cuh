@@ -72,7 +72,7 @@ int check_launch(const char* what);
 // What the decode kernels' plans read of the current device (simt, fold): its index, SM count,
 // and shared memory a SM, a block (opt-in) and reserved a block. Read once per device.
 struct DeviceSmem {
-  int dev = 0, sms = 0, smem_sm = 0, smem_optin = 0, smem_reserved = 0;
+  int dev = 0, major = 0, sms = 0, smem_sm = 0, smem_optin = 0, smem_reserved = 0;
 };
 // Points `out` at the current device's limits; AWQ_OK, or the CUDA error with its message set.
 int device_smem(const DeviceSmem*& out);

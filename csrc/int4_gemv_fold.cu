@@ -23,8 +23,11 @@
 // (the next stage is requested before the current one is waited for). Scales and zeros ride in a
 // register ring beside it.
 // Work: blockIdx.y is a K slice, each warp takes tiles strided over the slice's warps, which are
-// interleaved over the blocks. One slice writes y (+ bias); several write fp32 partials that a
-// second kernel sums in slice order (no atomics: bit-for-bit reproducible). Up to 4 weights that
+// interleaved over the blocks. One slice writes y (+ bias). Several slices sum their fp32
+// partials in slice order (no atomics: bit-for-bit reproducible): on sm_90 the slices of a tile
+// range are one thread-block cluster and the first block adds the others' partials from their
+// shared memory (H200, M = 8: q/k/v 15.8 -> 14.1 us, down 17.5 -> 16.4, RESULTS.md section 4,
+// session 10); else, or past 8 slices, they go to a workspace that a second kernel sums. Up to 4 weights that
 // read the same x (q/k/v, gate/up) run in one launch, their tiles numbered one after another.
 // K is sliced when x does not fit beside the ring, and further until half the resident warps
 // have a tile.
@@ -46,6 +49,7 @@
 #include <algorithm>
 
 #include "int4_common.cuh"
+#include "sm90_async.cuh"
 
 namespace awq {
 namespace {
@@ -78,6 +82,11 @@ struct FoldArgs {
   int n_ks;  // K slices = gridDim.y
   int tiles;
   bool x_vec;
+  // K slices summed in a thread-block cluster (sm_90): the n_ks blocks of a cluster share their
+  // tiles, each keeps its partials in shared memory (iters tiles a warp at most), and the first
+  // adds the others' through distributed shared memory. Else partials go to ws and fold_finalize.
+  bool cluster;
+  int iters;
 };
 
 // The 16-byte slot of word j in chunk (4 * group + t) of token g: XOR-swizzled so that the 8
@@ -209,6 +218,39 @@ __device__ __forceinline__ void group_step(float (&acc)[4], const uint4& w0, con
   acc[3] = fmaf(s1, fmaf(-z1, sxb, c[0][3] + c[1][3]), acc[3]);
 }
 
+// The cluster's K slices summed (FoldArgs::cluster): once every block of the cluster has its
+// partials in shared memory, block 0 (slice 0) adds slice 1, 2, ... in order, + bias, as
+// fold_finalize would (bit for bit), and writes y; the others wait until it has read them.
+template <typename T>
+__device__ __forceinline__ void cluster_sum(const FoldArgs& a, const float4* part, int tile0, int stride, int g,
+                                            int t) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cluster_sync();
+  if (cluster_rank() == 0) {
+    const uint32_t local = smem_u32(part);
+    int it = 0;
+    for (int tile = tile0; tile < a.tiles; tile += stride, ++it) {
+      float v[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int r = 0; r < a.n_ks; ++r) {
+        const float4 q = ld_cluster_f4(map_rank(local + it * 32 * sizeof(float4), r));
+        v[0] += q.x; v[1] += q.y; v[2] += q.z; v[3] += q.w;
+      }
+      const Int4Seg& sg = a.seg[seg_of(a.seg, a.nseg, tile)];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int tok = 2 * t + (e & 1), row = (tile - sg.tile0) * kTileRows + g + (e >> 1) * 8;
+        if (tok >= a.M || row >= sg.N) continue;
+        const float b = sg.bias ? Half2Traits<T>::to_float(static_cast<const T*>(sg.bias)[row]) : 0.f;
+        static_cast<T*>(sg.y)[(size_t)tok * sg.N + row] = Half2Traits<T>::from_float(v[e] + b);
+      }
+    }
+  }
+  cluster_sync();
+#else
+  __trap();  // the host launches clusters on sm_90 only
+#endif
+}
+
 template <typename T, class C, bool MULTI>
 __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const FoldArgs a) {
   constexpr int P = C::P;
@@ -244,6 +286,8 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const Fo
     rows.g0 = r0 * (uint32_t)a.groups;
     rows.g1 = r1 * (uint32_t)a.groups;
   };
+  float4* part = reinterpret_cast<float4*>(wring + (size_t)(C::W - warp) * P * kStageBytes) +
+                 (size_t)warp * a.iters * 32 + lane;  // this lane's partial of iteration 0
   Stage ring[P];
   // Every stage commits one cp.async group (possibly empty), so "stage q has landed" is
   // cp.async.wait_group(P - 1) once the P - 1 stages after it are requested.
@@ -268,7 +312,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const Fo
   const float* sxa = sx + (ta ? 2 * t : 0) * a.gps;
   const float* sxb = sx + (tb ? 2 * t + 1 : 0) * a.gps;
   const int sw = (g & 1) << 2;  // this lane's rows' piece swap (g and g + 8 have g's parity)
-  for (; tile < a.tiles; tile += slice_warps) {
+  for (int it = 0; tile < a.tiles; tile += slice_warps, ++it) {
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int s = 0; s < nst; s += P) {
 #pragma unroll
@@ -297,6 +341,10 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const Fo
     cp_async_wait<0>();  // drain (the empty groups of stages past the end)
     __syncwarp();  // every lane done reading the ring before the next tile's copies
     if (next < a.tiles) prime(next);  // next tile's loads before this tile's stores
+    if (a.cluster) {
+      part[it * 32] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+      continue;
+    }
     const Int4Seg& sg = a.seg[sg_i];
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
@@ -311,6 +359,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const Fo
       }
     }
   }
+  if (a.cluster) cluster_sum<T>(a, part, blockIdx.x + warp * gridDim.x, slice_warps, g, t);
 }
 
 // y = the slices' partials summed in slice order + bias, rounded to T (int4_common.cuh).
@@ -323,6 +372,9 @@ struct Plan {
   int cfg = 0, n_ks = 0, gps = 0, tiles = 0, blocks = 0;
   int tile0[kMaxSeg] = {};
   size_t smem = 0;
+  int occ = 1;  // blocks a SM
+  bool cluster = false;
+  int iters = 0;
 };
 
 // K slices: the fewest that give every tile's warp a slot in one wave of half the resident warps
@@ -357,7 +409,50 @@ Plan make_plan(const FoldArgs& a, const DeviceSmem& d, int reg_occ) {
   // As many blocks as fit the slice's share of the GPU (one a tile at most); warps take tiles
   // strided by the slice's warps.
   p.blocks = (int)std::max(1LL, std::min<long long>(p.tiles, (long long)d.sms * occ / p.n_ks));
+  p.occ = occ;
   return p;
+}
+
+// Sums the K slices in a cluster (sm_90, 2..8 slices) where the partials fit in shared memory
+// beside x and the ring without costing a block a SM, with only as many blocks a slice as
+// clusters fit at once. $AWQ_FOLD_CLUSTER=0 keeps the workspace and fold_finalize (experiments).
+template <typename T, class C>
+int plan_cluster(Plan& p, const DeviceSmem& d, bool multi) {
+  const char* env = getenv("AWQ_FOLD_CLUSTER");
+  if (d.major < 9 || p.n_ks < 2 || p.n_ks > 8 || (env && *env && atoi(env) == 0)) return AWQ_OK;
+  auto kernel = multi ? gemv_fold_kernel<T, C, true> : gemv_fold_kernel<T, C, false>;
+  int blocks = p.blocks;
+  for (int pass = 0; pass < 2; ++pass) {
+    const int iters = (p.tiles + blocks * C::W - 1) / (blocks * C::W);
+    const size_t smem = p.smem + (size_t)C::W * iters * 32 * sizeof(float4);
+    if ((long long)smem > d.smem_optin || (long long)(smem + d.smem_reserved) * p.occ > d.smem_sm) return AWQ_OK;
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 1;
+    attr[0].val.clusterDim.y = p.n_ks;
+    attr[0].val.clusterDim.z = 1;
+    cfg.gridDim = dim3(blocks, p.n_ks);
+    cfg.blockDim = dim3(C::THREADS);
+    cfg.dynamicSmemBytes = smem;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
+      cudaGetLastError();  // not launchable as a cluster: keep the workspace
+      return AWQ_OK;
+    }
+    if (clusters < 1) return AWQ_OK;
+    if (clusters >= blocks) {
+      p.cluster = true;
+      p.iters = iters;
+      p.blocks = blocks;
+      p.smem = smem;
+      return AWQ_OK;
+    }
+    blocks = clusters;  // fewer blocks a slice: more tiles a warp; check that again
+  }
+  return AWQ_OK;
 }
 
 template <typename T, class C>
@@ -378,7 +473,7 @@ int plan_cfg(const FoldArgs& a, int dtype, int cfg, Plan& p) {
   if (p.n_ks == 0)
     return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold: M=%d needs %d bytes of shared memory a group, the device grants %d",
                 a.M, (int)(a.M * (kXGroupBytes + 4)), d->smem_optin);
-  return AWQ_OK;
+  return plan_cluster<T, C>(p, *d, multi);
 }
 
 // The configuration: $AWQ_FOLD_CFG (experiments), else kDefaultCfg.
@@ -400,12 +495,31 @@ int plan_for(const FoldArgs& a, int dtype, Plan& p) {
 }
 
 int64_t ws_need(const FoldArgs& a, const Plan& p) {
-  return p.n_ks > 1 ? (int64_t)p.n_ks * a.M * p.tiles * kTileRows : 0;
+  return p.n_ks > 1 && !p.cluster ? (int64_t)p.n_ks * a.M * p.tiles * kTileRows : 0;
 }
 
 template <typename T, class C>
 void launch_cfg(const FoldArgs& a, const Plan& p, cudaStream_t stream) {
   const dim3 grid(p.blocks, p.n_ks);
+  if (p.cluster) {
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 1;
+    attr[0].val.clusterDim.y = p.n_ks;
+    attr[0].val.clusterDim.z = 1;
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(C::THREADS);
+    cfg.dynamicSmemBytes = p.smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    if (a.nseg > 1)
+      cudaLaunchKernelEx(&cfg, gemv_fold_kernel<T, C, true>, a);
+    else
+      cudaLaunchKernelEx(&cfg, gemv_fold_kernel<T, C, false>, a);
+    return;
+  }
   if (a.nseg > 1)
     gemv_fold_kernel<T, C, true><<<grid, C::THREADS, p.smem, stream>>>(a);
   else
@@ -417,6 +531,7 @@ int launch(FoldArgs a, int dtype, int64_t ws_floats, cudaStream_t stream) {
   Plan p;
   if (int e = plan_for<T>(a, dtype, p)) return e;
   a.gps = p.gps; a.n_ks = p.n_ks; a.tiles = p.tiles;
+  a.cluster = p.cluster; a.iters = p.iters;
   a.ws_rows = p.tiles * kTileRows;
   for (int i = 0; i < a.nseg; ++i) a.seg[i].tile0 = p.tile0[i];
   const int64_t need = ws_need(a, p);
@@ -430,7 +545,7 @@ int launch(FoldArgs a, int dtype, int64_t ws_floats, cudaStream_t stream) {
     default: launch_cfg<T, F0>(a, p, stream); break;
   }
   if (int e = check_launch("gemv_fold_kernel")) return e;
-  if (p.n_ks == 1) return AWQ_OK;
+  if (p.n_ks == 1 || p.cluster) return AWQ_OK;
   const int blocks = std::min((a.ws_rows + 255) / 256, 1024);
   fold_finalize<T><<<dim3(blocks, a.M), 256, 0, stream>>>(a);
   return check_launch("fold_finalize");

@@ -289,6 +289,34 @@ def test_fold_deterministic_and_errors():
         _fold_one(big, qw, s, z, 128, None, big.new_empty((9, n)))
 
 
+@pytest.mark.parametrize("ks,slices", [("2", 2), ("3", 3), ("5", 5), ("8", 8), ("12", 12)])
+def test_fold_cluster_sum_matches_finalize(ks, slices, monkeypatch):
+    """K slices summed in a thread-block cluster (sm_90, up to 8 slices: no workspace) give the
+    same bits as the workspace and fold_finalize ($AWQ_FOLD_CLUSTER=0), with bias, several
+    weights, a K that needs padding and the ragged last tile; 12 slices take the workspace either
+    way. Both are checked against float64."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
+    monkeypatch.setenv("AWQ_FOLD_KS", ks)
+    k, ns = 2999, (200, 1536, 48)  # 24 groups: AWQ_FOLD_KS=ks makes `slices` slices
+    kp = padded_k(k, 128)
+    ws = [_random_weight(k, n, 128, torch.bfloat16, seed=10 + i) for i, n in enumerate(ns)]
+    for m in (1, 3, 8):
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        got = {}
+        for cl in ("0", "1"):
+            monkeypatch.setenv("AWQ_FOLD_CLUSTER", cl)
+            need = cuda_mod._multi_workspace_floats("fold", x.device.index, m, ns, k, kp, 128, 1, (cl, ks))
+            assert need == (0 if cl == "1" and slices <= 8 else slices * m * sum(-(-n // 16) * 16 for n in ns))
+            outs = [x.new_full((m, n), float("nan")) for n in ns]
+            got[cl] = cuda_mod.gemm_fold(x, [w[0] for w in ws], [w[1] for w in ws], [w[2] for w in ws], 128,
+                                         [w[3] for w in ws], outs)
+        for (qw, s, z, b), y0, y1 in zip(ws, got["0"], got["1"]):
+            assert torch.equal(y0, y1)
+            ref = x.double() @ dequantize(qw, s, z, 128, k, dtype=torch.float64).T + b.double()
+            assert ((y1.double() - ref).norm() / ref.norm()).item() < 6e-3
+
+
 def test_simt_deterministic():
     """Split K is summed in a fixed order: two runs agree bit for bit."""
     k, n, g = 28672, 1024, 128
