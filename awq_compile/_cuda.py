@@ -369,9 +369,9 @@ def gemm_simt_multi(x2d, qweights, scales, zeros, group_size, biases, outs) -> l
 def gemm_fold(x2d, qweights, scales, zeros, group_size, biases, outs) -> list[torch.Tensor]:
     """outs[i][M, N_i] = x2d[M, K] @ W_i^T + biases[i] for 1..4 weights that share x, in one launch
     of the folded tensor-core decode kernel (M <= 8, group size 128); lists as gemm_simt_multi's,
-    and a split-K workspace per call as there."""
-    return _launch_multi("fold", "gemm_fold", ("AWQ_FOLD_CFG", "AWQ_FOLD_KS", "AWQ_FOLD_FILL"), x2d, qweights, scales,
-                         zeros, group_size, biases, outs)
+    and a split-K workspace per call as there (none where the K slices are summed in a cluster)."""
+    return _launch_multi("fold", "gemm_fold", ("AWQ_FOLD_CFG", "AWQ_FOLD_KS", "AWQ_FOLD_FILL", "AWQ_FOLD_CLUSTER"),
+                         x2d, qweights, scales, zeros, group_size, biases, outs)
 
 
 def gemm_tc(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor:

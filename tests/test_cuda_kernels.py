@@ -294,7 +294,8 @@ def test_fold_cluster_sum_matches_finalize(ks, slices, monkeypatch):
     """K slices summed in a thread-block cluster (sm_90, up to 8 slices: no workspace) give the
     same bits as the workspace and fold_finalize ($AWQ_FOLD_CLUSTER=0), with bias, several
     weights, a K that needs padding and the ragged last tile; 12 slices take the workspace either
-    way. Both are checked against float64."""
+    way. Both are checked against float64. The cluster runs first, so a workspace size cached
+    for it (none) and reused without the cluster would fail the second launch."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread-block clusters need sm_90")
     monkeypatch.setenv("AWQ_FOLD_KS", ks)
@@ -304,7 +305,7 @@ def test_fold_cluster_sum_matches_finalize(ks, slices, monkeypatch):
     for m in (1, 3, 8):
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
         got = {}
-        for cl in ("0", "1"):
+        for cl in ("1", "0"):
             monkeypatch.setenv("AWQ_FOLD_CLUSTER", cl)
             need = cuda_mod._multi_workspace_floats("fold", x.device.index, m, ns, k, kp, 128, 1, (cl, ks))
             assert need == (0 if cl == "1" and slices <= 8 else slices * m * sum(-(-n // 16) * 16 for n in ns))
