@@ -413,6 +413,33 @@ Plan make_plan(const FoldArgs& a, const DeviceSmem& d, int reg_occ) {
   return p;
 }
 
+// The kernel for one weight or several.
+template <typename T, class C>
+auto kernel_for(bool multi) {
+  return multi ? gemv_fold_kernel<T, C, true> : gemv_fold_kernel<T, C, false>;
+}
+
+// The launch configuration of a grid (blocks, n_ks) whose n_ks K slices of a block column form
+// one thread-block cluster. Not copyable: cfg points at attr.
+struct ClusterLaunch {
+  cudaLaunchAttribute attr[1];
+  cudaLaunchConfig_t cfg = {};
+  ClusterLaunch(int blocks, int n_ks, int threads, size_t smem, cudaStream_t stream) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 1;
+    attr[0].val.clusterDim.y = n_ks;
+    attr[0].val.clusterDim.z = 1;
+    cfg.gridDim = dim3(blocks, n_ks);
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;
+  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
+};
+
 // Sums the K slices in a cluster (sm_90, 2..8 slices) where the partials fit in shared memory
 // beside x and the ring without costing a block a SM, with only as many blocks a slice as
 // clusters fit at once. $AWQ_FOLD_CLUSTER=0 keeps the workspace and fold_finalize (experiments).
@@ -420,25 +447,15 @@ template <typename T, class C>
 int plan_cluster(Plan& p, const DeviceSmem& d, bool multi) {
   const char* env = getenv("AWQ_FOLD_CLUSTER");
   if (d.major < 9 || p.n_ks < 2 || p.n_ks > 8 || (env && *env && atoi(env) == 0)) return AWQ_OK;
-  auto kernel = multi ? gemv_fold_kernel<T, C, true> : gemv_fold_kernel<T, C, false>;
+  auto kernel = kernel_for<T, C>(multi);
   int blocks = p.blocks;
   for (int pass = 0; pass < 2; ++pass) {
     const int iters = (p.tiles + blocks * C::W - 1) / (blocks * C::W);
     const size_t smem = p.smem + (size_t)C::W * iters * 32 * sizeof(float4);
     if ((long long)smem > d.smem_optin || (long long)(smem + d.smem_reserved) * p.occ > d.smem_sm) return AWQ_OK;
-    cudaLaunchConfig_t cfg = {};
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 1;
-    attr[0].val.clusterDim.y = p.n_ks;
-    attr[0].val.clusterDim.z = 1;
-    cfg.gridDim = dim3(blocks, p.n_ks);
-    cfg.blockDim = dim3(C::THREADS);
-    cfg.dynamicSmemBytes = smem;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    const ClusterLaunch launch(blocks, p.n_ks, C::THREADS, smem, nullptr);
     int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.cfg) != cudaSuccess) {
       cudaGetLastError();  // not launchable as a cluster: keep the workspace
       return AWQ_OK;
     }
@@ -463,7 +480,7 @@ int plan_cfg(const FoldArgs& a, int dtype, int cfg, Plan& p) {
   static int reg_occ[64][kNumCfg][2][2];  // blocks per SM allowed by registers: (device, config, dtype, multi)
   int& occ = reg_occ[d->dev & 63][cfg][dtype == AWQ_DTYPE_BF16][multi];
   if (occ == 0) {
-    auto kernel = multi ? gemv_fold_kernel<T, C, true> : gemv_fold_kernel<T, C, false>;
+    auto kernel = kernel_for<T, C>(multi);
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, d->smem_optin) != cudaSuccess ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, C::THREADS, 0) != cudaSuccess)
       return check_launch("gemv_fold setup");
@@ -500,30 +517,13 @@ int64_t ws_need(const FoldArgs& a, const Plan& p) {
 
 template <typename T, class C>
 void launch_cfg(const FoldArgs& a, const Plan& p, cudaStream_t stream) {
-  const dim3 grid(p.blocks, p.n_ks);
+  auto kernel = kernel_for<T, C>(a.nseg > 1);
   if (p.cluster) {
-    cudaLaunchConfig_t cfg = {};
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 1;
-    attr[0].val.clusterDim.y = p.n_ks;
-    attr[0].val.clusterDim.z = 1;
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(C::THREADS);
-    cfg.dynamicSmemBytes = p.smem;
-    cfg.stream = stream;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    if (a.nseg > 1)
-      cudaLaunchKernelEx(&cfg, gemv_fold_kernel<T, C, true>, a);
-    else
-      cudaLaunchKernelEx(&cfg, gemv_fold_kernel<T, C, false>, a);
-    return;
+    const ClusterLaunch launch(p.blocks, p.n_ks, C::THREADS, p.smem, stream);
+    cudaLaunchKernelEx(&launch.cfg, kernel, a);
+  } else {
+    kernel<<<dim3(p.blocks, p.n_ks), C::THREADS, p.smem, stream>>>(a);
   }
-  if (a.nseg > 1)
-    gemv_fold_kernel<T, C, true><<<grid, C::THREADS, p.smem, stream>>>(a);
-  else
-    gemv_fold_kernel<T, C, false><<<grid, C::THREADS, p.smem, stream>>>(a);
 }
 
 template <typename T>
