@@ -29,14 +29,14 @@ import torch
 import torch.nn.functional as F
 import torch.utils.weak
 
-from .ops import check_int4_linear_args, check_int4_linear_multi_args
+from .ops import check_int4_linear_args, check_int4_linear_glu_args, check_int4_linear_multi_args
 
 __all__ = ["library_path", "load_library", "available", "gemm_mma", "gemm_pc", "gemm_simt", "gemm_simt_multi", "gemm_tc",
            "dequantize_cuda", "int4_linear_cuda", "int4_linear_multi_cuda", "mma_max_m", "pc_max_m", "simt_max_m",
            "tc_max_m", "use_fold", "gemm_fold", "gemm_sm90", "sm90_config", "sm90_operands", "sm90_pick", "sm90_splits", "ENV_VAR"]
 
 ENV_VAR = "AWQ_COMPILE_CUDA_LIB"
-_ABI_VERSION = 7
+_ABI_VERSION = 8
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 
 # Largest M served by the weight-streaming kernel; above it, dequantize + cuBLAS. Measured on an
@@ -214,6 +214,10 @@ def load_library() -> ctypes.CDLL | None:
     lib.awq_int4_gemm_fold.restype = i32
     lib.awq_int4_gemm_fold_workspace.argtypes = [i32, p, i64, i64, i64, i32, i32]
     lib.awq_int4_gemm_fold_workspace.restype = i64
+    lib.awq_int4_gemm_fold_glu.argtypes = [p, p, p, p, p, p, i64, p, i64, i64, i64, i64, i32, i32, p]
+    lib.awq_int4_gemm_fold_glu.restype = i32
+    lib.awq_int4_gemm_fold_glu_workspace.argtypes = [i64, i64, i64, i64, i32, i32]
+    lib.awq_int4_gemm_fold_glu_workspace.restype = i64
     lib.awq_int4_gemm_tc.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i32, i32, p]
     lib.awq_int4_gemm_tc.restype = i32
     lib.awq_int4_tc_max_m.restype = i64
@@ -572,6 +576,55 @@ def int4_linear_multi_cuda(x, qweights, scales, zeros, group_size, biases) -> li
             for args in zip(qweights, scales, zeros, biases)]
 
 
+@functools.lru_cache(maxsize=256)
+def _glu_workspace_floats(device: int, n, m, k, kp, g, dtype: int, env: tuple) -> int:
+    """Floats of split-K workspace awq_int4_gemm_fold_glu asks for (env: as _multi_workspace_floats')."""
+    with torch.cuda.device(device):
+        need = load_library().awq_int4_gemm_fold_glu_workspace(n, m, k, kp, g, dtype)
+    if need < 0:
+        _check(1)
+    return need
+
+
+def gemm_fold_glu(x2d, qweights, scales, zeros, group_size, biases, out) -> torch.Tensor:
+    """out[M, N] = silu(x2d @ Wg^T + bg) * (x2d @ Wu^T + bu) in one launch of the folded decode
+    kernel (M <= 8, group size 128); qweights, scales, zeros, biases: [gate, up]. Each linear is
+    rounded to x's dtype first, the product made in fp32 and rounded once (as inductor's fused
+    elementwise kernel makes it from the two outputs)."""
+    if len(qweights) != 2 or qweights[0].shape != qweights[1].shape:
+        raise ValueError(f"gemm_fold_glu: needs a gate and an up weight of one shape, got "
+                         f"{[tuple(q.shape) for q in qweights]}")
+    ptrs, (m, k, kp) = _multi_arrays("gemm_fold_glu", x2d, qweights, scales, zeros, biases, [out, out])
+    dev = x2d.device
+    dt = _DTYPES[x2d.dtype]
+    n = out.shape[1]
+    need = _glu_workspace_floats(dev.index, n, m, k, kp, group_size, dt,
+                                 tuple(os.environ.get(v) for v in ("AWQ_FOLD_CFG", "AWQ_FOLD_KS", "AWQ_FOLD_FILL",
+                                                                   "AWQ_FOLD_CLUSTER")))
+    ws = torch.empty(need, dtype=torch.float32, device=dev) if need > 0 else None
+    _check(load_library().awq_int4_gemm_fold_glu(
+        x2d.data_ptr(), *ptrs[:4], out.data_ptr(), n, None if ws is None else ws.data_ptr(),
+        0 if ws is None else ws.numel(), m, k, kp, group_size, dt, _raw_stream(dev)))
+    return out
+
+
+def int4_linear_glu_cuda(x, qweights, scales, zeros, group_size, biases) -> torch.Tensor:
+    """The CUDA implementation of awq::int4_linear_glu: one launch of the folded GEMV's pair mode
+    where use_fold says (for both weights' rows together), else int4_linear_multi_cuda and the
+    product made in fp32 and rounded once, as the kernel makes it."""
+    n, k = check_int4_linear_glu_args(x, qweights, scales, zeros, group_size, biases)
+    m = x.numel() // k
+    if m > 0 and x.device.index == torch.cuda.current_device() and use_fold(m, 2 * n, k, group_size):
+        for args in zip(qweights, scales, zeros, biases):
+            _check_cuda_tensors(x, *args)
+        x2d = x.reshape(-1, k).contiguous()
+        y = gemm_fold_glu(x2d, list(qweights), list(scales), list(zeros), group_size, list(biases),
+                          x2d.new_empty((m, n)))
+        return y.reshape(*x.shape[:-1], n)
+    gate, up = int4_linear_multi_cuda(x, qweights, scales, zeros, group_size, biases)
+    return (F.silu(gate.float()) * up.float()).to(x.dtype)
+
+
 _IMPL: torch.library.Library | None = None
 
 
@@ -588,6 +641,8 @@ def _register() -> bool:
     _IMPL.impl("int4_linear", int4_linear_cuda, "CUDA")
     if hasattr(torch.ops.awq, "int4_linear_multi"):
         _IMPL.impl("int4_linear_multi", int4_linear_multi_cuda, "CUDA")
+    if hasattr(torch.ops.awq, "int4_linear_glu"):
+        _IMPL.impl("int4_linear_glu", int4_linear_glu_cuda, "CUDA")
     return True
 
 

@@ -14,13 +14,15 @@ works without importing awq_compile. Per graph dynamo hands over, the backend
    an `Int4Linear` call whose op has a fake kernel, so it causes no graph break;
 5. fuses the INT4 linears that read one input (q/k/v, gate/up) into one
    `awq::int4_linear_multi` call each (`passes.fuse_sibling_linears`; `options={"fuse_siblings":
-   False}` keeps them apart);
+   False}` keeps them apart); before that, a SwiGLU MLP's gate and up projections and
+   `silu(gate) * up` become one `awq::int4_linear_glu` call (`passes.fuse_gated_mlp`;
+   `options={"fuse_activation": False}` leaves them);
 6. compiles the result with inductor (`mode` passed on: "reduce-overhead" is CUDA graphs), or
    runs it eagerly with `options={"inductor": False}`.
 
 `torch._dynamo.utils.counters["awq"]` counts what happened: "quantize" (AWQ searches run),
 "calibration_graphs", "serve_graphs" (graphs compiled for serving), "linears_swapped",
-"siblings_fused" (int4_linear_multi calls made).
+"siblings_fused" (int4_linear_multi calls made), "mlps_fused" (int4_linear_glu calls made).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ _OWN = {
     "inductor": "True (default): compile with inductor after the rewrite; False: run eagerly",
     "fuse_siblings": "True (default): one awq::int4_linear_multi call for the INT4 linears that "
                      "read the same input (q/k/v, gate/up); False: one int4_linear call each",
+    "fuse_activation": "True (default): a SwiGLU MLP's gate and up projections and silu(gate) * up "
+                       "in one awq::int4_linear_glu call; False: left as they are",
     "mode": "inductor's mode, e.g. 'reduce-overhead' (CUDA graphs): torch.compile refuses "
             "mode= together with options=",
 }
@@ -68,6 +72,7 @@ class BackendOptions:
     inductor: bool = True
     mode: str | None = None
     fuse_siblings: bool = True
+    fuse_activation: bool = True
 
 
 def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
@@ -90,7 +95,8 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
         )
     fields = {k: v for k, v in options.items() if k in _CONFIG_FIELDS}
     inductor, fuse = options.get("inductor", True), options.get("fuse_siblings", True)
-    for key, value in (("inductor", inductor), ("fuse_siblings", fuse)):
+    fuse_act = options.get("fuse_activation", True)
+    for key, value in (("inductor", inductor), ("fuse_siblings", fuse), ("fuse_activation", fuse_act)):
         if not isinstance(value, bool):
             raise ValueError(f"awq backend: option {key}={value!r} must be True or False")
     checkpoint = options.get("checkpoint")
@@ -106,7 +112,7 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
     if mode is not None:
         _mode_patches(mode)  # raises for an unknown mode
     return BackendOptions(_config(options, fields),
-                          None if checkpoint is None else Path(checkpoint), inductor, mode, fuse)
+                          None if checkpoint is None else Path(checkpoint), inductor, mode, fuse, fuse_act)
 
 
 def _config(options: Mapping[str, Any], fields: dict[str, Any]) -> AWQConfig:
@@ -157,7 +163,7 @@ def awq_backend(
         return state.active.graph(gm, example_inputs, opts.config, code)
     plan = _checkpoint_plan(state, opts.checkpoint) if opts.checkpoint else None
     return serve_graph(state, gm, example_inputs, opts.inductor, patches, plan, opts.config,
-                       fuse_siblings=opts.fuse_siblings)
+                       fuse_siblings=opts.fuse_siblings, fuse_activation=opts.fuse_activation)
 
 
 def serve_graph(
@@ -169,9 +175,10 @@ def serve_graph(
     plan: ServePlan | None = None,
     config: AWQConfig | None = None,
     fuse_siblings: bool = True,
+    fuse_activation: bool = True,
 ):
-    """Rewrite `gm` with the model's quantization (or `plan`), fuse sibling INT4 linears and
-    compile it."""
+    """Rewrite `gm` with the model's quantization (or `plan`), fuse gated MLPs and sibling INT4
+    linears, and compile it."""
     plan = plan or (state.plan if state is not None else None)
     names = TensorNames(state.root) if state is not None else None
     if plan is not None:
@@ -193,6 +200,10 @@ def serve_graph(
             "or serve a saved quantization with options={'checkpoint': path}"
         )
     warn_unplanned(left, plan.source if plan is not None else "")
+    if fuse_activation:
+        from . import passes
+
+        torch._dynamo.utils.counters["awq"]["mlps_fused"] += passes.fuse_gated_mlp(gm)
     if fuse_siblings:
         torch._dynamo.utils.counters["awq"]["siblings_fused"] += _fuse_siblings(gm)
     torch._dynamo.utils.counters["awq"]["serve_graphs"] += 1

@@ -1,14 +1,20 @@
-"""The custom ops `awq::int4_linear` and `awq::int4_linear_multi` (torch.library): schema,
-reference impl, fake impl.
+"""The custom ops `awq::int4_linear`, `awq::int4_linear_multi` and `awq::int4_linear_glu`
+(torch.library): schema, reference impl, fake impl.
 
     y = x @ dequantize(qweight, scales, zeros)[:, :K].T + bias,   K = x.shape[-1]
     ys = [int4_linear(x, qweights[i], scales[i], zeros[i], group_size, biases[i]) for i]
+    h = silu(gate) * up,   gate, up = int4_linear_multi(x, [Wg, Wu], ...)
 
 with the NK_U8 layout of awq_compile.quant (docs/format.md). The reference implementation
 dequantizes per call and runs on any device; `awq_compile._cuda` registers the CUDA kernels over
 it when the compiled extension is available. `int4_linear_multi` is the horizontal fusion of
 up to `MAX_SEGMENTS` linears reading one activation (q/k/v, gate/up), the op the pass
-`fuse_sibling_linears` puts in their place: one launch instead of several.
+`fuse_sibling_linears` puts in their place: one launch instead of several. `int4_linear_glu` is
+a gated MLP's gate and up projections with their activation (SwiGLU: Llama, Mistral, Qwen), the
+op the pass `fuse_gated_mlp` puts in place of `silu(gate(x)) * up(x)`: the CUDA decode kernel
+computes both projections in one launch and writes only the product. Its reference makes the
+product in x's dtype, as the unfused graph does eagerly; the CUDA kernels make it in fp32 from
+the two rounded outputs and round once, as inductor's fused elementwise kernel does.
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ import torch.nn.functional as F
 
 from .quant import dequantize
 
-__all__ = ["int4_linear", "int4_linear_multi", "check_int4_linear_args",
-           "check_int4_linear_multi_args", "MAX_SEGMENTS"]
+__all__ = ["int4_linear", "int4_linear_multi", "int4_linear_glu", "check_int4_linear_args",
+           "check_int4_linear_multi_args", "check_int4_linear_glu_args", "MAX_SEGMENTS"]
 
 MAX_SEGMENTS = 4
 """Most linears one `int4_linear_multi` call takes: q/k/v and gate/up need 3 and 2."""
@@ -147,3 +153,51 @@ def int4_linear_multi(
 def _(x, qweights, scales, zeros, group_size, biases):
     ns = check_int4_linear_multi_args(x, qweights, scales, zeros, group_size, biases)
     return [x.new_empty((*x.shape[:-1], n)) for n in ns]
+
+
+def check_int4_linear_glu_args(
+    x: torch.Tensor,
+    qweights: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor],
+    zeros: Sequence[torch.Tensor],
+    group_size: int,
+    biases: Sequence[torch.Tensor | None],
+) -> tuple[int, int]:
+    """Validate `int4_linear_glu`'s arguments; returns (N, K): two segments (gate, up) as
+    `int4_linear_multi` takes them, both of N rows."""
+    if len(qweights) != 2:
+        raise ValueError(
+            f"awq::int4_linear_glu: takes 2 weights (gate, up), got {len(qweights)} (x {tuple(x.shape)})"
+        )
+    try:
+        ns = check_int4_linear_multi_args(x, qweights, scales, zeros, group_size, biases)
+    except ValueError as e:
+        raise ValueError(f"awq::int4_linear_glu: {e}") from None
+    if ns[0] != ns[1]:
+        raise ValueError(
+            f"awq::int4_linear_glu: gate and up must have the same rows, got qweights "
+            f"{[tuple(q.shape) for q in qweights]}"
+        )
+    return ns[0], x.shape[-1]
+
+
+@torch.library.custom_op("awq::int4_linear_glu", mutates_args=())
+def int4_linear_glu(
+    x: torch.Tensor,
+    qweights: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor],
+    zeros: Sequence[torch.Tensor],
+    group_size: int,
+    biases: Sequence[torch.Tensor | None],
+) -> torch.Tensor:
+    """`silu(gate) * up` of `gate, up = int4_linear_multi(x, ...)`, the product in x's dtype (see
+    the module docstring for the CUDA kernels' rounding)."""
+    check_int4_linear_glu_args(x, qweights, scales, zeros, group_size, biases)
+    gate, up = torch.ops.awq.int4_linear_multi.default(x, qweights, scales, zeros, group_size, biases)
+    return F.silu(gate) * up
+
+
+@int4_linear_glu.register_fake
+def _(x, qweights, scales, zeros, group_size, biases):
+    n, _ = check_int4_linear_glu_args(x, qweights, scales, zeros, group_size, biases)
+    return x.new_empty((*x.shape[:-1], n))

@@ -80,6 +80,17 @@ int awq_int4_gemm_fold(const void* x, int nseg, const uint8_t* const* qweights, 
                        const int64_t* Ns, float* workspace, int64_t workspace_floats, int64_t M,
                        int64_t K, int64_t Kp, int group_size, int dtype, void* stream);
 
+// y = silu(x @ Wg^T + bg) * (x @ Wu^T + bu) for a gated MLP's gate and up weights (qweights[0],
+// qweights[1], both N rows; arrays of 2 as in awq_int4_gemm_fold), in one launch of the folded
+// decode kernel: a tile is 8 rows of each, and each linear's result is rounded to x's type before
+// the product is made in fp32 and rounded once. M <= 8, group size 128. Workspace as in
+// awq_int4_gemm_fold, its size from awq_int4_gemm_fold_glu_workspace (-1 for bad sizes).
+int64_t awq_int4_gemm_fold_glu_workspace(int64_t N, int64_t M, int64_t K, int64_t Kp, int group_size, int dtype);
+int awq_int4_gemm_fold_glu(const void* x, const uint8_t* const* qweights, const void* const* scales,
+                           const uint8_t* const* zeros, const void* const* biases, void* y, int64_t N, float* workspace,
+                           int64_t workspace_floats, int64_t M, int64_t K, int64_t Kp, int group_size, int dtype,
+                           void* stream);
+
 // Largest M the register-streaming tensor-core decode kernel accepts (int4_gemv_tc.cu): 8.
 int64_t awq_int4_tc_max_m(void);
 

@@ -94,6 +94,14 @@ template <> struct Half2Traits<__half> {
   static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 };
 
+// silu(g) * u of one activation in fp32, rounded once to T, as a fused elementwise kernel makes
+// it (the folded GEMV's pair mode: a gated MLP's gate and up projections in one launch).
+template <typename T>
+__device__ __forceinline__ T silu_mul(T g, T u) {
+  const float a = Half2Traits<T>::to_float(g);
+  return Half2Traits<T>::from_float(a / (1.f + expf(-a)) * Half2Traits<T>::to_float(u));
+}
+
 // (a & b) | c in one instruction; the LUT byte is (0xF0 & 0xCC) | 0xAA.
 __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
   uint32_t r;

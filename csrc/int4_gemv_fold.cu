@@ -87,6 +87,7 @@ struct FoldArgs {
   // adds the others' through distributed shared memory. Else partials go to ws and fold_finalize.
   bool cluster;
   int iters;
+  int mode;  // kSingle, kMulti or kPair (below)
 };
 
 // The 16-byte slot of word j in chunk (4 * group + t) of token g: XOR-swizzled so that the 8
@@ -156,31 +157,45 @@ struct Rows {
   const uint8_t* qweight;
   const uint16_t* scales;
   const uint8_t* zeros;
+  // Pair mode (kPair): the tile's rows 8-15 (copies i = 2, 3 and computed row g + 8) come from the
+  // second weight, the up projection, at the same row numbers as rows 0-7 of the first.
+  const uint8_t* qweight_hi;
+  const uint16_t* scales_hi;
+  const uint8_t* zeros_hi;
   uint32_t cw[4];
   uint32_t g0, g1;
 };
+
+// What a launch's tiles are: rows of one weight (kSingle), of up to 4 weights numbered one after
+// another (kMulti), or 8 rows of a gate weight over the same 8 rows of an up weight (kPair), whose
+// results leave as silu(gate) * up (awq_int4_gemm_fold_glu).
+constexpr int kSingle = 0, kMulti = 1, kPair = 2;
 
 // Requests the stage of groups first, first + 1 (clamped to the slice's last group) into `ring`
 // (one stage of this warp), and its scales and zeros into st. Lane (rr, cc) = (lane / 8, lane % 8)
 // copies 16-byte piece cc of rows 4i + rr: each instruction moves 4 rows x 128 contiguous bytes.
 // Odd rows store their pieces swapped by halves (cc ^ 4), so that the fragment reads (8 lanes:
 // rows 2p and 2p + 1, 4 pieces each) hit distinct banks.
+template <bool PAIR>
 __device__ __forceinline__ void issue(Stage& st, uint8_t* ring, const Rows& r, int first, int last, int lane) {
   const int rr = lane >> 3, cc = lane & 7;
   const uint32_t off = (uint32_t)min(first + (cc >> 2), last) * 64 + (cc & 3) * 16;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int row = 4 * i + rr;
-    cp_async16(ring + row * kRowBytes + ((cc ^ ((row & 1) << 2)) * 16), r.qweight + (r.cw[i] + off));
+    const uint8_t* base = PAIR && i >= 2 ? r.qweight_hi : r.qweight;
+    cp_async16(ring + row * kRowBytes + ((cc ^ ((row & 1) << 2)) * 16), base + (r.cw[i] + off));
   }
   cp_async_commit();
+  const uint16_t* scales_hi = PAIR ? r.scales_hi : r.scales;
+  const uint8_t* zeros_hi = PAIR ? r.zeros_hi : r.zeros;
 #pragma unroll
   for (int u = 0; u < kU; ++u) {
     const uint32_t gi = min(first + u, last);
     st.s0[u] = __ldg(r.scales + (r.g0 + gi));
-    st.s1[u] = __ldg(r.scales + (r.g1 + gi));
+    st.s1[u] = __ldg(scales_hi + (r.g1 + gi));
     st.z0[u] = __ldg(r.zeros + (r.g0 + gi));
-    st.z1[u] = __ldg(r.zeros + (r.g1 + gi));
+    st.z1[u] = __ldg(zeros_hi + (r.g1 + gi));
   }
 }
 
@@ -218,10 +233,44 @@ __device__ __forceinline__ void group_step(float (&acc)[4], const uint4& w0, con
   acc[3] = fmaf(s1, fmaf(-z1, sxb, c[0][3] + c[1][3]), acc[3]);
 }
 
+// One output of pair mode: silu(gate) * up of token m, row `row`, from the fp32 sums of the two
+// rows; each is rounded to T (with its bias) first, as the two linears' outputs would be, then
+// the product made in fp32 and rounded once (int4_common.cuh, silu_mul).
+template <typename T>
+__device__ __forceinline__ void store_pair(const FoldArgs& a, int m, int row, float gate, float up) {
+  const Int4Seg& lo = a.seg[0];
+  const Int4Seg& hi = a.seg[1];
+  if (lo.bias) gate += Half2Traits<T>::to_float(static_cast<const T*>(lo.bias)[row]);
+  if (hi.bias) up += Half2Traits<T>::to_float(static_cast<const T*>(hi.bias)[row]);
+  static_cast<T*>(lo.y)[(size_t)m * lo.N + row] =
+      silu_mul<T>(Half2Traits<T>::from_float(gate), Half2Traits<T>::from_float(up));
+}
+
+// A lane's 4 results of a tile, K summed (v: rows g, g + 8 x tokens 2t, 2t + 1), + bias, to y.
+template <typename T, int MODE>
+__device__ __forceinline__ void store_tile(const FoldArgs& a, int tile, int g, int t, const float (&v)[4]) {
+  if (MODE == kPair) {
+    const int row = tile * 8 + g;
+    if (row >= a.seg[0].N) return;
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+      if (2 * t + e < a.M) store_pair<T>(a, 2 * t + e, row, v[e], v[2 + e]);
+    return;
+  }
+  const Int4Seg& sg = a.seg[MODE == kMulti ? seg_of(a.seg, a.nseg, tile) : 0];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int tok = 2 * t + (e & 1), row = (tile - sg.tile0) * kTileRows + g + (e >> 1) * 8;
+    if (tok >= a.M || row >= sg.N) continue;
+    const float b = sg.bias ? Half2Traits<T>::to_float(static_cast<const T*>(sg.bias)[row]) : 0.f;
+    static_cast<T*>(sg.y)[(size_t)tok * sg.N + row] = Half2Traits<T>::from_float(v[e] + b);
+  }
+}
+
 // The cluster's K slices summed (FoldArgs::cluster): once every block of the cluster has its
 // partials in shared memory, block 0 (slice 0) adds slice 1, 2, ... in order, + bias, as
 // fold_finalize would (bit for bit), and writes y; the others wait until it has read them.
-template <typename T>
+template <typename T, int MODE>
 __device__ __forceinline__ void cluster_sum(const FoldArgs& a, const float4* part, int tile0, int stride, int g,
                                             int t) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -235,14 +284,7 @@ __device__ __forceinline__ void cluster_sum(const FoldArgs& a, const float4* par
         const float4 q = ld_cluster_f4(map_rank(local + it * 32 * sizeof(float4), r));
         v[0] += q.x; v[1] += q.y; v[2] += q.z; v[3] += q.w;
       }
-      const Int4Seg& sg = a.seg[seg_of(a.seg, a.nseg, tile)];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int tok = 2 * t + (e & 1), row = (tile - sg.tile0) * kTileRows + g + (e >> 1) * 8;
-        if (tok >= a.M || row >= sg.N) continue;
-        const float b = sg.bias ? Half2Traits<T>::to_float(static_cast<const T*>(sg.bias)[row]) : 0.f;
-        static_cast<T*>(sg.y)[(size_t)tok * sg.N + row] = Half2Traits<T>::from_float(v[e] + b);
-      }
+      store_tile<T, MODE>(a, tile, g, t, v);
     }
   }
   cluster_sync();
@@ -251,7 +293,7 @@ __device__ __forceinline__ void cluster_sum(const FoldArgs& a, const float4* par
 #endif
 }
 
-template <typename T, class C, bool MULTI>
+template <typename T, class C, int MODE>
 __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const FoldArgs a) {
   constexpr int P = C::P;
   extern __shared__ float4 smem4[];
@@ -267,13 +309,28 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const Fo
   // than whole SMs idle (packed 16 warps a block, 7B's q/k/v, 768 tiles in 2 K slices, would be
   // 96 blocks for an H100's 132 SMs).
   int tile = blockIdx.x + warp * gridDim.x;
-  auto seg = [&](int tl) { return MULTI ? seg_of(a.seg, a.nseg, tl) : 0; };
+  auto seg = [&](int tl) { return MODE == kMulti ? seg_of(a.seg, a.nseg, tl) : 0; };
 
   const int nst = (ngs + kU - 1) / kU, last = gs0 + ngs - 1;  // stages of the slice, its last group
   uint8_t* wring = xs + (xbytes + (size_t)a.M * a.gps * sizeof(float) + 15) / 16 * 16 +
                    (size_t)warp * P * kStageBytes;
   Rows rows;
   auto set_rows = [&](int tl) {
+    if (MODE == kPair) {  // rows 0-7: the gate weight's rows 8 tl .. 8 tl + 7; rows 8-15: the up weight's
+      const Int4Seg& lo = a.seg[0];
+      const Int4Seg& hi = a.seg[1];
+      rows.qweight = lo.qweight;
+      rows.scales = static_cast<const uint16_t*>(lo.scales);
+      rows.zeros = lo.zeros;
+      rows.qweight_hi = hi.qweight;
+      rows.scales_hi = static_cast<const uint16_t*>(hi.scales);
+      rows.zeros_hi = hi.zeros;
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        rows.cw[i] = (uint32_t)min(tl * 8 + ((4 * i + (lane >> 3)) & 7), lo.N - 1) * (uint32_t)(a.Kp / 2);
+      rows.g0 = rows.g1 = (uint32_t)min(tl * 8 + g, lo.N - 1) * (uint32_t)a.groups;
+      return;
+    }
     const Int4Seg& sg = a.seg[seg(tl)];
     rows.qweight = sg.qweight;
     rows.scales = static_cast<const uint16_t*>(sg.scales);
@@ -292,7 +349,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const Fo
   // Every stage commits one cp.async group (possibly empty), so "stage q has landed" is
   // cp.async.wait_group(P - 1) once the P - 1 stages after it are requested.
   auto request = [&](int q, int slot) {
-    if (q < nst) issue(ring[slot], wring + slot * kStageBytes, rows, gs0 + q * kU, last, lane);
+    if (q < nst) issue<MODE == kPair>(ring[slot], wring + slot * kStageBytes, rows, gs0 + q * kU, last, lane);
     else cp_async_commit();
   };
   auto prime = [&](int tl) {  // a tile's first P - 1 stages
@@ -337,35 +394,45 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const Fo
         }
       }
     }
-    const int sg_i = seg(tile), next = tile + slice_warps;
+    const int next = tile + slice_warps;
     cp_async_wait<0>();  // drain (the empty groups of stages past the end)
     __syncwarp();  // every lane done reading the ring before the next tile's copies
     if (next < a.tiles) prime(next);  // next tile's loads before this tile's stores
     if (a.cluster) {
       part[it * 32] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-      continue;
-    }
-    const Int4Seg& sg = a.seg[sg_i];
+    } else if (a.n_ks == 1) {
+      store_tile<T, MODE>(a, tile, g, t, acc);
+    } else {  // workspace rows are tile rows (16 a tile) in every mode; rows past N are never read
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int tok = 2 * t + (e & 1), trow = g + (e >> 1) * 8;
-      const int row = (tile - sg.tile0) * kTileRows + trow;
-      if (tok >= a.M || row >= sg.N) continue;
-      if (a.n_ks == 1) {
-        const float b = sg.bias ? Half2Traits<T>::to_float(static_cast<const T*>(sg.bias)[row]) : 0.f;
-        static_cast<T*>(sg.y)[(size_t)tok * sg.N + row] = Half2Traits<T>::from_float(acc[e] + b);
-      } else {
-        a.ws[((size_t)ks * a.M + tok) * a.ws_rows + tile * kTileRows + trow] = acc[e];
+      for (int e = 0; e < 4; ++e) {
+        const int tok = 2 * t + (e & 1), trow = g + (e >> 1) * 8;
+        if (tok < a.M) a.ws[((size_t)ks * a.M + tok) * a.ws_rows + tile * kTileRows + trow] = acc[e];
       }
     }
   }
-  if (a.cluster) cluster_sum<T>(a, part, blockIdx.x + warp * gridDim.x, slice_warps, g, t);
+  if (a.cluster) cluster_sum<T, MODE>(a, part, blockIdx.x + warp * gridDim.x, slice_warps, g, t);
 }
 
 // y = the slices' partials summed in slice order + bias, rounded to T (int4_common.cuh).
 template <typename T>
 __global__ void fold_finalize(const FoldArgs a) {
   sum_slices<T, kTileRows>(a.seg, a.nseg, a.ws, a.ws_rows, a.M, a.n_ks);
+}
+
+// Pair mode: silu(gate) * up from the slices' partials, each of the two summed in slice order.
+template <typename T>
+__global__ void fold_pair_finalize(const FoldArgs a) {
+  const int m = blockIdx.y, n = a.seg[0].N;
+  const size_t slice = (size_t)a.M * a.ws_rows;
+  for (int row = blockIdx.x * blockDim.x + threadIdx.x; row < n; row += gridDim.x * blockDim.x) {
+    const float* p = a.ws + (size_t)m * a.ws_rows + (row / 8) * kTileRows + row % 8;
+    float gate = 0.f, up = 0.f;
+    for (int k = 0; k < a.n_ks; ++k) {
+      gate += p[k * slice];
+      up += p[k * slice + 8];
+    }
+    store_pair<T>(a, m, row, gate, up);
+  }
 }
 
 struct Plan {
@@ -383,9 +450,13 @@ struct Plan {
 template <class C>
 Plan make_plan(const FoldArgs& a, const DeviceSmem& d, int reg_occ) {
   Plan p;
-  for (int i = 0; i < a.nseg; ++i) {
-    p.tile0[i] = p.tiles;
-    p.tiles += (a.seg[i].N + kTileRows - 1) / kTileRows;
+  if (a.mode == kPair) {
+    p.tiles = (a.seg[0].N + 7) / 8;  // 8 rows of each weight a tile
+  } else {
+    for (int i = 0; i < a.nseg; ++i) {
+      p.tile0[i] = p.tiles;
+      p.tiles += (a.seg[i].N + kTileRows - 1) / kTileRows;
+    }
   }
   const size_t per_group = (size_t)a.M * (kXGroupBytes + sizeof(float));
   const long long avail = std::min<long long>(d.smem_optin, d.smem_sm / C::MINB - d.smem_reserved);
@@ -413,10 +484,11 @@ Plan make_plan(const FoldArgs& a, const DeviceSmem& d, int reg_occ) {
   return p;
 }
 
-// The kernel for one weight or several.
+// The kernel for a mode: one weight, several, or a gate/up pair.
 template <typename T, class C>
-auto kernel_for(bool multi) {
-  return multi ? gemv_fold_kernel<T, C, true> : gemv_fold_kernel<T, C, false>;
+auto kernel_for(int mode) {
+  return mode == kPair ? gemv_fold_kernel<T, C, kPair>
+                       : mode == kMulti ? gemv_fold_kernel<T, C, kMulti> : gemv_fold_kernel<T, C, kSingle>;
 }
 
 // The launch configuration of a grid (blocks, n_ks) whose n_ks K slices of a block column form
@@ -440,14 +512,15 @@ struct ClusterLaunch {
   ClusterLaunch& operator=(const ClusterLaunch&) = delete;
 };
 
+
 // Sums the K slices in a cluster (sm_90, 2..8 slices) where the partials fit in shared memory
 // beside x and the ring without costing a block a SM, with only as many blocks a slice as
 // clusters fit at once. $AWQ_FOLD_CLUSTER=0 keeps the workspace and fold_finalize (experiments).
 template <typename T, class C>
-int plan_cluster(Plan& p, const DeviceSmem& d, bool multi) {
+int plan_cluster(Plan& p, const DeviceSmem& d, int mode) {
   const char* env = getenv("AWQ_FOLD_CLUSTER");
   if (d.major < 9 || p.n_ks < 2 || p.n_ks > 8 || (env && *env && atoi(env) == 0)) return AWQ_OK;
-  auto kernel = kernel_for<T, C>(multi);
+  auto kernel = kernel_for<T, C>(mode);
   int blocks = p.blocks;
   for (int pass = 0; pass < 2; ++pass) {
     const int iters = (p.tiles + blocks * C::W - 1) / (blocks * C::W);
@@ -476,11 +549,10 @@ template <typename T, class C>
 int plan_cfg(const FoldArgs& a, int dtype, int cfg, Plan& p) {
   const DeviceSmem* d = nullptr;
   if (int e = device_smem(d)) return e;
-  const bool multi = a.nseg > 1;
-  static int reg_occ[64][kNumCfg][2][2];  // blocks per SM allowed by registers: (device, config, dtype, multi)
-  int& occ = reg_occ[d->dev & 63][cfg][dtype == AWQ_DTYPE_BF16][multi];
+  static int reg_occ[64][kNumCfg][2][3];  // blocks per SM allowed by registers: (device, config, dtype, mode)
+  int& occ = reg_occ[d->dev & 63][cfg][dtype == AWQ_DTYPE_BF16][a.mode];
   if (occ == 0) {
-    auto kernel = kernel_for<T, C>(multi);
+    auto kernel = kernel_for<T, C>(a.mode);
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, d->smem_optin) != cudaSuccess ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, C::THREADS, 0) != cudaSuccess)
       return check_launch("gemv_fold setup");
@@ -490,7 +562,7 @@ int plan_cfg(const FoldArgs& a, int dtype, int cfg, Plan& p) {
   if (p.n_ks == 0)
     return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold: M=%d needs %d bytes of shared memory a group, the device grants %d",
                 a.M, (int)(a.M * (kXGroupBytes + 4)), d->smem_optin);
-  return plan_cluster<T, C>(p, *d, multi);
+  return plan_cluster<T, C>(p, *d, a.mode);
 }
 
 // The configuration: $AWQ_FOLD_CFG (experiments), else kDefaultCfg.
@@ -517,7 +589,7 @@ int64_t ws_need(const FoldArgs& a, const Plan& p) {
 
 template <typename T, class C>
 void launch_cfg(const FoldArgs& a, const Plan& p, cudaStream_t stream) {
-  auto kernel = kernel_for<T, C>(a.nseg > 1);
+  auto kernel = kernel_for<T, C>(a.mode);
   if (p.cluster) {
     const ClusterLaunch launch(p.blocks, p.n_ks, C::THREADS, p.smem, stream);
     cudaLaunchKernelEx(&launch.cfg, kernel, a);
@@ -547,7 +619,10 @@ int launch(FoldArgs a, int dtype, int64_t ws_floats, cudaStream_t stream) {
   if (int e = check_launch("gemv_fold_kernel")) return e;
   if (p.n_ks == 1 || p.cluster) return AWQ_OK;
   const int blocks = std::min((a.ws_rows + 255) / 256, 1024);
-  fold_finalize<T><<<dim3(blocks, a.M), 256, 0, stream>>>(a);
+  if (a.mode == kPair)
+    fold_pair_finalize<T><<<dim3(blocks, a.M), 256, 0, stream>>>(a);
+  else
+    fold_finalize<T><<<dim3(blocks, a.M), 256, 0, stream>>>(a);
   return check_launch("fold_finalize");
 }
 
@@ -559,6 +634,7 @@ int prepare(FoldArgs& a, int nseg, const int64_t* Ns, int64_t M, int64_t K, int6
   if (group_size != 128)
     return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold: group_size=%d; this kernel needs 128", group_size);
   a.nseg = nseg;
+  a.mode = nseg > 1 ? kMulti : kSingle;
   a.M = (int)M; a.K = (int)K; a.Kp = (int)Kp;
   a.groups = (int)(Kp / 128);
   return AWQ_OK;
@@ -589,6 +665,38 @@ extern "C" int awq_int4_gemm_fold(const void* x, int nseg, const uint8_t* const*
     return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold: null array argument");
   if (int e = prepare(a, nseg, Ns, M, K, Kp, group_size, dtype)) return e;
   if (int e = set_seg_pointers("awq_int4_gemm_fold", a.seg, nseg, x, qweights, scales, zeros, biases, ys)) return e;
+  a.x = x;
+  a.ws = ws;
+  a.x_vec = (K % 8 == 0) && (((uintptr_t)x & 15) == 0);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return dtype == AWQ_DTYPE_BF16 ? launch<__nv_bfloat16>(a, dtype, ws_floats, s) : launch<__half>(a, dtype, ws_floats, s);
+}
+
+extern "C" int64_t awq_int4_gemm_fold_glu_workspace(int64_t N, int64_t M, int64_t K, int64_t Kp, int group_size,
+                                                    int dtype) {
+  using namespace awq;
+  FoldArgs a{};
+  const int64_t Ns[2] = {N, N};
+  if (prepare(a, 2, Ns, M, K, Kp, group_size, dtype) != AWQ_OK) return -1;
+  a.mode = kPair;
+  Plan p;
+  const int e = dtype == AWQ_DTYPE_BF16 ? plan_for<__nv_bfloat16>(a, dtype, p) : plan_for<__half>(a, dtype, p);
+  return e == AWQ_OK ? ws_need(a, p) : -1;
+}
+
+extern "C" int awq_int4_gemm_fold_glu(const void* x, const uint8_t* const* qweights, const void* const* scales,
+                                      const uint8_t* const* zeros, const void* const* biases, void* y, int64_t N,
+                                      float* ws, int64_t ws_floats, int64_t M, int64_t K, int64_t Kp, int group_size,
+                                      int dtype, void* stream) {
+  using namespace awq;
+  FoldArgs a{};
+  if (!qweights || !scales || !zeros || !biases)
+    return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold_glu: null array argument");
+  const int64_t Ns[2] = {N, N};
+  void* const ys[2] = {y, y};
+  if (int e = prepare(a, 2, Ns, M, K, Kp, group_size, dtype)) return e;
+  if (int e = set_seg_pointers("awq_int4_gemm_fold_glu", a.seg, 2, x, qweights, scales, zeros, biases, ys)) return e;
+  a.mode = kPair;
   a.x = x;
   a.ws = ws;
   a.x_vec = (K % 8 == 0) && (((uintptr_t)x & 15) == 0);

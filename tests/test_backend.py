@@ -392,5 +392,6 @@ def test_cuda_reduce_overhead_real_architecture():
             if i == 0:
                 graphs = dict(counters["awq"]), counters["stats"]["unique_graphs"]
     assert graphs[0]["linears_swapped"] == 30 * 7
+    assert graphs[0]["mlps_fused"] == 30  # int4_linear_glu; at M > 8 the two linears, then the product
     assert (dict(counters["awq"]), counters["stats"]["unique_graphs"]) == graphs  # no recompile
     assert counters["inductor"]["cudagraph_skips"] == 0  # CUDA graphs ran, nothing fell back

@@ -318,6 +318,68 @@ def test_fold_cluster_sum_matches_finalize(ks, slices, monkeypatch):
             assert ((y1.double() - ref).norm() / ref.norm()).item() < 6e-3
 
 
+def _glu_ref(x, segs, dtype):
+    """silu(gate) * up as the unfused compiled graph makes it: each linear (float64, + bias)
+    rounded to dtype, the product in fp32, rounded once."""
+    import torch.nn.functional as F
+
+    k = x.shape[1]
+    g, u = ((x.double() @ dequantize(qw, s, z, 128, k, dtype=torch.float64).T + b.double()).to(dtype)
+            for qw, s, z, b in segs)
+    return (F.silu(g.float()) * u.float()).to(dtype).double()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("k,n", [(4096, 11008), (576, 1536), (573, 200), (1536, 40)],
+                         ids=["K4096xN11008", "K576xN1536", "K573xN200", "K1536xN40"])
+def test_fold_glu(k, n, dtype):
+    """The folded GEMV's pair mode (gate rows over up rows in one tile, silu(gate) * up written)
+    and awq::int4_linear_glu's dispatch (M > 8: the two linears, then the product), against
+    float64 linears rounded as the unfused graph rounds them; N not a multiple of 8 included."""
+    segs = [_random_weight(k, n, 128, dtype, seed=20 + i) for i in range(2)]
+    qws, ss, zs, bs = ([sg[i] for sg in segs] for i in range(4))
+    for m in (1, 2, 3, 8, 17):
+        x = torch.randn(m, k, device="cuda").to(dtype)
+        ref = _glu_ref(x, segs, dtype)
+        runs = {"op": lambda: torch.ops.awq.int4_linear_glu(x, qws, ss, zs, 128, bs)}
+        if m <= 8:
+            runs["kernel"] = lambda: cuda_mod.gemm_fold_glu(x, qws, ss, zs, 128, bs, x.new_full((m, n), float("nan")))
+        for name, run in runs.items():
+            y = run()
+            assert y.shape == (m, n) and torch.isfinite(y).all(), (name, m)
+            assert _rel_err(y, ref) < 2 * TOL[dtype], (name, m, _rel_err(y, ref))
+
+
+@pytest.mark.parametrize("ks", ["", "3", "12"])
+def test_fold_glu_k_split(ks, monkeypatch):
+    """Pair mode with K unsplit, summed in a cluster (3 slices) and in the workspace (12 slices,
+    or $AWQ_FOLD_CLUSTER=0): the cluster and workspace sums agree bit for bit; no bias."""
+    monkeypatch.setenv("AWQ_FOLD_KS", ks)
+    k, n = 2999, 300
+    segs = [_random_weight(k, n, 128, torch.bfloat16, seed=30 + i) for i in range(2)]
+    qws, ss, zs = ([sg[i] for sg in segs] for i in range(3))
+    for m in (1, 5, 8):
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        got = {}
+        for cl in ("0", "1"):
+            monkeypatch.setenv("AWQ_FOLD_CLUSTER", cl)
+            got[cl] = cuda_mod.gemm_fold_glu(x, qws, ss, zs, 128, [None, None], x.new_full((m, n), float("nan")))
+        assert torch.equal(got["0"], got["1"])
+        ref = _glu_ref(x, [(q, s, z, torch.zeros(n, device="cuda")) for q, s, z in zip(qws, ss, zs)], torch.bfloat16)
+        assert _rel_err(got["1"], ref) < 2 * TOL[torch.bfloat16]
+
+
+def test_fold_glu_opcheck_and_errors():
+    k, n = 576, 256
+    segs = [_random_weight(k, n, 128, torch.bfloat16, seed=40 + i) for i in range(2)]
+    qws, ss, zs, bs = ([sg[i] for sg in segs] for i in range(4))
+    for m in (1, 8, 100):
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        torch.library.opcheck(torch.ops.awq.int4_linear_glu.default, (x, qws, ss, zs, 128, bs))
+    with pytest.raises(ValueError, match="needs a gate and an up weight of one shape"):
+        cuda_mod.gemm_fold_glu(x[:2], qws[:1], ss[:1], zs[:1], 128, bs[:1], x.new_empty((2, n)))
+
+
 def test_simt_deterministic():
     """Split K is summed in a fixed order: two runs agree bit for bit."""
     k, n, g = 28672, 1024, 128

@@ -335,8 +335,8 @@ def tiny_llama():
 @pytest.mark.parametrize("inductor, fuse, atol", [(False, True, 0.0), (True, True, 1e-5),
                                                   (False, False, 0.0)])
 def test_backend_fuses_qkv_and_gate_up(tiny_llama, inductor, fuse, atol):
-    compiled = torch.compile(tiny_llama, backend="awq",
-                             options={"inductor": inductor, "fuse_siblings": fuse})
+    compiled = torch.compile(tiny_llama, backend="awq",  # gate/up as siblings, not as a GLU
+                             options={"inductor": inductor, "fuse_siblings": fuse, "fuse_activation": False})
     ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         y = compiled(ids, use_cache=False).logits
@@ -377,20 +377,22 @@ def test_backend_fuses_the_int4_modules_it_swaps_in(calibrated_llama, inductor, 
     model, scale_dtype = calibrated_llama
     ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0))
     ys = {}
-    for fuse in (False, True):
+    for fuse, glu in ((False, False), (True, False), (True, True)):
         torch._dynamo.reset()
         counters.clear()
         compiled = torch.compile(model, backend="awq",
-                                 options={"inductor": inductor, "fuse_siblings": fuse})
+                                 options={"inductor": inductor, "fuse_siblings": fuse, "fuse_activation": glu})
         with torch.no_grad():
-            ys[fuse] = compiled(ids, use_cache=False).logits
+            ys[fuse, glu] = compiled(ids, use_cache=False).logits
         assert counters["awq"]["serve_graphs"] == 1 and counters["awq"]["quantize"] == 0
         assert counters["awq"]["linears_swapped"] == 7 * LAYERS
-        assert counters["awq"]["siblings_fused"] == (2 * LAYERS if fuse else 0)
+        assert counters["awq"]["siblings_fused"] == ((1 if glu else 2) * LAYERS if fuse else 0)
+        assert counters["awq"]["mlps_fused"] == (LAYERS if glu else 0)  # gate/up modules and silu * up
     plan = model_state(model).plan  # the Int4Linear modules the graphs call
     assert {m.scales.dtype for m in plan.linears.values()} == {scale_dtype}
-    assert ys[True].dtype == torch.float32
-    torch.testing.assert_close(ys[True], ys[False], rtol=0 if atol == 0 else 1e-5, atol=atol)
+    assert ys[True, True].dtype == torch.float32
+    for key in ((True, False), (True, True)):
+        torch.testing.assert_close(ys[key], ys[False, False], rtol=0 if atol == 0 else 1e-5, atol=atol)
 
 
 def test_fuse_siblings_option():

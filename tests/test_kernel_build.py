@@ -69,6 +69,15 @@ def test_multi_weight_argument_checks(tmp_path):
     assert err() == "awq_int4_gemm_fold: 5 weights (1..4) or a null array"
     assert lib.awq_int4_gemm_fold(256, 2, unaligned, ok, ok, ok, ok, ns, None, 0, 2, 512, 512, 128, 1, None) == 1
     assert err() == "awq_int4_gemm_fold: weight 1: null pointer or qweight not 16-byte aligned"
+    lib.awq_int4_gemm_fold_glu_workspace.argtypes = [i64, i64, i64, i64, i32, i32]
+    lib.awq_int4_gemm_fold_glu_workspace.restype = i64
+    lib.awq_int4_gemm_fold_glu.argtypes = [p, p, p, p, p, p, i64, p, i64, i64, i64, i64, i32, i32, p]
+    assert lib.awq_int4_gemm_fold_glu_workspace(64, 2, 512, 512, 64, 1) == -1
+    assert err() == "awq_int4_gemm_fold: group_size=64; this kernel needs 128"
+    assert lib.awq_int4_gemm_fold_glu(256, None, ok, ok, ok, 512, 64, None, 0, 2, 512, 512, 128, 1, None) == 1
+    assert err() == "awq_int4_gemm_fold_glu: null array argument"
+    assert lib.awq_int4_gemm_fold_glu(256, unaligned, ok, ok, ok, 512, 64, None, 0, 2, 512, 512, 128, 1, None) == 1
+    assert err() == "awq_int4_gemm_fold_glu: weight 1: null pointer or qweight not 16-byte aligned"
 
 
 def test_import_without_library(tmp_path):
