@@ -512,7 +512,6 @@ struct ClusterLaunch {
   ClusterLaunch& operator=(const ClusterLaunch&) = delete;
 };
 
-
 // Sums the K slices in a cluster (sm_90, 2..8 slices) where the partials fit in shared memory
 // beside x and the ring without costing a block a SM, with only as many blocks a slice as
 // clusters fit at once. $AWQ_FOLD_CLUSTER=0 keeps the workspace and fold_finalize (experiments).
