@@ -33,10 +33,10 @@ from .ops import check_int4_linear_args, check_int4_linear_glu_args, check_int4_
 
 __all__ = ["library_path", "load_library", "available", "gemm_mma", "gemm_pc", "gemm_simt", "gemm_simt_multi", "gemm_tc",
            "dequantize_cuda", "int4_linear_cuda", "int4_linear_multi_cuda", "mma_max_m", "pc_max_m", "simt_max_m",
-           "tc_max_m", "use_fold", "gemm_fold", "gemm_sm90", "sm90_config", "sm90_operands", "sm90_pick", "sm90_splits", "ENV_VAR"]
+           "tc_max_m", "use_fold", "gemm_fold", "split_k_slices", "int4_linear_partials_cuda", "gemm_sm90", "sm90_config", "sm90_operands", "sm90_pick", "sm90_splits", "ENV_VAR"]
 
 ENV_VAR = "AWQ_COMPILE_CUDA_LIB"
-_ABI_VERSION = 8
+_ABI_VERSION = 9
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 
 # Largest M served by the weight-streaming kernel; above it, dequantize + cuBLAS. Measured on an
@@ -214,6 +214,8 @@ def load_library() -> ctypes.CDLL | None:
     lib.awq_int4_gemm_fold.restype = i32
     lib.awq_int4_gemm_fold_workspace.argtypes = [i32, p, i64, i64, i64, i32, i32]
     lib.awq_int4_gemm_fold_workspace.restype = i64
+    lib.awq_int4_gemm_simt_partials.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i32, i32, p]
+    lib.awq_int4_gemm_simt_partials.restype = i32
     lib.awq_int4_gemm_fold_glu.argtypes = [p, p, p, p, p, p, i64, p, i64, i64, i64, i64, i32, i32, p]
     lib.awq_int4_gemm_fold_glu.restype = i32
     lib.awq_int4_gemm_fold_glu_workspace.argtypes = [i64, i64, i64, i64, i32, i32]
@@ -553,6 +555,40 @@ def int4_linear_cuda(x, qweight, scales, zeros, group_size, bias=None) -> torch.
     return y.reshape(*x.shape[:-1], n)
 
 
+def split_k_slices(m: int, n: int, k: int, kp: int, group_size: int, dtype: torch.dtype, device: int) -> int:
+    """How many K slices awq::int4_linear at these sizes sums in a second kernel launch on this
+    device: the CUDA-core GEMV's plan (M <= simt_max_m and not the folded GEMV, which sums its
+    slices in a cluster); 0 where the call takes one launch. The pass `defer_split_k` hands
+    those sums to the graph (awq::int4_linear_partials)."""
+    if (dtype not in _DTYPES or not 1 <= m <= simt_max_m(n, k) or use_fold(m, n, k, group_size)
+            or load_library() is None):
+        return 0
+    need = _multi_workspace_floats("simt_multi", device, m, (n,), k, kp, group_size, _DTYPES[dtype],
+                                   (os.environ.get("AWQ_SIMT_CFG"),))
+    return need // (m * n)
+
+
+def int4_linear_partials_cuda(x, qweight, scales, zeros, group_size, slices) -> torch.Tensor:
+    """The CUDA implementation of awq::int4_linear_partials: the CUDA-core GEMV's K-slice partials
+    as its plan cuts K, where the plan has `slices` slices (what `defer_split_k` asked for);
+    otherwise (the plan changed since, e.g. $AWQ_SIMT_CFG) int4_linear's result in slice 0 and
+    zeros in the others, which sum to the same product rounded once more."""
+    n, k = _check_cuda_args(x, qweight, scales, zeros, group_size, None)
+    x2d = x.reshape(-1, k).contiguous()
+    m, kp = x2d.shape[0], qweight.shape[1] * 2
+    out = torch.empty((slices, m, n), dtype=torch.float32, device=x.device)
+    dev = x.device.index
+    if m > 0 and dev == torch.cuda.current_device() and split_k_slices(m, n, k, kp, group_size, x.dtype, dev) == slices:
+        _check(load_library().awq_int4_gemm_simt_partials(
+            x2d.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), out.data_ptr(), out.numel(),
+            m, n, k, kp, group_size, _DTYPES[x.dtype], _raw_stream(x.device)))
+    else:
+        out.zero_()
+        if m > 0:
+            out[0] = int4_linear_cuda(x2d, qweight, scales, zeros, group_size, None).float()
+    return out.reshape(slices, *x.shape[:-1], n)
+
+
 def int4_linear_multi_cuda(x, qweights, scales, zeros, group_size, biases) -> list[torch.Tensor]:
     """The CUDA implementation of awq::int4_linear_multi: one launch for all the weights where a
     kernel serves this M (the folded GEMV where use_fold says, else the CUDA-core GEMV up to
@@ -643,6 +679,8 @@ def _register() -> bool:
         _IMPL.impl("int4_linear_multi", int4_linear_multi_cuda, "CUDA")
     if hasattr(torch.ops.awq, "int4_linear_glu"):
         _IMPL.impl("int4_linear_glu", int4_linear_glu_cuda, "CUDA")
+    if hasattr(torch.ops.awq, "int4_linear_partials"):
+        _IMPL.impl("int4_linear_partials", int4_linear_partials_cuda, "CUDA")
     return True
 
 

@@ -16,13 +16,17 @@ works without importing awq_compile. Per graph dynamo hands over, the backend
    `awq::int4_linear_multi` call each (`passes.fuse_sibling_linears`; `options={"fuse_siblings":
    False}` keeps them apart); before that, a SwiGLU MLP's gate and up projections and
    `silu(gate) * up` become one `awq::int4_linear_glu` call (`passes.fuse_gated_mlp`;
-   `options={"fuse_activation": False}` leaves them);
+   `options={"fuse_activation": False}` leaves them); after it, where the CUDA decode kernel
+   would sum an INT4 linear's K slices in a second launch, the sum is left to the graph, where
+   inductor fuses it into the kernel that reads the result (`passes.defer_split_k`, with
+   inductor only; `options={"defer_split_k": False}` keeps the kernel's own sum);
 6. compiles the result with inductor (`mode` passed on: "reduce-overhead" is CUDA graphs), or
    runs it eagerly with `options={"inductor": False}`.
 
 `torch._dynamo.utils.counters["awq"]` counts what happened: "quantize" (AWQ searches run),
 "calibration_graphs", "serve_graphs" (graphs compiled for serving), "linears_swapped",
-"siblings_fused" (int4_linear_multi calls made), "mlps_fused" (int4_linear_glu calls made).
+"siblings_fused" (int4_linear_multi calls made), "mlps_fused" (int4_linear_glu calls made),
+"split_k_deferred" (int4_linear_partials calls made).
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ _OWN = {
                      "read the same input (q/k/v, gate/up); False: one int4_linear call each",
     "fuse_activation": "True (default): a SwiGLU MLP's gate and up projections and silu(gate) * up "
                        "in one awq::int4_linear_glu call; False: left as they are",
+    "defer_split_k": "True (default): a CUDA decode linear's K-slice sum left to the graph "
+                     "(awq::int4_linear_partials), which inductor fuses downstream; False: the "
+                     "kernel's own second launch",
     "mode": "inductor's mode, e.g. 'reduce-overhead' (CUDA graphs): torch.compile refuses "
             "mode= together with options=",
 }
@@ -73,6 +80,7 @@ class BackendOptions:
     mode: str | None = None
     fuse_siblings: bool = True
     fuse_activation: bool = True
+    defer_split_k: bool = True
 
 
 def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
@@ -95,8 +103,9 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
         )
     fields = {k: v for k, v in options.items() if k in _CONFIG_FIELDS}
     inductor, fuse = options.get("inductor", True), options.get("fuse_siblings", True)
-    fuse_act = options.get("fuse_activation", True)
-    for key, value in (("inductor", inductor), ("fuse_siblings", fuse), ("fuse_activation", fuse_act)):
+    fuse_act, defer = options.get("fuse_activation", True), options.get("defer_split_k", True)
+    for key, value in (("inductor", inductor), ("fuse_siblings", fuse), ("fuse_activation", fuse_act),
+                       ("defer_split_k", defer)):
         if not isinstance(value, bool):
             raise ValueError(f"awq backend: option {key}={value!r} must be True or False")
     checkpoint = options.get("checkpoint")
@@ -112,7 +121,7 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
     if mode is not None:
         _mode_patches(mode)  # raises for an unknown mode
     return BackendOptions(_config(options, fields),
-                          None if checkpoint is None else Path(checkpoint), inductor, mode, fuse, fuse_act)
+                          None if checkpoint is None else Path(checkpoint), inductor, mode, fuse, fuse_act, defer)
 
 
 def _config(options: Mapping[str, Any], fields: dict[str, Any]) -> AWQConfig:
@@ -163,7 +172,8 @@ def awq_backend(
         return state.active.graph(gm, example_inputs, opts.config, code)
     plan = _checkpoint_plan(state, opts.checkpoint) if opts.checkpoint else None
     return serve_graph(state, gm, example_inputs, opts.inductor, patches, plan, opts.config,
-                       fuse_siblings=opts.fuse_siblings, fuse_activation=opts.fuse_activation)
+                       fuse_siblings=opts.fuse_siblings, fuse_activation=opts.fuse_activation,
+                       defer_split_k=opts.defer_split_k)
 
 
 def serve_graph(
@@ -176,6 +186,7 @@ def serve_graph(
     config: AWQConfig | None = None,
     fuse_siblings: bool = True,
     fuse_activation: bool = True,
+    defer_split_k: bool = True,
 ):
     """Rewrite `gm` with the model's quantization (or `plan`), fuse gated MLPs and sibling INT4
     linears, and compile it."""
@@ -206,6 +217,10 @@ def serve_graph(
         torch._dynamo.utils.counters["awq"]["mlps_fused"] += passes.fuse_gated_mlp(gm)
     if fuse_siblings:
         torch._dynamo.utils.counters["awq"]["siblings_fused"] += _fuse_siblings(gm)
+    if defer_split_k and inductor:
+        from . import passes
+
+        torch._dynamo.utils.counters["awq"]["split_k_deferred"] += passes.defer_split_k(gm)
     torch._dynamo.utils.counters["awq"]["serve_graphs"] += 1
     if not inductor:
         return _inference_only(gm.forward)

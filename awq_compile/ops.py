@@ -15,6 +15,13 @@ op the pass `fuse_gated_mlp` puts in place of `silu(gate(x)) * up(x)`: the CUDA 
 computes both projections in one launch and writes only the product. Its reference makes the
 product in x's dtype, as the unfused graph does eagerly; the CUDA kernels make it in fp32 from
 the two rounded outputs and round once, as inductor's fused elementwise kernel does.
+
+    p = int4_linear_partials(x, W, S, Z, g, slices)    # float32 [slices, *x.shape[:-1], N]
+    y = (p.sum(0) + bias).to(x.dtype)                  # = int4_linear(x, W, S, Z, g, bias)
+
+`int4_linear_partials` is the product's K-slice partial sums, left for the graph to add: the pass
+`defer_split_k` puts it (and the sum) where the CUDA decode kernel would split K and sum the
+slices in a second launch, so that inductor adds them inside the kernel that reads y.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import torch.nn.functional as F
 
 from .quant import dequantize
 
-__all__ = ["int4_linear", "int4_linear_multi", "int4_linear_glu", "check_int4_linear_args",
+__all__ = ["int4_linear", "int4_linear_multi", "int4_linear_glu", "int4_linear_partials", "check_int4_linear_args",
            "check_int4_linear_multi_args", "check_int4_linear_glu_args", "MAX_SEGMENTS"]
 
 MAX_SEGMENTS = 4
@@ -201,3 +208,33 @@ def int4_linear_glu(
 def _(x, qweights, scales, zeros, group_size, biases):
     n, _ = check_int4_linear_glu_args(x, qweights, scales, zeros, group_size, biases)
     return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.custom_op("awq::int4_linear_partials", mutates_args=())
+def int4_linear_partials(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    slices: int,
+) -> torch.Tensor:
+    """float32 [slices, *x.shape[:-1], N]: the products of `slices` consecutive slices of K, whole
+    groups each, so that their sum over dim 0 is x @ dequantize(W)^T in float32. How K is cut is
+    the implementation's (the CUDA kernel's own plan there); the sum is the contract."""
+    n, k = check_int4_linear_args(x, qweight, scales, zeros, group_size, None)
+    if slices < 1:
+        raise ValueError(f"awq::int4_linear_partials: slices must be >= 1, got {slices}")
+    w = dequantize(qweight, scales, zeros, group_size, k, dtype=torch.float32)
+    groups = -(-k // group_size)
+    per = -(-groups // slices) * group_size
+    xf = x.float()
+    return torch.stack([xf[..., i * per:(i + 1) * per] @ w[:, i * per:(i + 1) * per].T for i in range(slices)])
+
+
+@int4_linear_partials.register_fake
+def _(x, qweight, scales, zeros, group_size, slices):
+    n, _ = check_int4_linear_args(x, qweight, scales, zeros, group_size, None)
+    if slices < 1:
+        raise ValueError(f"awq::int4_linear_partials: slices must be >= 1, got {slices}")
+    return x.new_empty((slices, *x.shape[:-1], n), dtype=torch.float32)

@@ -55,6 +55,15 @@ int awq_int4_gemm_simt(const void* x, const uint8_t* qweight, const void* scales
                        int64_t workspace_floats, int64_t M, int64_t N, int64_t K, int64_t Kp,
                        int group_size, int dtype, void* stream);
 
+// The K-slice partials of awq_int4_gemm_simt, for a caller that sums them itself (the compile
+// backend fuses the sum into the op that reads y): partials[s, m, n] = the fp32 sum over K slice
+// s of x[m, k] * W[n, k], no bias, s < S = awq_int4_gemm_simt_workspace(...) / (M * N), which
+// must be >= 2 (AWQ_ERR_ARG otherwise). Summed in slice order, + bias, rounded to x's type, they
+// are what awq_int4_gemm_simt writes. partials: float32, partials_floats >= S * M * N.
+int awq_int4_gemm_simt_partials(const void* x, const uint8_t* qweight, const void* scales,
+                                const uint8_t* zeros, float* partials, int64_t partials_floats, int64_t M,
+                                int64_t N, int64_t K, int64_t Kp, int group_size, int dtype, void* stream);
+
 // ys[i] = x @ W_i^T + biases[i] for nseg (1..4) weights of Ns[i] rows that share x, K, Kp and
 // group_size, in one launch of the CUDA-core GEMV, M <= 8. Arrays and workspace as in
 // awq_int4_gemm_pc and awq_int4_gemm_simt; the workspace size comes from

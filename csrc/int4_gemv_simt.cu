@@ -105,6 +105,7 @@ struct SimtArgs {
   int n_ks;        // K slices = gridDim.y
   int tiles;       // row tiles of RPI * R rows (one warp each), over all weights
   bool x_vec;
+  bool partials_only;  // awq_int4_gemm_simt_partials: the slices' partials are the result
 };
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
@@ -448,6 +449,9 @@ int launch(SimtArgs a, int dtype, int64_t ws_floats, cudaStream_t stream) {
   for (int i = 0; i < a.nseg; ++i) a.seg[i].tile0 = p.tile0[i];
   a.ws_rows = ws_rows(a, p, TR);
   const int64_t need = ws_need(a, p, TR);
+  if (a.partials_only && p.n_ks < 2)
+    return fail(AWQ_ERR_ARG, "awq_int4_gemm_simt_partials: M=%d N=%d K=%d is not split into K slices on this device",
+                a.M, a.seg[0].N, a.K);
   if (need > 0 && (a.ws == nullptr || ws_floats < need))
     return fail(AWQ_ERR_ARG, "awq_int4_gemm_simt: %d K slices need a workspace of %lld floats, got %lld",
                 p.n_ks, (long long)need, (long long)ws_floats);
@@ -457,6 +461,7 @@ int launch(SimtArgs a, int dtype, int64_t ws_floats, cudaStream_t stream) {
   else
     gemv_simt_kernel<T, M, C, false><<<grid, kThreads, p.smem, stream>>>(a);
   if (int e = check_launch("gemv_simt_kernel")) return e;
+  if (a.partials_only) return AWQ_OK;
   if (p.n_ks > 1 && a.nseg == 1) {
     const int64_t total = (int64_t)a.M * a.ws_rows;
     const int blocks = (int)std::min<int64_t>((total + 255) / 256, 4096);
@@ -575,4 +580,23 @@ extern "C" int awq_int4_gemm_simt(const void* x, const uint8_t* qweight, const v
                                   int64_t Kp, int group_size, int dtype, void* stream) {
   return awq_int4_gemm_simt_multi(x, 1, &qweight, &scales, &zeros, &bias, &y, &N, workspace, workspace_floats,
                                   M, K, Kp, group_size, dtype, stream);
+}
+
+extern "C" int awq_int4_gemm_simt_partials(const void* x, const uint8_t* qweight, const void* scales,
+                                           const uint8_t* zeros, float* partials, int64_t partials_floats, int64_t M,
+                                           int64_t N, int64_t K, int64_t Kp, int group_size, int dtype, void* stream) {
+  using namespace awq;
+  SimtArgs a{};
+  if (int e = make_args(a, 1, &N, M, K, Kp, group_size, dtype)) return e;
+  const void* bias = nullptr;
+  void* y = partials;  // never written: with two or more slices the kernel writes only partials
+  if (int e = set_seg_pointers("awq_int4_gemm_simt_partials", a.seg, 1, x, &qweight, &scales, &zeros, &bias, &y))
+    return e;
+  a.x = x;
+  a.ws = partials;
+  a.partials_only = true;
+  a.x_vec = (K % 8 == 0) && (((uintptr_t)x & 15) == 0);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return dtype == AWQ_DTYPE_BF16 ? by_m<__nv_bfloat16, Launch>(a.M, a, dtype, partials_floats, s)
+                                 : by_m<__half, Launch>(a.M, a, dtype, partials_floats, s);
 }

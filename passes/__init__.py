@@ -5,16 +5,17 @@ The order of the pipeline lives here, in one list, and nowhere else:
     annotate_scale_groups -> insert_observers -> (calibration runs) -> remove_observers
     -> search_scales -> fold_scales -> search_clip -> swap_linear_int4
 
-The compile backend also runs `fuse_gated_mlp` and then `fuse_sibling_linears` on each graph it
-serves (after the quantization: one `int4_linear_glu` call for a SwiGLU MLP's gate and up
-projections and their activation, then one `int4_linear_multi` call for the INT4 linears that
-read one input).
+The compile backend also runs `fuse_gated_mlp`, `fuse_sibling_linears` and `defer_split_k` on
+each graph it serves (after the quantization: one `int4_linear_glu` call for a SwiGLU MLP's gate
+and up projections and their activation, one `int4_linear_multi` call for the INT4 linears that
+read one input, then the K-slice sum of a split-K decode linear left to the graph).
 
 Analysis passes write frozen dataclasses into `node.meta["awq"]`; the rewriting passes read only
 those. `awq_compile.api` drives the pipeline for `quantize`, the compile backend for dynamo graphs.
 """
 
 from .annotate_scale_groups import LinearInfo, ScaleGroup, annotate_scale_groups, linear_infos, scale_groups
+from .defer_split_k import defer_split_k
 from .fold_scales import fold_scales
 from .fuse_gated_mlp import fuse_gated_mlp
 from .fuse_sibling_linears import fuse_sibling_linears
@@ -49,6 +50,7 @@ __all__ = [
     "swap_linear_int4",
     "fuse_sibling_linears",
     "fuse_gated_mlp",
+    "defer_split_k",
     "quantize_linear",
     "linear_infos",
     "scale_groups",

@@ -28,7 +28,7 @@ def test_sources_compile(tmp_path, arch):
 
 @pytest.mark.skipif(build_kernels.find_nvcc() is None, reason="nvcc not installed")
 def test_multi_weight_argument_checks(tmp_path):
-    """The multi-weight launchers (simt, pc, fold) share their argument checks, which run before any
+    """The multi-weight launchers (simt and its partials, pc, fold) share their argument checks, which run before any
     CUDA call: a library of those sources (sm_80, linked here) refuses bad counts, sizes and
     pointers on a CPU machine with the shared messages."""
     import ctypes
@@ -78,6 +78,11 @@ def test_multi_weight_argument_checks(tmp_path):
     assert err() == "awq_int4_gemm_fold_glu: null array argument"
     assert lib.awq_int4_gemm_fold_glu(256, unaligned, ok, ok, ok, 512, 64, None, 0, 2, 512, 512, 128, 1, None) == 1
     assert err() == "awq_int4_gemm_fold_glu: weight 1: null pointer or qweight not 16-byte aligned"
+    lib.awq_int4_gemm_simt_partials.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i32, i32, p]
+    assert lib.awq_int4_gemm_simt_partials(256, 256, 512, 512, 1024, 2048, 9, 64, 512, 512, 64, 1, None) == 1
+    assert err().startswith("awq_int4_gemm_simt: bad sizes M=9 N=64")
+    assert lib.awq_int4_gemm_simt_partials(256, 520, 512, 512, 1024, 2048, 1, 64, 512, 512, 64, 1, None) == 1
+    assert err() == "awq_int4_gemm_simt_partials: weight 0: null pointer or qweight not 16-byte aligned"
 
 
 def test_import_without_library(tmp_path):
