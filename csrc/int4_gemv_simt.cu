@@ -536,6 +536,16 @@ int make_args(SimtArgs& a, int nseg, const int64_t* Ns, int64_t M, int64_t K, in
   return AWQ_OK;
 }
 
+// Sets x and the workspace, and launches (the C entries below).
+int run(SimtArgs& a, const void* x, float* ws, int64_t ws_floats, int dtype, void* stream) {
+  a.x = x;
+  a.ws = ws;
+  a.x_vec = (a.K % 8 == 0) && (((uintptr_t)x & 15) == 0);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return dtype == AWQ_DTYPE_BF16 ? by_m<__nv_bfloat16, Launch>(a.M, a, dtype, ws_floats, s)
+                                 : by_m<__half, Launch>(a.M, a, dtype, ws_floats, s);
+}
+
 }  // namespace
 }  // namespace awq
 
@@ -561,12 +571,7 @@ extern "C" int awq_int4_gemm_simt_multi(const void* x, int nseg, const uint8_t* 
   SimtArgs a{};
   if (int e = make_args(a, nseg, Ns, M, K, Kp, group_size, dtype)) return e;
   if (int e = set_seg_pointers("awq_int4_gemm_simt", a.seg, nseg, x, qweights, scales, zeros, biases, ys)) return e;
-  a.x = x;
-  a.ws = workspace;
-  a.x_vec = (K % 8 == 0) && (((uintptr_t)x & 15) == 0);
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return dtype == AWQ_DTYPE_BF16 ? by_m<__nv_bfloat16, Launch>(a.M, a, dtype, workspace_floats, s)
-                                 : by_m<__half, Launch>(a.M, a, dtype, workspace_floats, s);
+  return run(a, x, workspace, workspace_floats, dtype, stream);
 }
 
 extern "C" int64_t awq_int4_gemm_simt_workspace(int64_t M, int64_t N, int64_t K, int64_t Kp,
@@ -592,11 +597,6 @@ extern "C" int awq_int4_gemm_simt_partials(const void* x, const uint8_t* qweight
   void* y = partials;  // never written: with two or more slices the kernel writes only partials
   if (int e = set_seg_pointers("awq_int4_gemm_simt_partials", a.seg, 1, x, &qweight, &scales, &zeros, &bias, &y))
     return e;
-  a.x = x;
-  a.ws = partials;
   a.partials_only = true;
-  a.x_vec = (K % 8 == 0) && (((uintptr_t)x & 15) == 0);
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return dtype == AWQ_DTYPE_BF16 ? by_m<__nv_bfloat16, Launch>(a.M, a, dtype, partials_floats, s)
-                                 : by_m<__half, Launch>(a.M, a, dtype, partials_floats, s);
+  return run(a, x, partials, partials_floats, dtype, stream);
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +46,18 @@ def fresh_dynamo():
     counters.clear()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """A 2-layer Llama (hidden 64, SwiGLU MLP, GQA), RTN-quantized with group size 32; the "awq"
+    backend registered."""
+    import awq_compile
+    from awq_compile import AWQConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    awq_compile.backend.register()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, vocab_size=128, max_position_embeddings=64)
+    return awq_compile.quantize_rtn(LlamaForCausalLM(cfg).eval(), AWQConfig(group_size=32))

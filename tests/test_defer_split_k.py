@@ -123,16 +123,6 @@ def test_pass_leaves_cpu_calls_by_default():
 # ----------------------------------------------------------------------------- the backend
 
 
-@pytest.fixture(scope="module")
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    awq_compile.backend.register()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                      num_hidden_layers=2, vocab_size=128, max_position_embeddings=64)
-    return awq_compile.quantize_rtn(LlamaForCausalLM(cfg).eval(), AWQConfig(group_size=32))
-
 
 @pytest.mark.parametrize("defer", [True, False])
 def test_backend_defers_the_split_k_sums(tiny_llama, defer, monkeypatch):

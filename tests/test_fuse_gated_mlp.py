@@ -12,8 +12,6 @@ import torch.nn.functional as F
 from torch import fx
 from torch._dynamo.utils import counters
 
-import awq_compile
-from awq_compile import AWQConfig
 from awq_compile.backend import parse_options
 from awq_compile.nn import Int4Linear
 from awq_compile.quant import dequantize, quantize
@@ -161,16 +159,6 @@ def test_pass_leaves_projections_of_other_sizes():
 
 # ----------------------------------------------------------------------------- the backend
 
-
-@pytest.fixture(scope="module")
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    awq_compile.backend.register()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                      num_hidden_layers=2, vocab_size=128, max_position_embeddings=64)
-    return awq_compile.quantize_rtn(LlamaForCausalLM(cfg).eval(), AWQConfig(group_size=32))
 
 
 @pytest.mark.parametrize("inductor, fuse, atol", [(False, True, 0.0), (True, True, 1e-5), (False, False, 0.0)])

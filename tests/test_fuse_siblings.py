@@ -317,19 +317,6 @@ def test_unfusable_orders_are_left_alone():
 LAYERS = 2
 
 
-@pytest.fixture(scope="module")
-def tiny_llama():
-    """A 2-layer Llama (hidden 64) quantized by round to nearest: Int4Linear modules, traced by
-    dynamo into int4_linear calls (the decode benchmark's setup)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    awq_compile.backend.register()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                      num_key_value_heads=2, num_hidden_layers=LAYERS, vocab_size=128,
-                      max_position_embeddings=64)
-    return awq_compile.quantize_rtn(LlamaForCausalLM(cfg).eval(), AWQConfig(group_size=32))
-
 
 
 @pytest.mark.parametrize("inductor, fuse, atol", [(False, True, 0.0), (True, True, 1e-5),
