@@ -305,11 +305,20 @@ def _workspace(numel: int, device: torch.device) -> torch.Tensor:
     return torch.zeros(max(numel, 1), dtype=torch.float32, device=device)
 
 
+# The experiment variables a kernel reads on every call and which change its K split: part of the
+# workspace-size cache keys, so that a change of them is a new entry.
+_SIMT_ENV = ("AWQ_SIMT_CFG",)
+_FOLD_ENV = ("AWQ_FOLD_CFG", "AWQ_FOLD_KS", "AWQ_FOLD_FILL", "AWQ_FOLD_CLUSTER")
+
+
+def _env(names: tuple[str, ...]) -> tuple[str | None, ...]:
+    return tuple(os.environ.get(v) for v in names)
+
+
 @functools.lru_cache(maxsize=256)
 def _multi_workspace_floats(kernel: str, device: int, m, ns: tuple[int, ...], k, kp, g, dtype: int, env: tuple) -> int:
     """Floats of split-K workspace the library's awq_int4_gemm_<kernel>_workspace asks for. env:
-    the experiment variables the kernel reads on every call and which change its K split
-    ($AWQ_SIMT_CFG, $AWQ_FOLD_CFG ...), so that a change of them is a new cache entry."""
+    the values of the kernel's _SIMT_ENV / _FOLD_ENV variables (the cache key)."""
     with torch.cuda.device(device):
         need = getattr(load_library(), f"awq_int4_gemm_{kernel}_workspace")(
             len(ns), (ctypes.c_int64 * len(ns))(*ns), m, k, kp, g, dtype)
@@ -355,8 +364,7 @@ def _launch_multi(kernel: str, name: str, env_vars: tuple[str, ...], x2d, qweigh
     dev = x2d.device
     dt = _DTYPES[x2d.dtype]
     ns = tuple(qw.shape[0] for qw in qweights)
-    need = _multi_workspace_floats(kernel, dev.index, m, ns, k, kp, group_size, dt,
-                                   tuple(os.environ.get(v) for v in env_vars))
+    need = _multi_workspace_floats(kernel, dev.index, m, ns, k, kp, group_size, dt, _env(env_vars))
     ws = torch.empty(need, dtype=torch.float32, device=dev) if need > 0 else None
     _check(getattr(load_library(), f"awq_int4_gemm_{kernel}")(
         x2d.data_ptr(), len(ns), *ptrs, None if ws is None else ws.data_ptr(), 0 if ws is None else ws.numel(),
@@ -368,16 +376,15 @@ def gemm_simt_multi(x2d, qweights, scales, zeros, group_size, biases, outs) -> l
     """outs[i][M, N_i] = x2d[M, K] @ W_i^T + biases[i] for 1..4 weights that share x, in one launch
     of the CUDA-core GEMV (M <= 8); lists as gemm_pc's. Its split-K workspace (only when x
     outgrows shared memory) may hold anything, so it is not the mma kernel's."""
-    return _launch_multi("simt_multi", "gemm_simt", ("AWQ_SIMT_CFG",), x2d, qweights, scales, zeros, group_size,
-                         biases, outs)
+    return _launch_multi("simt_multi", "gemm_simt", _SIMT_ENV, x2d, qweights, scales, zeros, group_size, biases,
+                         outs)
 
 
 def gemm_fold(x2d, qweights, scales, zeros, group_size, biases, outs) -> list[torch.Tensor]:
     """outs[i][M, N_i] = x2d[M, K] @ W_i^T + biases[i] for 1..4 weights that share x, in one launch
     of the folded tensor-core decode kernel (M <= 8, group size 128); lists as gemm_simt_multi's,
     and a split-K workspace per call as there (none where the K slices are summed in a cluster)."""
-    return _launch_multi("fold", "gemm_fold", ("AWQ_FOLD_CFG", "AWQ_FOLD_KS", "AWQ_FOLD_FILL", "AWQ_FOLD_CLUSTER"),
-                         x2d, qweights, scales, zeros, group_size, biases, outs)
+    return _launch_multi("fold", "gemm_fold", _FOLD_ENV, x2d, qweights, scales, zeros, group_size, biases, outs)
 
 
 def gemm_tc(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor:
@@ -563,8 +570,7 @@ def split_k_slices(m: int, n: int, k: int, kp: int, group_size: int, dtype: torc
     if (dtype not in _DTYPES or not 1 <= m <= simt_max_m(n, k) or use_fold(m, n, k, group_size)
             or load_library() is None):
         return 0
-    need = _multi_workspace_floats("simt_multi", device, m, (n,), k, kp, group_size, _DTYPES[dtype],
-                                   (os.environ.get("AWQ_SIMT_CFG"),))
+    need = _multi_workspace_floats("simt_multi", device, m, (n,), k, kp, group_size, _DTYPES[dtype], _env(_SIMT_ENV))
     return need // (m * n)
 
 
@@ -634,9 +640,7 @@ def gemm_fold_glu(x2d, qweights, scales, zeros, group_size, biases, out) -> torc
     dev = x2d.device
     dt = _DTYPES[x2d.dtype]
     n = out.shape[1]
-    need = _glu_workspace_floats(dev.index, n, m, k, kp, group_size, dt,
-                                 tuple(os.environ.get(v) for v in ("AWQ_FOLD_CFG", "AWQ_FOLD_KS", "AWQ_FOLD_FILL",
-                                                                   "AWQ_FOLD_CLUSTER")))
+    need = _glu_workspace_floats(dev.index, n, m, k, kp, group_size, dt, _env(_FOLD_ENV))
     ws = torch.empty(need, dtype=torch.float32, device=dev) if need > 0 else None
     _check(load_library().awq_int4_gemm_fold_glu(
         x2d.data_ptr(), *ptrs[:4], out.data_ptr(), n, None if ws is None else ws.data_ptr(),

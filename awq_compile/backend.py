@@ -102,10 +102,8 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
             f"awq backend: unknown option(s) {unknown}; valid options are {list(VALID_OPTIONS)}"
         )
     fields = {k: v for k, v in options.items() if k in _CONFIG_FIELDS}
-    inductor, fuse = options.get("inductor", True), options.get("fuse_siblings", True)
-    fuse_act, defer = options.get("fuse_activation", True), options.get("defer_split_k", True)
-    for key, value in (("inductor", inductor), ("fuse_siblings", fuse), ("fuse_activation", fuse_act),
-                       ("defer_split_k", defer)):
+    flags = {k: options.get(k, True) for k in ("inductor", "fuse_siblings", "fuse_activation", "defer_split_k")}
+    for key, value in flags.items():
         if not isinstance(value, bool):
             raise ValueError(f"awq backend: option {key}={value!r} must be True or False")
     checkpoint = options.get("checkpoint")
@@ -120,8 +118,9 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
     mode = options.get("mode")
     if mode is not None:
         _mode_patches(mode)  # raises for an unknown mode
-    return BackendOptions(_config(options, fields),
-                          None if checkpoint is None else Path(checkpoint), inductor, mode, fuse, fuse_act, defer)
+    return BackendOptions(_config(options, fields), None if checkpoint is None else Path(checkpoint),
+                          flags["inductor"], mode, flags["fuse_siblings"], flags["fuse_activation"],
+                          flags["defer_split_k"])
 
 
 def _config(options: Mapping[str, Any], fields: dict[str, Any]) -> AWQConfig:
@@ -211,15 +210,13 @@ def serve_graph(
             "or serve a saved quantization with options={'checkpoint': path}"
         )
     warn_unplanned(left, plan.source if plan is not None else "")
-    if fuse_activation:
-        from . import passes
+    from . import passes
 
+    if fuse_activation:
         torch._dynamo.utils.counters["awq"]["mlps_fused"] += passes.fuse_gated_mlp(gm)
     if fuse_siblings:
         torch._dynamo.utils.counters["awq"]["siblings_fused"] += _fuse_siblings(gm)
     if defer_split_k and inductor:
-        from . import passes
-
         torch._dynamo.utils.counters["awq"]["split_k_deferred"] += passes.defer_split_k(gm)
     torch._dynamo.utils.counters["awq"]["serve_graphs"] += 1
     if not inductor:

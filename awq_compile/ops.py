@@ -210,6 +210,14 @@ def _(x, qweights, scales, zeros, group_size, biases):
     return x.new_empty((*x.shape[:-1], n))
 
 
+def _check_partials_args(x, qweight, scales, zeros, group_size, slices) -> tuple[int, int]:
+    """Validate `int4_linear_partials`' arguments; returns (N, K)."""
+    n, k = check_int4_linear_args(x, qweight, scales, zeros, group_size, None)
+    if slices < 1:
+        raise ValueError(f"awq::int4_linear_partials: slices must be >= 1, got {slices}")
+    return n, k
+
+
 @torch.library.custom_op("awq::int4_linear_partials", mutates_args=())
 def int4_linear_partials(
     x: torch.Tensor,
@@ -222,9 +230,7 @@ def int4_linear_partials(
     """float32 [slices, *x.shape[:-1], N]: the products of `slices` consecutive slices of K, whole
     groups each, so that their sum over dim 0 is x @ dequantize(W)^T in float32. How K is cut is
     the implementation's (the CUDA kernel's own plan there); the sum is the contract."""
-    n, k = check_int4_linear_args(x, qweight, scales, zeros, group_size, None)
-    if slices < 1:
-        raise ValueError(f"awq::int4_linear_partials: slices must be >= 1, got {slices}")
+    _, k = _check_partials_args(x, qweight, scales, zeros, group_size, slices)
     w = dequantize(qweight, scales, zeros, group_size, k, dtype=torch.float32)
     groups = -(-k // group_size)
     per = -(-groups // slices) * group_size
@@ -234,7 +240,5 @@ def int4_linear_partials(
 
 @int4_linear_partials.register_fake
 def _(x, qweight, scales, zeros, group_size, slices):
-    n, _ = check_int4_linear_args(x, qweight, scales, zeros, group_size, None)
-    if slices < 1:
-        raise ValueError(f"awq::int4_linear_partials: slices must be >= 1, got {slices}")
+    n, _ = _check_partials_args(x, qweight, scales, zeros, group_size, slices)
     return x.new_empty((slices, *x.shape[:-1], n), dtype=torch.float32)

@@ -26,13 +26,11 @@ from typing import Callable
 import torch
 from torch import fx
 
-from ._graph import hint
-from .fuse_sibling_linears import _Call, _match, _match_module, _operands, _val
+from .fuse_sibling_linears import _VAL_KEYS, _Call, _match_call, _operands, _rows, _val
 
 __all__ = ["defer_split_k"]
 
 _PARTIALS = torch.ops.awq.int4_linear_partials.default
-_VAL_KEYS = ("val", "example_value")
 
 SlicesFor = Callable[[int, int, int, int, int, torch.dtype, torch.device], int]
 """(M, N, K, packed K, group size, x's dtype, x's device) -> the kernel's K slices (0 or 1: none)."""
@@ -55,18 +53,16 @@ def defer_split_k(gm: fx.GraphModule, slices_for: SlicesFor | None = None) -> in
     slices_for = slices_for or _library_slices
     done = 0
     for node in list(gm.graph.nodes):
-        call = _match_module(gm, node) if node.op == "call_module" else _match(node)
-        if call is None:
+        call = _match_call(gm, node)
+        x_val = _static_x(call)
+        n = _rows(call) if x_val is not None else None
+        if n is None or call.packed_k is None:
             continue
-        sizes = _sizes(gm, call)
-        if sizes is None:
-            continue
-        x_val, n = sizes
         k = int(x_val.shape[-1])
         m = x_val.numel() // k if k else 0
         if m < 1:
             continue
-        slices = slices_for(m, n, k, _packed_k(gm, call), call.group_size, x_val.dtype, x_val.device)
+        slices = slices_for(m, n, k, call.packed_k, call.group_size, x_val.dtype, x_val.device)
         if slices >= 2:
             _rewrite(gm.graph, call, slices, x_val)
             done += 1
@@ -76,19 +72,12 @@ def defer_split_k(gm: fx.GraphModule, slices_for: SlicesFor | None = None) -> in
     return done
 
 
-def _sizes(gm: fx.GraphModule, call: _Call) -> tuple[torch.Tensor, int] | None:
-    """x's example tensor and N, where x's sizes are static."""
-    x_val = _val(call.x)
+def _static_x(call: _Call | None) -> torch.Tensor | None:
+    """x's example tensor, where the call is an INT4 linear and x's sizes are static."""
+    x_val = _val(call.x) if call is not None else None
     if not isinstance(x_val, torch.Tensor) or any(isinstance(d, torch.SymInt) for d in x_val.shape):
         return None
-    if call.module is not None:
-        return x_val, int(call.module.qweight.shape[0])
-    w = _val(call.weights[0])
-    return (x_val, int(hint(w.shape[0]))) if isinstance(w, torch.Tensor) and w.dim() == 2 else None
-
-
-def _packed_k(gm: fx.GraphModule, call: _Call) -> int:
-    return call.packed_k if call.packed_k is not None else int(hint(_val(call.weights[0]).shape[1])) * 2
+    return x_val
 
 
 def _rewrite(graph: fx.Graph, call: _Call, slices: int, x_val: torch.Tensor) -> None:

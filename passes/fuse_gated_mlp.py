@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ._graph import hint
-from .fuse_sibling_linears import _Call, _match, _match_module, _operands, _val
+from .fuse_sibling_linears import _Call, _match_call, _operands, _rows
 
 __all__ = ["fuse_gated_mlp"]
 
@@ -73,23 +72,12 @@ def _match_glu(gm: fx.GraphModule, h: fx.Node) -> tuple[_Call, _Call, fx.Node] |
         g = _silu_input(gm, act)
         if g is None or len(act.users) != 1 or len(g.users) != 1 or len(u.users) != 1:
             continue
-        gate, up = _linear(gm, g), _linear(gm, u)
+        gate, up = _match_call(gm, g), _match_call(gm, u)
         if (gate is not None and up is not None and gate.x is up.x and gate.group_size == up.group_size
                 and gate.packed_k is not None and gate.packed_k == up.packed_k
                 and _rows(gate) is not None and _rows(gate) == _rows(up)):
             return gate, up, act
     return None
-
-
-def _linear(gm: fx.GraphModule, n: fx.Node) -> _Call | None:
-    return _match_module(gm, n) if n.op == "call_module" else _match(n)
-
-
-def _rows(call: _Call) -> int | None:
-    if call.module is not None:
-        return call.module.qweight.shape[0]
-    v = _val(call.weights[0])
-    return int(hint(v.shape[0])) if isinstance(v, torch.Tensor) and v.dim() == 2 else None
 
 
 def _is_mul(n: fx.Node) -> bool:

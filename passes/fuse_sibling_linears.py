@@ -81,7 +81,7 @@ def fuse_sibling_linears(gm: fx.GraphModule) -> int:
     `int4_linear_multi` calls)."""
     groups: dict[tuple, list[_Call]] = {}
     for node in gm.graph.nodes:
-        call = _match_module(gm, node) if node.op == "call_module" else _match(node)
+        call = _match_call(gm, node)
         if call is not None:
             groups.setdefault((call.x, call.group_size, call.packed_k), []).append(call)
     fused = 0
@@ -94,6 +94,20 @@ def fuse_sibling_linears(gm: fx.GraphModule) -> int:
         gm.graph.lint()
         gm.recompile()
     return fused
+
+
+def _match_call(gm: fx.GraphModule, node: fx.Node) -> _Call | None:
+    """`node` as an INT4 linear call, an op call or a plain `Int4Linear` module call (the other
+    fusion passes match their linears with this too)."""
+    return _match_module(gm, node) if node.op == "call_module" else _match(node)
+
+
+def _rows(call: _Call) -> int | None:
+    """The linear's output rows N, from its module or its qweight's meta."""
+    if call.module is not None:
+        return call.module.qweight.shape[0]
+    v = _val(call.weights[0])
+    return int(hint(v.shape[0])) if isinstance(v, torch.Tensor) and v.dim() == 2 else None
 
 
 def _match(node: fx.Node) -> _Call | None:

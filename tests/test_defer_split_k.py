@@ -152,14 +152,13 @@ def test_defer_split_k_option():
 # ----------------------------------------------------------------------------- CUDA
 
 
-def _cuda_weight(k, n, g, dtype, seed):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    kp = -(-k // g) * g
-    qweight = torch.randint(0, 256, (n, kp // 2), dtype=torch.uint8, device="cuda", generator=gen)
-    zeros = torch.randint(0, 16, (n, kp // g), dtype=torch.uint8, device="cuda", generator=gen)
-    scales = (torch.rand((n, kp // g), device="cuda", generator=gen) * 0.02 + 0.002).to(dtype)
-    bias = torch.randn(n, device="cuda", generator=gen).to(dtype)
-    return qweight, scales, zeros, bias
+def _needs_library():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from awq_compile import _cuda
+
+    if not _cuda.REGISTERED:
+        pytest.skip("libawq_int4.so not built/loadable")
 
 
 @pytest.mark.cuda
@@ -169,11 +168,11 @@ def test_cuda_partials_are_the_gemv_slices(k, n, g, dtype):
     """Where the CUDA-core GEMV splits K at M = 1, the op's partials summed in slice order, + bias,
     rounded, are its output bit for bit; with another slice count the op falls back to
     int4_linear's result in slice 0."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
+    _needs_library()
     from awq_compile import _cuda
+    from test_cuda_kernels import _random_weight
 
-    qw, s, z, b = _cuda_weight(k, n, g, dtype, seed=7)
+    qw, s, z, b = _random_weight(k, n, g, dtype, seed=7)
     x = torch.randn(1, k, device="cuda").to(dtype)
     slices = _cuda.split_k_slices(1, n, k, qw.shape[1] * 2, g, dtype, x.device.index)
     if slices < 2:
@@ -194,8 +193,7 @@ def test_cuda_partials_are_the_gemv_slices(k, n, g, dtype):
 def test_cuda_backend_defers_at_one_token():
     """A 4096 x 4096 INT4 linear at one token on the GPU: one int4_linear_partials call where the
     plan splits K, and the compiled output close to the kernel's own."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
+    _needs_library()
     awq_compile.backend.register()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4096, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 64))
