@@ -29,14 +29,15 @@ import torch
 import torch.nn.functional as F
 import torch.utils.weak
 
-from .ops import check_int4_linear_args, check_int4_linear_glu_args, check_int4_linear_multi_args
+from .ops import (check_int4_linear_args, check_int4_linear_glu_args, check_int4_linear_multi_args,
+                  check_int4_linear_rope_cache_args)
 
 __all__ = ["library_path", "load_library", "available", "gemm_mma", "gemm_pc", "gemm_simt", "gemm_simt_multi", "gemm_tc",
            "dequantize_cuda", "int4_linear_cuda", "int4_linear_multi_cuda", "mma_max_m", "pc_max_m", "simt_max_m",
            "tc_max_m", "use_fold", "gemm_fold", "split_k_slices", "int4_linear_partials_cuda", "gemm_sm90", "sm90_config", "sm90_operands", "sm90_pick", "sm90_splits", "ENV_VAR"]
 
 ENV_VAR = "AWQ_COMPILE_CUDA_LIB"
-_ABI_VERSION = 9
+_ABI_VERSION = 10
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 
 # Largest M served by the weight-streaming kernel; above it, dequantize + cuBLAS. Measured on an
@@ -220,6 +221,8 @@ def load_library() -> ctypes.CDLL | None:
     lib.awq_int4_gemm_fold_glu.restype = i32
     lib.awq_int4_gemm_fold_glu_workspace.argtypes = [i64, i64, i64, i64, i32, i32]
     lib.awq_int4_gemm_fold_glu_workspace.restype = i64
+    lib.awq_rope_cache.argtypes = [p, p, p, p, p, i64, p, p, p, i64, i64, i64, i64, i64, i64, i32, p]
+    lib.awq_rope_cache.restype = i32
     lib.awq_int4_gemm_tc.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i32, i32, p]
     lib.awq_int4_gemm_tc.restype = i32
     lib.awq_int4_tc_max_m.restype = i64
@@ -665,6 +668,41 @@ def int4_linear_glu_cuda(x, qweights, scales, zeros, group_size, biases) -> torc
     return (F.silu(gate.float()) * up.float()).to(x.dtype)
 
 
+def int4_linear_rope_cache_cuda(x, qweights, scales, zeros, group_size, biases, cos, sin, cache_position,
+                                k_cache, v_cache) -> torch.Tensor:
+    """The CUDA implementation of awq::int4_linear_rope_cache: int4_linear_multi_cuda (one launch
+    at decode sizes), then one launch of awq_rope_cache for the rotation of q and k and the cache
+    writes, each value in fp32 and rounded once. Tensors the kernel cannot take (another dtype,
+    rows of cos or sin or a cache not contiguous) get the same math from torch ops."""
+    hq, hkv, d, length = check_int4_linear_rope_cache_args(x, qweights, scales, zeros, group_size, biases, cos,
+                                                           sin, cache_position, k_cache, v_cache)
+    q, k, v = int4_linear_multi_cuda(x, qweights, scales, zeros, group_size, biases)
+    b, s = x.shape[0], x.shape[1]
+    if b * s == 0:
+        return q
+    rows_ok = (all(t.stride(3) == 1 and (s == 1 or t.stride(2) == d) for t in (cos, sin))
+               and (cos.shape[0] == 1 or cos.stride(0) == sin.stride(0)))
+    if (x.dtype in _DTYPES and rows_ok and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and b * s <= 65535 and x.device.index == torch.cuda.current_device()):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        bstride = cos.stride(0) if cos.shape[0] > 1 else 0
+        _check(load_library().awq_rope_cache(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), bstride,
+            cache_position.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), b, s, hq, hkv, d, length,
+            _DTYPES[x.dtype], _raw_stream(x.device)))
+        return q
+    cf, sf = cos.float(), sin.float()
+
+    def rotate(t: torch.Tensor, heads: int) -> torch.Tensor:
+        t = t.view(b, s, heads, d).transpose(1, 2).float()
+        h = d // 2
+        return (t * cf + torch.cat((-t[..., h:], t[..., :h]), dim=-1) * sf).to(x.dtype)
+
+    k_cache.index_copy_(2, cache_position, rotate(k, hkv))
+    v_cache.index_copy_(2, cache_position, v.view(b, s, hkv, d).transpose(1, 2))
+    return rotate(q, hq).transpose(1, 2).reshape(b, s, hq * d)
+
+
 _IMPL: torch.library.Library | None = None
 
 
@@ -683,6 +721,8 @@ def _register() -> bool:
         _IMPL.impl("int4_linear_multi", int4_linear_multi_cuda, "CUDA")
     if hasattr(torch.ops.awq, "int4_linear_glu"):
         _IMPL.impl("int4_linear_glu", int4_linear_glu_cuda, "CUDA")
+    if hasattr(torch.ops.awq, "int4_linear_rope_cache"):
+        _IMPL.impl("int4_linear_rope_cache", int4_linear_rope_cache_cuda, "CUDA")
     if hasattr(torch.ops.awq, "int4_linear_partials"):
         _IMPL.impl("int4_linear_partials", int4_linear_partials_cuda, "CUDA")
     return True

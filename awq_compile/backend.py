@@ -16,7 +16,10 @@ works without importing awq_compile. Per graph dynamo hands over, the backend
    `awq::int4_linear_multi` call each (`passes.fuse_sibling_linears`; `options={"fuse_siblings":
    False}` keeps them apart); before that, a SwiGLU MLP's gate and up projections and
    `silu(gate) * up` become one `awq::int4_linear_glu` call (`passes.fuse_gated_mlp`;
-   `options={"fuse_activation": False}` leaves them); after it, where the CUDA decode kernel
+   `options={"fuse_activation": False}` leaves them); after it, a Llama-style attention's q/k/v
+   call, the rotary embedding of q and k and the static KV cache's writes become one
+   `awq::int4_linear_rope_cache` call (`passes.fuse_rope_cache`; `options={"fuse_rope": False}`
+   leaves them); then, where the CUDA decode kernel
    would sum an INT4 linear's K slices in a second launch, the sum is left to the graph, where
    inductor fuses it into the kernel that reads the result (`passes.defer_split_k`, with
    inductor only; `options={"defer_split_k": False}` keeps the kernel's own sum);
@@ -26,7 +29,8 @@ works without importing awq_compile. Per graph dynamo hands over, the backend
 `torch._dynamo.utils.counters["awq"]` counts what happened: "quantize" (AWQ searches run),
 "calibration_graphs", "serve_graphs" (graphs compiled for serving), "linears_swapped",
 "siblings_fused" (int4_linear_multi calls made), "mlps_fused" (int4_linear_glu calls made),
-"split_k_deferred" (int4_linear_partials calls made).
+"rope_fused" (int4_linear_rope_cache calls made), "split_k_deferred" (int4_linear_partials
+calls made).
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ _OWN = {
                      "read the same input (q/k/v, gate/up); False: one int4_linear call each",
     "fuse_activation": "True (default): a SwiGLU MLP's gate and up projections and silu(gate) * up "
                        "in one awq::int4_linear_glu call; False: left as they are",
+    "fuse_rope": "True (default): an attention block's q/k/v projections, rotary embedding and "
+                 "static KV-cache write in one awq::int4_linear_rope_cache call (needs "
+                 "fuse_siblings); False: left as they are",
     "defer_split_k": "True (default): a CUDA decode linear's K-slice sum left to the graph "
                      "(awq::int4_linear_partials), which inductor fuses downstream; False: the "
                      "kernel's own second launch",
@@ -81,6 +88,7 @@ class BackendOptions:
     fuse_siblings: bool = True
     fuse_activation: bool = True
     defer_split_k: bool = True
+    fuse_rope: bool = True
 
 
 def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
@@ -102,7 +110,8 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
             f"awq backend: unknown option(s) {unknown}; valid options are {list(VALID_OPTIONS)}"
         )
     fields = {k: v for k, v in options.items() if k in _CONFIG_FIELDS}
-    flags = {k: options.get(k, True) for k in ("inductor", "fuse_siblings", "fuse_activation", "defer_split_k")}
+    flags = {k: options.get(k, True) for k in ("inductor", "fuse_siblings", "fuse_activation", "defer_split_k",
+                                                 "fuse_rope")}
     for key, value in flags.items():
         if not isinstance(value, bool):
             raise ValueError(f"awq backend: option {key}={value!r} must be True or False")
@@ -120,7 +129,7 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
         _mode_patches(mode)  # raises for an unknown mode
     return BackendOptions(_config(options, fields), None if checkpoint is None else Path(checkpoint),
                           flags["inductor"], mode, flags["fuse_siblings"], flags["fuse_activation"],
-                          flags["defer_split_k"])
+                          flags["defer_split_k"], flags["fuse_rope"])
 
 
 def _config(options: Mapping[str, Any], fields: dict[str, Any]) -> AWQConfig:
@@ -172,7 +181,7 @@ def awq_backend(
     plan = _checkpoint_plan(state, opts.checkpoint) if opts.checkpoint else None
     return serve_graph(state, gm, example_inputs, opts.inductor, patches, plan, opts.config,
                        fuse_siblings=opts.fuse_siblings, fuse_activation=opts.fuse_activation,
-                       defer_split_k=opts.defer_split_k)
+                       defer_split_k=opts.defer_split_k, fuse_rope=opts.fuse_rope)
 
 
 def serve_graph(
@@ -186,6 +195,7 @@ def serve_graph(
     fuse_siblings: bool = True,
     fuse_activation: bool = True,
     defer_split_k: bool = True,
+    fuse_rope: bool = True,
 ):
     """Rewrite `gm` with the model's quantization (or `plan`), fuse gated MLPs and sibling INT4
     linears, and compile it."""
@@ -216,6 +226,8 @@ def serve_graph(
         torch._dynamo.utils.counters["awq"]["mlps_fused"] += passes.fuse_gated_mlp(gm)
     if fuse_siblings:
         torch._dynamo.utils.counters["awq"]["siblings_fused"] += _fuse_siblings(gm)
+        if fuse_rope:
+            torch._dynamo.utils.counters["awq"]["rope_fused"] += passes.fuse_rope_cache(gm)
     if defer_split_k and inductor:
         torch._dynamo.utils.counters["awq"]["split_k_deferred"] += passes.defer_split_k(gm)
     torch._dynamo.utils.counters["awq"]["serve_graphs"] += 1

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from .quant import dequantize
 
 __all__ = ["int4_linear", "int4_linear_multi", "int4_linear_glu", "int4_linear_partials", "check_int4_linear_args",
-           "check_int4_linear_multi_args", "check_int4_linear_glu_args", "MAX_SEGMENTS"]
+           "check_int4_linear_multi_args", "check_int4_linear_glu_args", "int4_linear_rope_cache",
+           "check_int4_linear_rope_cache_args", "rotate_heads", "MAX_SEGMENTS"]
 
 MAX_SEGMENTS = 4
 """Most linears one `int4_linear_multi` call takes: q/k/v and gate/up need 3 and 2."""
@@ -242,3 +243,101 @@ def int4_linear_partials(
 def _(x, qweight, scales, zeros, group_size, slices):
     n, _ = _check_partials_args(x, qweight, scales, zeros, group_size, slices)
     return x.new_empty((slices, *x.shape[:-1], n), dtype=torch.float32)
+
+
+def check_int4_linear_rope_cache_args(
+    x: torch.Tensor,
+    qweights: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor],
+    zeros: Sequence[torch.Tensor],
+    group_size: int,
+    biases: Sequence[torch.Tensor | None],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache_position: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> tuple[int, int, int, int]:
+    """Validate `int4_linear_rope_cache`'s arguments; returns (heads of q, heads of k and v,
+    head dim D, cache length L). Raises with the actual shapes."""
+    def bad(msg: str) -> ValueError:
+        return ValueError(
+            f"awq::int4_linear_rope_cache: {msg} (x {tuple(x.shape)} {x.dtype}, qweights "
+            f"{[tuple(q.shape) for q in qweights]}, cos {tuple(cos.shape)} {cos.dtype}, sin "
+            f"{tuple(sin.shape)} {sin.dtype}, cache_position {tuple(cache_position.shape)} "
+            f"{cache_position.dtype}, k_cache {tuple(k_cache.shape)} {k_cache.dtype}, v_cache "
+            f"{tuple(v_cache.shape)} {v_cache.dtype})"
+        )
+
+    if len(qweights) != 3:
+        raise bad(f"takes 3 weights (q, k, v), got {len(qweights)}")
+    try:
+        nq, nk, nv = check_int4_linear_multi_args(x, qweights, scales, zeros, group_size, biases)
+    except ValueError as e:
+        raise ValueError(f"awq::int4_linear_rope_cache: {e}") from None
+    if x.dim() != 3:
+        raise bad("x must be [batch, tokens, K]")
+    b, s = x.shape[0], x.shape[1]
+    if k_cache.dim() != 4 or tuple(k_cache.shape) != tuple(v_cache.shape):
+        raise bad("k_cache and v_cache must be one [batch, kv heads, length, head dim] shape")
+    hkv, length, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    if k_cache.shape[0] != b or d % 2 or nk != nv or nk != hkv * d or nq % d:
+        raise bad("the q, k, v rows must be whole heads of the caches' head dim, k and v of the caches' heads")
+    if k_cache.dtype != x.dtype or v_cache.dtype != x.dtype:
+        raise bad("the caches must have x's dtype")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype != x.dtype or t.dim() != 4 or t.shape[0] not in (1, b) or tuple(t.shape[1:]) != (1, s, d):
+            raise bad(f"{name} must be [batch or 1, 1, tokens, head dim] of x's dtype")
+    if cache_position.dtype != torch.int64 or tuple(cache_position.shape) != (s,):
+        raise bad("cache_position must be int64 [tokens]")
+    if len({t.device for t in (x, cos, sin, cache_position, k_cache, v_cache)}) != 1:
+        raise bad("all tensors must be on one device")
+    return nq // d, hkv, d, length
+
+
+def rotate_heads(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`t * cos + rotate_half(t) * sin` on [..., D] heads, as a Llama computes it eagerly
+    (rotate_half(t) = cat(-t[..., D/2:], t[..., :D/2]))."""
+    h = t.shape[-1] // 2
+    return t * cos + torch.cat((-t[..., h:], t[..., :h]), dim=-1) * sin
+
+
+@torch.library.custom_op("awq::int4_linear_rope_cache", mutates_args=("k_cache", "v_cache"))
+def int4_linear_rope_cache(
+    x: torch.Tensor,
+    qweights: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor],
+    zeros: Sequence[torch.Tensor],
+    group_size: int,
+    biases: Sequence[torch.Tensor | None],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache_position: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> torch.Tensor:
+    """An attention block's q/k/v projections, rotary embedding and KV-cache write:
+
+        q, k, v = int4_linear_multi(x, qweights, ...)        # x: [B, S, K]
+        q, k = rotate_heads(heads(q), cos, sin), rotate_heads(heads(k), cos, sin)
+        k_cache.index_copy_(2, cache_position, k); v_cache.index_copy_(2, cache_position, heads(v))
+        return q, as [B, S, heads of q * D]
+
+    with heads(t) = t.view(B, S, -1, D).transpose(1, 2) and cos, sin [B or 1, 1, S, D], each step
+    in x's dtype as the unfused graph computes it eagerly (the CUDA kernels round once, after
+    the rotation in fp32, as inductor's fused kernel does)."""
+    hq, hkv, d, _ = check_int4_linear_rope_cache_args(x, qweights, scales, zeros, group_size, biases, cos, sin,
+                                                      cache_position, k_cache, v_cache)
+    q, k, v = torch.ops.awq.int4_linear_multi.default(x, qweights, scales, zeros, group_size, biases)
+    b, s = x.shape[0], x.shape[1]
+    q = rotate_heads(q.view(b, s, hq, d).transpose(1, 2), cos, sin)
+    k_cache.index_copy_(2, cache_position, rotate_heads(k.view(b, s, hkv, d).transpose(1, 2), cos, sin))
+    v_cache.index_copy_(2, cache_position, v.view(b, s, hkv, d).transpose(1, 2))
+    return q.transpose(1, 2).reshape(b, s, hq * d)
+
+
+@int4_linear_rope_cache.register_fake
+def _(x, qweights, scales, zeros, group_size, biases, cos, sin, cache_position, k_cache, v_cache):
+    hq, _, d, _ = check_int4_linear_rope_cache_args(x, qweights, scales, zeros, group_size, biases, cos, sin,
+                                                    cache_position, k_cache, v_cache)
+    return x.new_empty((x.shape[0], x.shape[1], hq * d))

@@ -121,10 +121,11 @@ def decode(args) -> list[dict]:
                     {"backend": "awq", "mode": "reduce-overhead", "fullgraph": True})
         rows.append({"model": "int4 awq", **r})
         print(rows[-1], flush=True)
-    for b in args.unfused:  # ablation: q/k/v and gate/up as separate kernels
+    ablations = [("fuse_siblings", b) for b in args.unfused] + [(o, b) for o in args.ablate for b in args.batch]
+    for option, b in ablations:  # the INT4 model with one backend option off
         r = _decode(q, b, args.prompt, args.new, {"backend": "awq", "fullgraph": True, "options": {
-            "mode": "reduce-overhead", "fuse_siblings": False}})
-        rows.append({"model": "int4 awq, siblings not fused", **r})
+            "mode": "reduce-overhead", option: False}})
+        rows.append({"model": f"int4 awq, {option}=False", **r})
         print(rows[-1], flush=True)
     return rows
 
@@ -160,6 +161,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--unfused", type=int, nargs="*", default=[],
                     help="batch sizes to also decode with fuse_siblings=False (ablation)")
+    ap.add_argument("--ablate", nargs="*", default=[], metavar="OPTION",
+                    help="backend options to turn off one at a time, at each --batch (ablation)")
     ap.add_argument("--models", choices=["both", "bf16", "int4"], default="both",
                     help="decode: which side(s) to run (an A/B of two kernel libraries needs bf16 once)")
     ap.add_argument("--prompt", type=int, default=128)

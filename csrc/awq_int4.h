@@ -75,6 +75,16 @@ int awq_int4_gemm_simt_multi(const void* x, int nseg, const uint8_t* const* qwei
                              const int64_t* Ns, float* workspace, int64_t workspace_floats, int64_t M,
                              int64_t K, int64_t Kp, int group_size, int dtype, void* stream);
 
+// Rotary embedding and static KV-cache write after a q/k/v projection (rope_cache.cu):
+// q [B*S, Hq*D] rotated in place; k and v [B*S, Hkv*D] (k rotated) written to k_cache and
+// v_cache [B, Hkv, L, D] at sequence index pos[s] (int64 [S]; outside [0, L): not written);
+// cos and sin [B or 1, S, D] with cos_bstride elements between batch rows (0: one row), rows
+// contiguous. T = dtype for every tensor but pos. Llama's x * cos + rotate_half(x) * sin, in fp32,
+// rounded once.
+int awq_rope_cache(void* q, const void* k, const void* v, const void* cos, const void* sin, int64_t cos_bstride,
+                   const int64_t* pos, void* k_cache, void* v_cache, int64_t B, int64_t S, int64_t Hq,
+                   int64_t Hkv, int64_t D, int64_t L, int dtype, void* stream);
+
 // Largest M the folded tensor-core decode kernel accepts (int4_gemv_fold.cu): 8.
 int64_t awq_int4_fold_max_m(void);
 

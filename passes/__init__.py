@@ -5,10 +5,11 @@ The order of the pipeline lives here, in one list, and nowhere else:
     annotate_scale_groups -> insert_observers -> (calibration runs) -> remove_observers
     -> search_scales -> fold_scales -> search_clip -> swap_linear_int4
 
-The compile backend also runs `fuse_gated_mlp`, `fuse_sibling_linears` and `defer_split_k` on
-each graph it serves (after the quantization: one `int4_linear_glu` call for a SwiGLU MLP's gate
-and up projections and their activation, one `int4_linear_multi` call for the INT4 linears that
-read one input, then the K-slice sum of a split-K decode linear left to the graph).
+The compile backend also runs `fuse_gated_mlp`, `fuse_sibling_linears`, `fuse_rope_cache` and
+`defer_split_k` on each graph it serves (after the quantization: one `int4_linear_glu` call for a
+SwiGLU MLP's gate and up projections and their activation, one `int4_linear_multi` call for the
+INT4 linears that read one input, one `int4_linear_rope_cache` call for q/k/v with their rotary
+embedding and KV-cache write, then the K-slice sum of a split-K decode linear left to the graph).
 
 Analysis passes write frozen dataclasses into `node.meta["awq"]`; the rewriting passes read only
 those. `awq_compile.api` drives the pipeline for `quantize`, the compile backend for dynamo graphs.
@@ -18,6 +19,7 @@ from .annotate_scale_groups import LinearInfo, ScaleGroup, annotate_scale_groups
 from .defer_split_k import defer_split_k
 from .fold_scales import fold_scales
 from .fuse_gated_mlp import fuse_gated_mlp
+from .fuse_rope_cache import fuse_rope_cache
 from .fuse_sibling_linears import fuse_sibling_linears
 from .insert_observers import GroupObserver, insert_observers, remove_observers
 from .search_clip import search_clip
@@ -51,6 +53,7 @@ __all__ = [
     "fuse_sibling_linears",
     "fuse_gated_mlp",
     "defer_split_k",
+    "fuse_rope_cache",
     "quantize_linear",
     "linear_infos",
     "scale_groups",

@@ -1,0 +1,361 @@
+"""awq::int4_linear_rope_cache and the pass fuse_rope_cache: the op against float64 (q rotated, k
+rotated and v written into the caches at the positions, nothing else touched), its fake and
+errors (CPU); which graphs the pass rewrites; the backend's option and counter on a tiny Llama
+decoding with a static cache, eager and with inductor; and on CUDA, the kernel against float64 and
+the backend end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from awq_compile.backend import parse_options
+from awq_compile.ops import rotate_heads
+from awq_compile.quant import dequantize, quantize
+from passes import fuse_rope_cache
+
+ROPE = torch.ops.awq.int4_linear_rope_cache.default
+MULTI = torch.ops.awq.int4_linear_multi.default
+
+
+def _block(hq=4, hkv=2, d=16, k=64, g=32, bias=False, seed=0):
+    """q/k/v weights of an attention block (GQA: hkv heads of k and v) and their biases."""
+    torch.manual_seed(seed)
+    qws = [quantize(torch.randn(h * d, k), g) for h in (hq, hkv, hkv)]
+    biases = [torch.randn(h * d) if bias else None for h in (hq, hkv, hkv)]
+    return qws, biases
+
+
+def _cos_sin(b, s, d, start=3, dtype=torch.float32):
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    ang = torch.arange(start, start + s, dtype=torch.float64)[:, None] * inv
+    emb = torch.cat((ang, ang), -1)[None, None].expand(b, 1, s, d)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _reference64(x, qws, biases, g, cos, sin, pos, k_cache, v_cache, hq, hkv, d):
+    """q (as [B, S, hq * d]) and the caches after the writes, in float64 from the dequantized weights."""
+    b, s, k = x.shape
+    ys = []
+    for qw, bias in zip(qws, biases):
+        y = x.double() @ dequantize(qw.qweight, qw.scales, qw.zeros, g, k, torch.float64).T
+        ys.append(y if bias is None else y + bias.double())
+    c, sn = cos.double(), sin.double()
+    q = rotate_heads(ys[0].view(b, s, hq, d).transpose(1, 2), c, sn)
+    kc, vc = k_cache.double().clone(), v_cache.double().clone()
+    kc[:, :, pos] = rotate_heads(ys[1].view(b, s, hkv, d).transpose(1, 2), c, sn)
+    vc[:, :, pos] = ys[2].view(b, s, hkv, d).transpose(1, 2)
+    return q.transpose(1, 2).reshape(b, s, hq * d), kc, vc
+
+
+def _args(qws, biases, g):
+    return ([q.qweight for q in qws], [q.scales for q in qws], [q.zeros for q in qws], g, biases)
+
+
+@pytest.mark.parametrize("b,s,cos_rows,bias", [(2, 1, 1, False), (3, 1, 3, True), (2, 4, 1, False), (1, 5, 1, True)])
+def test_op_matches_float64(b, s, cos_rows, bias):
+    hq, hkv, d, length, g = 4, 2, 16, 12, 32
+    qws, biases = _block(hq, hkv, d, bias=bias)
+    x = torch.randn(b, s, 64)
+    cos, sin = _cos_sin(cos_rows, s, d)
+    pos = torch.arange(3, 3 + s)
+    k_cache, v_cache = torch.randn(b, hkv, length, d), torch.randn(b, hkv, length, d)
+    want_q, want_k, want_v = _reference64(x, qws, biases, g, cos, sin, pos, k_cache, v_cache, hq, hkv, d)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    q = ROPE(x, *_args(qws, biases, g), cos, sin, pos, k_cache, v_cache)
+    assert q.shape == (b, s, hq * d) and q.dtype == x.dtype
+    for got, want in ((q, want_q), (k_cache, want_k), (v_cache, want_v)):
+        assert ((got.double() - want).norm() / want.norm()).item() < 1e-6
+    untouched = torch.ones(length, dtype=torch.bool)
+    untouched[pos] = False
+    assert torch.equal(k_cache[:, :, untouched], before_k[:, :, untouched])
+    assert torch.equal(v_cache[:, :, untouched], before_v[:, :, untouched])
+
+
+def test_op_is_the_unfused_graph_bit_for_bit_in_bf16():
+    """The reference is the eager graph it replaces: multi, view/transpose, rotate, index_copy_."""
+    hq, hkv, d, g = 4, 2, 16, 32
+    qws, biases = _block(hq, hkv, d)
+    x = torch.randn(2, 1, 64).bfloat16()
+    cos, sin = (t.bfloat16() for t in _cos_sin(1, 1, d))
+    pos = torch.tensor([5])
+    kc, vc = torch.zeros(2, hkv, 8, d, dtype=torch.bfloat16), torch.zeros(2, hkv, 8, d, dtype=torch.bfloat16)
+    kc2, vc2 = kc.clone(), vc.clone()
+    scales = [q.scales.bfloat16() for q in qws]
+    args = ([q.qweight for q in qws], scales, [q.zeros for q in qws], g, biases)
+    got = ROPE(x, *args, cos, sin, pos, kc, vc)
+    yq, yk, yv = MULTI(x, *args)
+    heads = lambda t, h: t.view(2, 1, h, d).transpose(1, 2)  # noqa: E731
+    kc2.index_copy_(2, pos, rotate_heads(heads(yk, hkv), cos, sin))
+    vc2.index_copy_(2, pos, heads(yv, hkv))
+    want = rotate_heads(heads(yq, hq), cos, sin).transpose(1, 2).reshape(2, 1, hq * d)
+    assert torch.equal(got, want) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+def test_op_opcheck_and_errors():
+    qws, biases = _block()
+    x = torch.randn(2, 1, 64)
+    cos, sin = _cos_sin(1, 1, 16)
+    pos = torch.tensor([3])
+    caches = (torch.zeros(2, 2, 8, 16), torch.zeros(2, 2, 8, 16))
+    torch.library.opcheck(ROPE, (x, *_args(qws, biases, 32), cos, sin, pos, *caches))
+    with pytest.raises(ValueError, match=r"int4_linear_rope_cache: takes 3 weights \(q, k, v\), got 2"):
+        ROPE(x, *[a[:2] if isinstance(a, list) else a for a in _args(qws, biases, 32)], cos, sin, pos, *caches)
+    with pytest.raises(ValueError, match=r"cos must be \[batch or 1, 1, tokens, head dim\] of x's dtype"):
+        ROPE(x, *_args(qws, biases, 32), cos.double(), sin, pos, *caches)
+    with pytest.raises(ValueError, match=r"the caches must have x's dtype"):
+        ROPE(x, *_args(qws, biases, 32), cos, sin, pos, *(c.half() for c in caches))
+    with pytest.raises(ValueError, match=r"whole heads of the caches' head dim"):
+        ROPE(x, *_args(qws, biases, 32), cos, sin, pos, torch.zeros(2, 4, 8, 16), torch.zeros(2, 4, 8, 16))
+    with pytest.raises(ValueError, match=r"cache_position must be int64 \[tokens\]"):
+        ROPE(x, *_args(qws, biases, 32), cos, sin, pos.int(), *caches)
+    with pytest.raises(ValueError, match=r"x must be \[batch, tokens, K\]"):
+        ROPE(x[0], *_args(qws, biases, 32), cos, sin, pos, *caches)
+
+
+# ----------------------------------------------------------------------------- the pass
+
+
+class _Attention(torch.nn.Module):
+    """q/k/v as one int4_linear_multi call, Llama's rotary embedding and a static cache's writes,
+    written as transformers writes them; `leak` also returns k_embed (a second reader)."""
+
+    def __init__(self, leak: bool = False, positions_first: bool = False):
+        super().__init__()
+        qws, _ = _block()
+        self.leak = leak
+        for name, qw in zip("qkv", qws):
+            for leaf in ("qweight", "scales", "zeros"):
+                self.register_buffer(f"{name}_{leaf}", getattr(qw, leaf))
+
+    def forward(self, x, cos, sin, pos, k_cache, v_cache):
+        b, s, _ = x.shape
+        w = [[getattr(self, f"{n}_{leaf}") for n in "qkv"] for leaf in ("qweight", "scales", "zeros")]
+        q, k, v = MULTI(x, *w, 32, [None, None, None])
+        q = q.view(b, s, -1, 16).transpose(1, 2)
+        k = k.view(b, s, -1, 16).transpose(1, 2)
+        v = v.view(b, s, -1, 16).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q_embed = (q * cos) + (torch.cat((-q[..., 8:], q[..., :8]), dim=-1) * sin)
+        k_embed = (k * cos) + (torch.cat((-k[..., 8:], k[..., :8]), dim=-1) * sin)
+        k_cache.index_copy_(2, pos, k_embed)
+        v_cache.index_copy_(2, pos, v)
+        key = k_cache.repeat_interleave(2, dim=1)
+        value = v_cache.repeat_interleave(2, dim=1)
+        out = torch.nn.functional.scaled_dot_product_attention(q_embed, key, value)
+        return (out, k_embed) if self.leak else out
+
+
+def _run_pass(module, args):
+    """Compile `module` with a backend that runs fuse_rope_cache on dynamo's graph; returns
+    (outputs, the number fused)."""
+    fused = []
+
+    def backend(gm, example_inputs):
+        fused.append(fuse_rope_cache(gm))
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(module, backend=backend, fullgraph=True)(*args)
+    return out, sum(fused)
+
+
+def _attention_args():
+    torch.manual_seed(3)
+    cos, sin = (t[:, 0] for t in _cos_sin(1, 1, 16))
+    return [torch.randn(2, 1, 64), cos, sin, torch.tensor([4]), torch.zeros(2, 2, 8, 16), torch.zeros(2, 2, 8, 16)]
+
+
+@pytest.mark.parametrize("leak", [False, True])
+def test_pass_fuses_the_block_and_leaves_a_shared_intermediate(leak):
+    module = _Attention(leak=leak)
+    eager_args, args = _attention_args(), _attention_args()
+    want = module(*eager_args)
+    got, fused = _run_pass(module, args)
+    assert fused == (0 if leak else 1)
+    for g, w in zip(got if leak else [got], want if leak else [want]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(args[4], eager_args[4], rtol=1e-5, atol=1e-6)  # k cache
+    torch.testing.assert_close(args[5], eager_args[5], rtol=1e-5, atol=1e-6)  # v cache
+    assert args[4][:, :, 4].abs().sum() > 0 and args[4][:, :, 5:].abs().sum() == 0
+
+
+def test_pass_leaves_a_cache_read_between_the_writes():
+    """A read of the v cache between the k and v writes would see the write early: not fused."""
+    class ReadBetween(_Attention):
+        def forward(self, x, cos, sin, pos, k_cache, v_cache):
+            b, s, _ = x.shape
+            w = [[getattr(self, f"{n}_{leaf}") for n in "qkv"] for leaf in ("qweight", "scales", "zeros")]
+            q, k, v = MULTI(x, *w, 32, [None, None, None])
+            q = q.view(b, s, -1, 16).transpose(1, 2)
+            k = k.view(b, s, -1, 16).transpose(1, 2)
+            v = v.view(b, s, -1, 16).transpose(1, 2)
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            q_embed = (q * cos) + (torch.cat((-q[..., 8:], q[..., :8]), dim=-1) * sin)
+            k_embed = (k * cos) + (torch.cat((-k[..., 8:], k[..., :8]), dim=-1) * sin)
+            k_cache.index_copy_(2, pos, k_embed)
+            old = v_cache.sum()
+            v_cache.index_copy_(2, pos, v)
+            return q_embed + old
+
+    module = ReadBetween()
+    want = module(*_attention_args())
+    got, fused = _run_pass(module, _attention_args())
+    assert fused == 0
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("inductor", [False, True])
+def test_backend_fuses_a_llama_decoding_with_a_static_cache(inductor):
+    """A 2-layer Llama, RTN-quantized: 4 decode steps after a prefill, compiled with the rope fusion
+    on, against the model run eagerly: logits and every layer's caches."""
+    import awq_compile
+    from awq_compile import AWQConfig
+    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+    awq_compile.backend.register()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, vocab_size=128, max_position_embeddings=64)
+    model = awq_compile.quantize_rtn(LlamaForCausalLM(cfg).eval(), AWQConfig(group_size=32))
+
+    def decode(step):
+        cache = StaticCache(config=cfg, max_cache_len=16)
+        ids = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(1))
+        logits = []
+        with torch.no_grad():
+            model(ids, past_key_values=cache, cache_position=torch.arange(4), use_cache=True)
+            tok = ids[:, -1:]
+            for i in range(4):
+                logits.append(step(tok, past_key_values=cache, cache_position=torch.arange(4 + i, 5 + i),
+                                   use_cache=True).logits)
+                tok = (tok + 1) % 128
+        return torch.stack(logits), cache
+
+    want, want_cache = decode(model)
+    torch._dynamo.reset()
+    counters.clear()
+    got, got_cache = decode(torch.compile(model, backend="awq", fullgraph=True, options={"inductor": inductor}))
+    assert counters["awq"]["rope_fused"] >= cfg.num_hidden_layers
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for a, b in zip(got_cache.layers, want_cache.layers):
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-5)
+
+
+def test_fuse_rope_option():
+    assert parse_options({}).fuse_rope is True
+    assert parse_options({"fuse_rope": False}).fuse_rope is False
+    with pytest.raises(ValueError, match=r"option fuse_rope=1 must be True or False"):
+        parse_options({"fuse_rope": 1})
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+def _needs_library():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from awq_compile import _cuda
+
+    if not _cuda.REGISTERED:
+        pytest.skip("libawq_int4.so not built/loadable")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,s,cos_rows,hq,hkv", [(1, 1, 1, 32, 32), (8, 1, 1, 32, 32), (4, 1, 4, 8, 2),
+                                                 (2, 3, 1, 8, 2), (3, 1, 1, 4, 4)])
+def test_cuda_op_matches_float64(dtype, b, s, cos_rows, hq, hkv):
+    _needs_library()
+    d, k, g, length = 128, 512, 128, 40
+    qws, biases = _block(hq, hkv, d, k=k, g=g, bias=hq == 8)
+    dev = "cuda"
+    x = torch.randn(b, s, k, device=dev).to(dtype)
+    cos, sin = (t.to(dev, dtype) for t in _cos_sin(cos_rows, s, d, start=17))
+    pos = torch.arange(17, 17 + s, device=dev)
+    k_cache = torch.randn(b, hkv, length, d, device=dev).to(dtype)
+    v_cache = torch.randn(b, hkv, length, d, device=dev).to(dtype)
+    qws = [q._replace(scales=q.scales.to(dtype)) for q in qws]  # the reference reads the scales x uses
+    w = ([q.qweight.to(dev) for q in qws], [q.scales.to(dev) for q in qws], [q.zeros.to(dev) for q in qws], g,
+         [None if bb is None else bb.to(dev, dtype) for bb in biases])
+    want_q, want_k, want_v = _reference64(x.cpu(), qws, [None if bb is None else bb.cpu() for bb in w[4]], g,
+                                          cos.cpu(), sin.cpu(), pos.cpu(), k_cache.cpu(), v_cache.cpu(), hq, hkv, d)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    q = ROPE(x, *w, cos, sin, pos, k_cache, v_cache)
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    for got, want in ((q, want_q), (k_cache, want_k), (v_cache, want_v)):
+        assert ((got.double().cpu() - want).norm() / want.norm()).item() < tol
+    untouched = torch.ones(length, dtype=torch.bool, device=dev)
+    untouched[pos] = False
+    assert torch.equal(k_cache[:, :, untouched], before_k[:, :, untouched])
+    assert torch.equal(v_cache[:, :, untouched], before_v[:, :, untouched])
+    # The kernel's q: the op's own rotation of its projection, in fp32 rounded once.
+    yq = MULTI(x, *w)[0]
+    rot = rotate_heads(yq.float().view(b, s, hq, d).transpose(1, 2), cos.float(), sin.float())
+    torch.testing.assert_close(q, rot.transpose(1, 2).reshape(b, s, hq * d).to(dtype), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_op_opcheck_and_torch_fallback():
+    """opcheck on CUDA; a cache that is not contiguous takes the torch path, with the same values."""
+    _needs_library()
+    hq, hkv, d, k, g = 8, 2, 128, 256, 128
+    qws, _ = _block(hq, hkv, d, k=k, g=g)
+    dev, dt = "cuda", torch.bfloat16
+    w = ([q.qweight.to(dev) for q in qws], [q.scales.to(dev, dt) for q in qws], [q.zeros.to(dev) for q in qws], g,
+         [None, None, None])
+    x = torch.randn(2, 1, k, device=dev, dtype=dt)
+    cos, sin = (t.to(dev, dt) for t in _cos_sin(1, 1, d))
+    pos = torch.tensor([5], device=dev)
+    caches = [torch.zeros(2, hkv, 16, d, device=dev, dtype=dt) for _ in range(2)]
+    torch.library.opcheck(ROPE, (x, *w, cos, sin, pos, *caches))
+    fast = [torch.zeros(2, hkv, 16, d, device=dev, dtype=dt) for _ in range(2)]
+    slow = [torch.zeros(16, hkv, 2, d, device=dev, dtype=dt).permute(2, 1, 0, 3) for _ in range(2)]
+    q_fast = ROPE(x, *w, cos, sin, pos, *fast)
+    q_slow = ROPE(x, *w, cos, sin, pos, *slow)
+    assert torch.equal(q_fast, q_slow)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch", [1, 8])
+def test_cuda_backend_decode_with_rope_fusion(batch):
+    """A 2-layer Llama of 7B's head shape on CUDA, bf16, CUDA graphs: the fused decode against
+    the same model with the fusion off (teacher-forced tokens), logits and caches."""
+    _needs_library()
+    import awq_compile
+    from awq_compile import AWQConfig
+    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+    awq_compile.backend.register()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=8,
+                      num_hidden_layers=2, vocab_size=512, max_position_embeddings=256)
+    model = awq_compile.quantize_rtn(LlamaForCausalLM(cfg).to(torch.bfloat16).cuda().eval(),
+                                     AWQConfig(group_size=128, compute_dtype="bfloat16"))
+    ids = torch.randint(0, 512, (batch, 8), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    feed = torch.randint(0, 512, (6, batch, 1), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+
+    def decode(fuse):
+        torch._dynamo.reset()
+        counters.clear()
+        step = torch.compile(model, backend="awq", fullgraph=True,
+                             options={"mode": "reduce-overhead", "fuse_rope": fuse})
+        cache = StaticCache(config=cfg, max_cache_len=32)
+        out = []
+        with torch.no_grad():
+            model(ids, past_key_values=cache, cache_position=torch.arange(8, device="cuda"), use_cache=True)
+            for i in range(6):
+                out.append(step(feed[i], past_key_values=cache, cache_position=torch.arange(8 + i, 9 + i, device="cuda"),
+                                use_cache=True).logits.clone())
+        return torch.stack(out), cache, counters["awq"]["rope_fused"]
+
+    want, want_cache, off = decode(False)
+    got, got_cache, on = decode(True)
+    assert off == 0 and on >= cfg.num_hidden_layers
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 2e-2
+    for a, b in zip(got_cache.layers, want_cache.layers):
+        assert ((a.keys.float() - b.keys.float()).norm() / b.keys.float().norm()).item() < 2e-2
+        assert ((a.values.float() - b.values.float()).norm() / b.values.float().norm()).item() < 2e-2
