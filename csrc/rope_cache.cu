@@ -32,36 +32,35 @@ __global__ void rope_cache_kernel(const RopeArgs a) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= per_token) return;
   const int head = i / h2, j = i - head * h2;
-  auto f = [](const T* p, int64_t o) { return Half2Traits<T>::to_float(p[o]); };
-  if (head >= a.Hq + a.Hkv) {  // v: copied
-    const int hv = head - a.Hq - a.Hkv;
-    const int64_t p = a.pos[s];
-    if (p < 0 || p >= a.L) return;
-    const T* v = static_cast<const T*>(a.v) + ((int64_t)t * a.Hkv + hv) * a.D;
-    T* dst = static_cast<T*>(a.v_cache) + (((int64_t)b * a.Hkv + hv) * a.L + p) * a.D;
-    dst[j] = v[j];
-    dst[j + h2] = v[j + h2];
-    return;
-  }
+  const bool is_q = head < a.Hq, is_v = head >= a.Hq + a.Hkv;
+  const int hc = is_q ? 0 : head - a.Hq - (is_v ? a.Hkv : 0);  // the head in k or v
+  // Every load is issued before any is used: one memory latency (the position only matters for
+  // the store), where a check of the position first would make it two.
+  const T* src = is_q ? static_cast<const T*>(a.q) + ((int64_t)t * a.Hq + head) * a.D
+                      : static_cast<const T*>(is_v ? a.v : a.k) + ((int64_t)t * a.Hkv + hc) * a.D;
   const T* cs = static_cast<const T*>(a.cos) + b * a.cos_bstride + (int64_t)s * a.D;
   const T* sn = static_cast<const T*>(a.sin) + b * a.cos_bstride + (int64_t)s * a.D;
-  const T* src;
+  const int64_t p = is_q ? 0 : __ldg(a.pos + s);
+  const T r0 = src[j], r1 = src[j + h2];
+  const T c0 = __ldg(cs + j), c1 = __ldg(cs + j + h2), s0 = __ldg(sn + j), s1 = __ldg(sn + j + h2);
   T* dst;
-  if (head < a.Hq) {
-    dst = static_cast<T*>(a.q) + ((int64_t)t * a.Hq + head) * a.D;
-    src = dst;
+  if (is_q) {
+    dst = static_cast<T*>(a.q) + ((int64_t)t * a.Hq + head) * a.D;  // in place: this thread alone reads j, j + h2
   } else {
-    const int hk = head - a.Hq;
-    const int64_t p = a.pos[s];
     if (p < 0 || p >= a.L) return;
-    src = static_cast<const T*>(a.k) + ((int64_t)t * a.Hkv + hk) * a.D;
-    dst = static_cast<T*>(a.k_cache) + (((int64_t)b * a.Hkv + hk) * a.L + p) * a.D;
+    dst = static_cast<T*>(is_v ? a.v_cache : a.k_cache) + (((int64_t)b * a.Hkv + hc) * a.L + p) * a.D;
   }
-  const float x0 = f(src, j), x1 = f(src, j + h2);
+  if (is_v) {
+    dst[j] = r0;
+    dst[j + h2] = r1;
+    return;
+  }
+  auto f = [](T v) { return Half2Traits<T>::to_float(v); };
+  const float x0 = f(r0), x1 = f(r1);
   // Products and sum rounded separately (no FMA): the fp32 math of torch's ops, bit for bit.
-  const float y0 = __fsub_rn(__fmul_rn(x0, f(cs, j)), __fmul_rn(x1, f(sn, j)));
-  const float y1 = __fadd_rn(__fmul_rn(x1, f(cs, j + h2)), __fmul_rn(x0, f(sn, j + h2)));
-  dst[j] = Half2Traits<T>::from_float(y0);  // in place for q: this thread alone reads j, j + h2
+  const float y0 = __fsub_rn(__fmul_rn(x0, f(c0)), __fmul_rn(x1, f(s0)));
+  const float y1 = __fadd_rn(__fmul_rn(x1, f(c1)), __fmul_rn(x0, f(s1)));
+  dst[j] = Half2Traits<T>::from_float(y0);
   dst[j + h2] = Half2Traits<T>::from_float(y1);
 }
 
