@@ -61,3 +61,14 @@ def tiny_llama():
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                       num_hidden_layers=2, vocab_size=128, max_position_embeddings=64)
     return awq_compile.quantize_rtn(LlamaForCausalLM(cfg).eval(), AWQConfig(group_size=32))
+
+
+@pytest.fixture
+def cuda_library():
+    """Skips the test without a CUDA GPU or without a loadable libawq_int4.so (the CUDA ops)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from awq_compile import _cuda
+
+    if not _cuda.REGISTERED:
+        pytest.skip("libawq_int4.so not built/loadable")

@@ -152,23 +152,13 @@ def test_defer_split_k_option():
 # ----------------------------------------------------------------------------- CUDA
 
 
-def _needs_library():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    from awq_compile import _cuda
-
-    if not _cuda.REGISTERED:
-        pytest.skip("libawq_int4.so not built/loadable")
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("k,n,g", [(4096, 4096, 128), (11008, 4096, 128), (2999, 200, 32)])
-def test_cuda_partials_are_the_gemv_slices(k, n, g, dtype):
+def test_cuda_partials_are_the_gemv_slices(k, n, g, dtype, cuda_library):
     """Where the CUDA-core GEMV splits K at M = 1, the op's partials summed in slice order, + bias,
     rounded, are its output bit for bit; with another slice count the op falls back to
     int4_linear's result in slice 0."""
-    _needs_library()
     from awq_compile import _cuda
     from test_cuda_kernels import _random_weight
 
@@ -190,10 +180,9 @@ def test_cuda_partials_are_the_gemv_slices(k, n, g, dtype):
 
 
 @pytest.mark.cuda
-def test_cuda_backend_defers_at_one_token():
+def test_cuda_backend_defers_at_one_token(cuda_library):
     """A 4096 x 4096 INT4 linear at one token on the GPU: one int4_linear_partials call where the
     plan splits K, and the compiled output close to the kernel's own."""
-    _needs_library()
     awq_compile.backend.register()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4096, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 64))

@@ -119,12 +119,13 @@ def test_op_opcheck_and_errors():
 
 class _Attention(torch.nn.Module):
     """q/k/v as one int4_linear_multi call, Llama's rotary embedding and a static cache's writes,
-    written as transformers writes them; `leak` also returns k_embed (a second reader)."""
+    written as transformers writes them; `leak` also returns k_embed (a second reader),
+    `read_between` reads the v cache between the two writes."""
 
-    def __init__(self, leak: bool = False, positions_first: bool = False):
+    def __init__(self, leak: bool = False, read_between: bool = False):
         super().__init__()
         qws, _ = _block()
-        self.leak = leak
+        self.leak, self.read_between = leak, read_between
         for name, qw in zip("qkv", qws):
             for leaf in ("qweight", "scales", "zeros"):
                 self.register_buffer(f"{name}_{leaf}", getattr(qw, leaf))
@@ -140,10 +141,11 @@ class _Attention(torch.nn.Module):
         q_embed = (q * cos) + (torch.cat((-q[..., 8:], q[..., :8]), dim=-1) * sin)
         k_embed = (k * cos) + (torch.cat((-k[..., 8:], k[..., :8]), dim=-1) * sin)
         k_cache.index_copy_(2, pos, k_embed)
+        old = v_cache.sum() if self.read_between else 0
         v_cache.index_copy_(2, pos, v)
         key = k_cache.repeat_interleave(2, dim=1)
         value = v_cache.repeat_interleave(2, dim=1)
-        out = torch.nn.functional.scaled_dot_product_attention(q_embed, key, value)
+        out = torch.nn.functional.scaled_dot_product_attention(q_embed, key, value) + old
         return (out, k_embed) if self.leak else out
 
 
@@ -183,23 +185,7 @@ def test_pass_fuses_the_block_and_leaves_a_shared_intermediate(leak):
 
 def test_pass_leaves_a_cache_read_between_the_writes():
     """A read of the v cache between the k and v writes would see the write early: not fused."""
-    class ReadBetween(_Attention):
-        def forward(self, x, cos, sin, pos, k_cache, v_cache):
-            b, s, _ = x.shape
-            w = [[getattr(self, f"{n}_{leaf}") for n in "qkv"] for leaf in ("qweight", "scales", "zeros")]
-            q, k, v = MULTI(x, *w, 32, [None, None, None])
-            q = q.view(b, s, -1, 16).transpose(1, 2)
-            k = k.view(b, s, -1, 16).transpose(1, 2)
-            v = v.view(b, s, -1, 16).transpose(1, 2)
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-            q_embed = (q * cos) + (torch.cat((-q[..., 8:], q[..., :8]), dim=-1) * sin)
-            k_embed = (k * cos) + (torch.cat((-k[..., 8:], k[..., :8]), dim=-1) * sin)
-            k_cache.index_copy_(2, pos, k_embed)
-            old = v_cache.sum()
-            v_cache.index_copy_(2, pos, v)
-            return q_embed + old
-
-    module = ReadBetween()
+    module = _Attention(read_between=True)
     want = module(*_attention_args())
     got, fused = _run_pass(module, _attention_args())
     assert fused == 0
@@ -254,21 +240,11 @@ def test_fuse_rope_option():
 # ----------------------------------------------------------------------------- CUDA
 
 
-def _needs_library():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    from awq_compile import _cuda
-
-    if not _cuda.REGISTERED:
-        pytest.skip("libawq_int4.so not built/loadable")
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b,s,cos_rows,hq,hkv", [(1, 1, 1, 32, 32), (8, 1, 1, 32, 32), (4, 1, 4, 8, 2),
                                                  (2, 3, 1, 8, 2), (3, 1, 1, 4, 4)])
-def test_cuda_op_matches_float64(dtype, b, s, cos_rows, hq, hkv):
-    _needs_library()
+def test_cuda_op_matches_float64(dtype, b, s, cos_rows, hq, hkv, cuda_library):
     d, k, g, length = 128, 512, 128, 40
     qws, biases = _block(hq, hkv, d, k=k, g=g, bias=hq == 8)
     dev = "cuda"
@@ -298,9 +274,8 @@ def test_cuda_op_matches_float64(dtype, b, s, cos_rows, hq, hkv):
 
 
 @pytest.mark.cuda
-def test_cuda_op_opcheck_and_torch_fallback():
+def test_cuda_op_opcheck_and_torch_fallback(cuda_library):
     """opcheck on CUDA; a cache that is not contiguous takes the torch path, with the same values."""
-    _needs_library()
     hq, hkv, d, k, g = 8, 2, 128, 256, 128
     qws, _ = _block(hq, hkv, d, k=k, g=g)
     dev, dt = "cuda", torch.bfloat16
@@ -321,10 +296,9 @@ def test_cuda_op_opcheck_and_torch_fallback():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("batch", [1, 8])
-def test_cuda_backend_decode_with_rope_fusion(batch):
+def test_cuda_backend_decode_with_rope_fusion(batch, cuda_library):
     """A 2-layer Llama of 7B's head shape on CUDA, bf16, CUDA graphs: the fused decode against
     the same model with the fusion off (teacher-forced tokens), logits and caches."""
-    _needs_library()
     import awq_compile
     from awq_compile import AWQConfig
     from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
