@@ -37,7 +37,7 @@ __all__ = ["library_path", "load_library", "available", "gemm_mma", "gemm_pc", "
            "tc_max_m", "use_fold", "gemm_fold", "split_k_slices", "int4_linear_partials_cuda", "gemm_sm90", "sm90_config", "sm90_operands", "sm90_pick", "sm90_splits", "ENV_VAR"]
 
 ENV_VAR = "AWQ_COMPILE_CUDA_LIB"
-_ABI_VERSION = 10
+_ABI_VERSION = 11
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 
 # Largest M served by the weight-streaming kernel; above it, dequantize + cuBLAS. Measured on an
@@ -223,6 +223,9 @@ def load_library() -> ctypes.CDLL | None:
     lib.awq_int4_gemm_fold_glu_workspace.restype = i64
     lib.awq_rope_cache.argtypes = [p, p, p, p, p, i64, p, p, p, i64, i64, i64, i64, i64, i64, i32, p]
     lib.awq_rope_cache.restype = i32
+    lib.awq_int4_gemm_fold_rope.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i32, i32, p, p, i64, p, p, p, i64,
+                                            i64, i64, p]
+    lib.awq_int4_gemm_fold_rope.restype = i32
     lib.awq_int4_gemm_tc.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i32, i32, p]
     lib.awq_int4_gemm_tc.restype = i32
     lib.awq_int4_tc_max_m.restype = i64
@@ -668,24 +671,62 @@ def int4_linear_glu_cuda(x, qweights, scales, zeros, group_size, biases) -> torc
     return (F.silu(gate.float()) * up.float()).to(x.dtype)
 
 
+def _fold_rope_applies(x, qweights, group_size: int, d: int) -> bool:
+    """Whether the folded GEMV takes q/k/v with the rotation in its epilogue: where int4_linear_multi
+    would launch it (use_fold), with a head dim of whole tiles, and K slices summed in a cluster
+    or not split (no workspace)."""
+    k = x.shape[-1]
+    m, ns, kp = x.numel() // k, tuple(q.shape[0] for q in qweights), qweights[0].shape[1] * 2
+    if d % 16 or not use_fold(m, sum(ns), k, group_size):
+        return False
+    need = _multi_workspace_floats("fold", x.device.index, m, ns, k, kp, group_size, _DTYPES[x.dtype], _env(_FOLD_ENV))
+    return need == 0
+
+
+def _gemm_fold_rope(x, qweights, scales, zeros, group_size, biases, cos, sin, bstride, positions, k_cache, v_cache,
+                    d: int) -> torch.Tensor:
+    """One launch of awq_int4_gemm_fold_rope: q [M, Nq] rotated, k rotated and v into the caches."""
+    for args in zip(qweights, scales, zeros, biases):
+        _check_cuda_tensors(x, *args)
+    k = x.shape[-1]
+    x2d = x.reshape(-1, k).contiguous()
+    m, kp = x2d.shape[0], qweights[0].shape[1] * 2
+    q = x2d.new_empty((m, qweights[0].shape[0]))
+    arr = ctypes.c_void_p * 3
+    ptrs = [arr(*(t.data_ptr() for t in ts)) for ts in (qweights, scales, zeros)]
+    ptrs.append(arr(*(None if t is None else t.data_ptr() for t in biases)))
+    ns = (ctypes.c_int64 * 3)(*(qw.shape[0] for qw in qweights))
+    _check(load_library().awq_int4_gemm_fold_rope(
+        x2d.data_ptr(), *ptrs, q.data_ptr(), ns, m, k, kp, group_size, _DTYPES[x.dtype], cos.data_ptr(),
+        sin.data_ptr(), bstride, positions.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), x.shape[1],
+        k_cache.shape[2], d, _raw_stream(x.device)))
+    return q
+
+
 def int4_linear_rope_cache_cuda(x, qweights, scales, zeros, group_size, biases, cos, sin, cache_position,
                                 k_cache, v_cache) -> torch.Tensor:
-    """The CUDA implementation of awq::int4_linear_rope_cache: int4_linear_multi_cuda (one launch
-    at decode sizes), then one launch of awq_rope_cache for the rotation of q and k and the cache
-    writes, each value in fp32 and rounded once. Tensors the kernel cannot take (another dtype,
-    rows of cos or sin or a cache not contiguous) get the same math from torch ops."""
+    """The CUDA implementation of awq::int4_linear_rope_cache: where the folded GEMV takes q/k/v
+    (_fold_rope_applies), one launch of it with the rotation and the cache writes in its epilogue;
+    else int4_linear_multi_cuda (one launch at decode sizes) and one launch of awq_rope_cache for
+    the rotation and the writes. Bit-equal either way: each value in fp32, rounded once. Tensors
+    the kernels cannot take (another dtype, rows of cos or sin or a cache not contiguous) get the
+    same math from torch ops."""
     hq, hkv, d, length = check_int4_linear_rope_cache_args(x, qweights, scales, zeros, group_size, biases, cos,
                                                            sin, cache_position, k_cache, v_cache)
-    q, k, v = int4_linear_multi_cuda(x, qweights, scales, zeros, group_size, biases)
     b, s = x.shape[0], x.shape[1]
-    if b * s == 0:
-        return q
     rows_ok = (all(t.stride(3) == 1 and (s == 1 or t.stride(2) == d) for t in (cos, sin))
                and (cos.shape[0] == 1 or cos.stride(0) == sin.stride(0)))
-    if (x.dtype in _DTYPES and rows_ok and k_cache.is_contiguous() and v_cache.is_contiguous()
-            and b * s <= 65535 and x.device.index == torch.cuda.current_device()):
+    kernels = (x.dtype in _DTYPES and rows_ok and k_cache.is_contiguous() and v_cache.is_contiguous()
+               and 0 < b * s <= 65535 and x.device.index == torch.cuda.current_device())
+    bstride = cos.stride(0) if cos.shape[0] > 1 else 0
+    if kernels and _fold_rope_applies(x, qweights, group_size, d):
+        return _gemm_fold_rope(x, qweights, scales, zeros, group_size, biases, cos, sin, bstride, cache_position,
+                               k_cache, v_cache, d).view(b, s, hq * d)
+    q, k, v = int4_linear_multi_cuda(x, qweights, scales, zeros, group_size, biases)
+    if b * s == 0:
+        return q
+    if kernels:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        bstride = cos.stride(0) if cos.shape[0] > 1 else 0
         _check(load_library().awq_rope_cache(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), bstride,
             cache_position.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), b, s, hq, hkv, d, length,

@@ -4,9 +4,16 @@
 #   bash benchmarks/gpu_rope.sh a   # every CUDA test, 7B decode at batch 1 and 8 with the fusion
 #                                   # on and off (--ablate fuse_rope), the batch-8 trace
 #   bash benchmarks/gpu_rope.sh b   # the rope tests, 7B and 13B decode, the batch-8 trace
+#   bash benchmarks/gpu_rope.sh c   # (the folded GEMV's rope epilogue) every CUDA test, 7B decode,
+#                                   # the batch-8 trace
 set -u -o pipefail
 source benchmarks/device_env.sh /tmp/awq_rope_out
-if [ "${1:-a}" = a ]; then
+if [ "${1:-a}" = c ]; then
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -m cuda tests > "$OUT/t.txt" 2>&1; tail -1 "$OUT/t.txt"
+  grep -E "^(FAILED|ERROR)" "$OUT/t.txt" | head
+  timeout 210 python3 benchmarks/bench_e2e_gpu.py decode --shape 7b --batch 1 8 \
+    --out "$OUT/e2e_7b.json" 2>&1 | grep -E "^\{|Error|error" | tail -8
+elif [ "${1:-a}" = a ]; then
   timeout 190 python3 -m pytest -q -p no:cacheprovider -m cuda tests > "$OUT/t.txt" 2>&1; tail -1 "$OUT/t.txt"
   grep -E "^(FAILED|ERROR)" "$OUT/t.txt" | head
   timeout 320 python3 benchmarks/bench_e2e_gpu.py decode --shape 7b --batch 1 8 --ablate fuse_rope \

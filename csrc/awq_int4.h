@@ -75,6 +75,19 @@ int awq_int4_gemm_simt_multi(const void* x, int nseg, const uint8_t* const* qwei
                              const int64_t* Ns, float* workspace, int64_t workspace_floats, int64_t M,
                              int64_t K, int64_t Kp, int group_size, int dtype, void* stream);
 
+// q/k/v (3 weights of Ns rows, Ns[0] = heads * D, Ns[1] = Ns[2] = kv heads * D) in one launch of
+// the folded GEMV (int4_gemv_fold.cu, M <= 8, group size 128), with awq_rope_cache's work in its
+// epilogue: q rotated into q [M, Ns[0]], k rotated and v written into k_cache and v_cache
+// [B, Ns[1] / D, L, D] at pos[s] of token m = b * S + s (cos, sin, pos as awq_rope_cache takes
+// them). Bit-equal to awq_int4_gemm_fold over the three weights followed by awq_rope_cache.
+// AWQ_ERR_ARG where the plan would sum K slices through a workspace (not in a cluster): the caller
+// then takes those two launches.
+int awq_int4_gemm_fold_rope(const void* x, const uint8_t* const* qweights, const void* const* scales,
+                            const uint8_t* const* zeros, const void* const* biases, void* q, const int64_t* Ns,
+                            int64_t M, int64_t K, int64_t Kp, int group_size, int dtype, const void* cos,
+                            const void* sin, int64_t cos_bstride, const int64_t* pos, void* k_cache, void* v_cache,
+                            int64_t S, int64_t L, int64_t D, void* stream);
+
 // Rotary embedding and static KV-cache write after a q/k/v projection (rope_cache.cu):
 // q [B*S, Hq*D] rotated in place; k and v [B*S, Hkv*D] (k rotated) written to k_cache and
 // v_cache [B, Hkv, L, D] at sequence index pos[s] (int64 [S]; outside [0, L): not written);

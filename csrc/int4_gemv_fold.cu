@@ -75,6 +75,17 @@ using F2 = FoldCfg<16, 2, 1>;  // one block of 16 warps, 2 stages (64 KB)
 using F3 = FoldCfg<8, 2, 2>;   // two blocks of 8 warps, 2 stages (32 KB each)
 constexpr int kNumCfg = 4;
 
+// Rope mode's outputs (awq_int4_gemm_fold_rope): seg 0 (q) is rotated into its y, seg 1 (k)
+// rotated and seg 2 (v) as is into the caches [B, N / D, L, D] at sequence index pos[s] of token
+// m = b * S + s; cos and sin rows [b or 0, s, :] (cos_bstride elements between batch rows).
+struct RopeOut {
+  const void *cos, *sin;
+  const int64_t* pos;
+  void *k_cache, *v_cache;
+  int64_t cos_bstride;
+  int S, L, D;
+};
+
 struct FoldArgs {
   const void* x;
   Int4Seg seg[kMaxSeg];
@@ -91,7 +102,8 @@ struct FoldArgs {
   // adds the others' through distributed shared memory. Else partials go to ws and fold_finalize.
   bool cluster;
   int iters;
-  int mode;  // kSingle, kMulti or kPair (below)
+  int mode;  // kSingle, kMulti, kPair or kRope (below)
+  RopeOut rope;  // kRope only
 };
 
 // The 16-byte slot of word j in chunk (4 * group + t) of token g: XOR-swizzled so that the 8
@@ -171,9 +183,18 @@ struct Rows {
 };
 
 // What a launch's tiles are: rows of one weight (kSingle), of up to 4 weights numbered one after
-// another (kMulti), or 8 rows of a gate weight over the same 8 rows of an up weight (kPair), whose
-// results leave as silu(gate) * up (awq_int4_gemm_fold_glu).
-constexpr int kSingle = 0, kMulti = 1, kPair = 2;
+// another (kMulti), 8 rows of a gate weight over the same 8 rows of an up weight (kPair), whose
+// results leave as silu(gate) * up (awq_int4_gemm_fold_glu), or q/k/v numbered as in kMulti with
+// a tile's rows 0-7 a head's rows j..j+7 (j < D/2) over its rows j+D/2.. (kRope), whose results
+// leave rotated and in the KV cache (awq_int4_gemm_fold_rope).
+constexpr int kSingle = 0, kMulti = 1, kPair = 2, kRope = 3;
+constexpr int kNumModes = 4;
+
+// Rope mode: segment row of tile row i (0..15) of a segment's local tile `loc`.
+__device__ __forceinline__ int rope_row(const RopeOut& r, int loc, int i) {
+  const int hb = r.D / 16;  // tiles a head
+  return (loc / hb) * r.D + (loc % hb) * 8 + (i & 7) + (i >= 8 ? r.D / 2 : 0);
+}
 
 // Requests the stage of groups first, first + 1 (clamped to the slice's last group) into `ring`
 // (one stage of this warp), and its scales and zeros into st. Lane (rr, cc) = (lane / 8, lane % 8)
@@ -251,8 +272,52 @@ __device__ __forceinline__ void store_pair(const FoldArgs& a, int m, int row, fl
 }
 
 // A lane's 4 results of a tile, K summed (v: rows g, g + 8 x tokens 2t, 2t + 1), + bias, to y.
+// One pair of rope mode, token m: ya, yb the projection's rows j and j + D/2 (rounded to T with
+// their bias, as int4_linear_multi writes them), rotated as awq_rope_cache rotates them (torch's
+// fp32 math, rounded once), into q's y or the k cache; v's copied into the v cache.
+template <typename T>
+__device__ __forceinline__ void store_rope(const FoldArgs& a, int si, int head, int j, int m, T ya, T yb) {
+  const RopeOut& r = a.rope;
+  const int half = r.D / 2, b = m / r.S, s = m - b * r.S;
+  T* dst;
+  if (si == 0) {
+    dst = static_cast<T*>(a.seg[0].y) + (size_t)m * a.seg[0].N + (size_t)head * r.D;
+  } else {
+    const int64_t p = r.pos[s];
+    if (p < 0 || p >= r.L) return;
+    const int hkv = a.seg[1].N / r.D;
+    dst = static_cast<T*>(si == 1 ? r.k_cache : r.v_cache) + (((int64_t)b * hkv + head) * r.L + p) * r.D;
+    if (si == 2) {
+      dst[j] = ya;
+      dst[j + half] = yb;
+      return;
+    }
+  }
+  const T* cs = static_cast<const T*>(r.cos) + b * r.cos_bstride + (int64_t)s * r.D;
+  const T* sn = static_cast<const T*>(r.sin) + b * r.cos_bstride + (int64_t)s * r.D;
+  auto f = [](T v) { return Half2Traits<T>::to_float(v); };
+  const float x0 = f(ya), x1 = f(yb);
+  dst[j] = Half2Traits<T>::from_float(__fsub_rn(__fmul_rn(x0, f(cs[j])), __fmul_rn(x1, f(sn[j]))));
+  dst[j + half] = Half2Traits<T>::from_float(__fadd_rn(__fmul_rn(x1, f(cs[j + half])), __fmul_rn(x0, f(sn[j + half]))));
+}
+
 template <typename T, int MODE>
 __device__ __forceinline__ void store_tile(const FoldArgs& a, int tile, int g, int t, const float (&v)[4]) {
+  if (MODE == kRope) {
+    const int si = seg_of(a.seg, a.nseg, tile);
+    const Int4Seg& sg = a.seg[si];
+    const int loc = tile - sg.tile0, hb = a.rope.D / 16;
+    const int head = loc / hb, j = (loc % hb) * 8 + g;
+    const int ra = head * a.rope.D + j, rb = ra + a.rope.D / 2;
+    const float ba = sg.bias ? Half2Traits<T>::to_float(static_cast<const T*>(sg.bias)[ra]) : 0.f;
+    const float bb = sg.bias ? Half2Traits<T>::to_float(static_cast<const T*>(sg.bias)[rb]) : 0.f;
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+      if (2 * t + e < a.M)
+        store_rope<T>(a, si, head, j, 2 * t + e, Half2Traits<T>::from_float(v[e] + ba),
+                      Half2Traits<T>::from_float(v[2 + e] + bb));
+    return;
+  }
   if (MODE == kPair) {
     const int row = tile * 8 + g;
     if (row >= a.seg[0].N) return;
@@ -313,7 +378,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const Fo
   // than whole SMs idle (packed 16 warps a block, 7B's q/k/v, 768 tiles in 2 K slices, would be
   // 96 blocks for an H100's 132 SMs).
   int tile = blockIdx.x + warp * gridDim.x;
-  auto seg = [&](int tl) { return MODE == kMulti ? seg_of(a.seg, a.nseg, tl) : 0; };
+  auto seg = [&](int tl) { return MODE == kMulti || MODE == kRope ? seg_of(a.seg, a.nseg, tl) : 0; };
 
   const int nst = (ngs + kU - 1) / kU, last = gs0 + ngs - 1;  // stages of the slice, its last group
   uint8_t* wring = xs + (xbytes + (size_t)a.M * a.gps * sizeof(float) + 15) / 16 * 16 +
@@ -339,6 +404,15 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const Fo
     rows.qweight = sg.qweight;
     rows.scales = static_cast<const uint16_t*>(sg.scales);
     rows.zeros = sg.zeros;
+    if (MODE == kRope) {  // rows 0-7: a head's rows j..j+7; rows 8-15: the same + D/2
+      const int loc = tl - sg.tile0;
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        rows.cw[i] = (uint32_t)rope_row(a.rope, loc, 4 * i + (lane >> 3)) * (uint32_t)(a.Kp / 2);
+      rows.g0 = (uint32_t)rope_row(a.rope, loc, g) * (uint32_t)a.groups;
+      rows.g1 = (uint32_t)rope_row(a.rope, loc, g + 8) * (uint32_t)a.groups;
+      return;
+    }
 #pragma unroll
     for (int i = 0; i < 4; ++i)
       rows.cw[i] = (uint32_t)min((tl - sg.tile0) * kTileRows + 4 * i + (lane >> 3), sg.N - 1) * (uint32_t)(a.Kp / 2);
@@ -488,11 +562,12 @@ Plan make_plan(const FoldArgs& a, const DeviceSmem& d, int reg_occ) {
   return p;
 }
 
-// The kernel for a mode: one weight, several, or a gate/up pair.
+// The kernel for a mode: one weight, several, a gate/up pair, or q/k/v with the rotary embedding.
 template <typename T, class C>
 auto kernel_for(int mode) {
-  return mode == kPair ? gemv_fold_kernel<T, C, kPair>
-                       : mode == kMulti ? gemv_fold_kernel<T, C, kMulti> : gemv_fold_kernel<T, C, kSingle>;
+  return mode == kRope ? gemv_fold_kernel<T, C, kRope>
+         : mode == kPair ? gemv_fold_kernel<T, C, kPair>
+         : mode == kMulti ? gemv_fold_kernel<T, C, kMulti> : gemv_fold_kernel<T, C, kSingle>;
 }
 
 // The launch configuration of a grid (blocks, n_ks) whose n_ks K slices of a block column form
@@ -552,7 +627,7 @@ template <typename T, class C>
 int plan_cfg(const FoldArgs& a, int dtype, int cfg, Plan& p) {
   const DeviceSmem* d = nullptr;
   if (int e = device_smem(d)) return e;
-  static int reg_occ[64][kNumCfg][2][3];  // blocks per SM allowed by registers: (device, config, dtype, mode)
+  static int reg_occ[64][kNumCfg][2][kNumModes];  // blocks per SM allowed by registers: (device, config, dtype, mode)
   int& occ = reg_occ[d->dev & 63][cfg][dtype == AWQ_DTYPE_BF16][a.mode];
   if (occ == 0) {
     auto kernel = kernel_for<T, C>(a.mode);
@@ -705,4 +780,34 @@ extern "C" int awq_int4_gemm_fold_glu(const void* x, const uint8_t* const* qweig
   a.x_vec = (K % 8 == 0) && (((uintptr_t)x & 15) == 0);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   return dtype == AWQ_DTYPE_BF16 ? launch<__nv_bfloat16>(a, dtype, ws_floats, s) : launch<__half>(a, dtype, ws_floats, s);
+}
+
+extern "C" int awq_int4_gemm_fold_rope(const void* x, const uint8_t* const* qweights, const void* const* scales,
+                                       const uint8_t* const* zeros, const void* const* biases, void* q,
+                                       const int64_t* Ns, int64_t M, int64_t K, int64_t Kp, int group_size, int dtype,
+                                       const void* cos, const void* sin, int64_t cos_bstride, const int64_t* pos,
+                                       void* k_cache, void* v_cache, int64_t S, int64_t L, int64_t D, void* stream) {
+  using namespace awq;
+  FoldArgs a{};
+  if (!Ns || !cos || !sin || !pos || !k_cache || !v_cache)
+    return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold_rope: null argument");
+  if (D < 16 || D % 16 || S < 1 || M % S || L < 1 || cos_bstride < 0 || Ns[0] % D || Ns[1] != Ns[2] || Ns[1] % D)
+    return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold_rope: bad sizes M=%lld S=%lld L=%lld D=%lld N=%lld,%lld,%lld",
+                (long long)M, (long long)S, (long long)L, (long long)D, (long long)Ns[0], (long long)Ns[1],
+                (long long)Ns[2]);
+  void* const ys[3] = {q, q, q};  // only q's is written: k and v go to the caches
+  if (int e = prepare(a, 3, Ns, M, K, Kp, group_size, dtype)) return e;
+  if (int e = set_seg_pointers("awq_int4_gemm_fold_rope", a.seg, 3, x, qweights, scales, zeros, biases, ys)) return e;
+  a.mode = kRope;
+  a.rope = RopeOut{cos, sin, pos, k_cache, v_cache, cos_bstride, (int)S, (int)L, (int)D};
+  a.x = x;
+  a.x_vec = (K % 8 == 0) && (((uintptr_t)x & 15) == 0);
+  Plan p;
+  const int e = dtype == AWQ_DTYPE_BF16 ? plan_for<__nv_bfloat16>(a, dtype, p) : plan_for<__half>(a, dtype, p);
+  if (e) return e;
+  if (ws_need(a, p) > 0)  // no rope finalize: the caller takes int4_linear_multi + awq_rope_cache there
+    return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold_rope: M=%lld K=%lld needs a workspace for %d K slices",
+                (long long)M, (long long)K, p.n_ks);
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  return dtype == AWQ_DTYPE_BF16 ? launch<__nv_bfloat16>(a, dtype, 0, st) : launch<__half>(a, dtype, 0, st);
 }

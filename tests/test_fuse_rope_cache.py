@@ -242,8 +242,9 @@ def test_fuse_rope_option():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("b,s,cos_rows,hq,hkv", [(1, 1, 1, 32, 32), (8, 1, 1, 32, 32), (4, 1, 4, 8, 2),
-                                                 (2, 3, 1, 8, 2), (3, 1, 1, 4, 4)])
+@pytest.mark.parametrize("b,s,cos_rows,hq,hkv", [(1, 1, 1, 32, 32), (8, 1, 1, 32, 32), (4, 1, 4, 32, 32),
+                                                 (2, 3, 1, 64, 16), (4, 1, 4, 8, 2), (2, 3, 1, 8, 2),
+                                                 (3, 1, 1, 4, 4)])
 def test_cuda_op_matches_float64(dtype, b, s, cos_rows, hq, hkv, cuda_library):
     d, k, g, length = 128, 512, 128, 40
     qws, biases = _block(hq, hkv, d, k=k, g=g, bias=hq == 8)
@@ -267,10 +268,40 @@ def test_cuda_op_matches_float64(dtype, b, s, cos_rows, hq, hkv, cuda_library):
     untouched[pos] = False
     assert torch.equal(k_cache[:, :, untouched], before_k[:, :, untouched])
     assert torch.equal(v_cache[:, :, untouched], before_v[:, :, untouched])
-    # The kernel's q: the op's own rotation of its projection, in fp32 rounded once.
-    yq = MULTI(x, *w)[0]
-    rot = rotate_heads(yq.float().view(b, s, hq, d).transpose(1, 2), cos.float(), sin.float())
-    torch.testing.assert_close(q, rot.transpose(1, 2).reshape(b, s, hq * d).to(dtype), rtol=0, atol=0)
+    # Bit for bit: the projection (int4_linear_multi's kernel) rotated in fp32 and rounded once,
+    # whether the folded GEMV's epilogue did it (q/k/v of 12288 rows here) or awq_rope_cache.
+    yq, yk, yv = MULTI(x, *w)
+    rot = lambda y, h: rotate_heads(y.float().view(b, s, h, d).transpose(1, 2), cos.float(), sin.float())  # noqa: E731
+    assert torch.equal(q, rot(yq, hq).transpose(1, 2).reshape(b, s, hq * d).to(dtype))
+    assert torch.equal(k_cache[:, :, pos], rot(yk, hkv).to(dtype))
+    assert torch.equal(v_cache[:, :, pos], yv.view(b, s, hkv, d).transpose(1, 2))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("b", [1, 2, 8])
+def test_cuda_fold_epilogue_is_the_two_launches(b, cuda_library, monkeypatch):
+    """7B's q/k/v: the folded GEMV with the rotation and cache writes in its epilogue (where it
+    applies) against int4_linear_multi + awq_rope_cache, bit for bit."""
+    from awq_compile import _cuda
+
+    hq, hkv, d, k, g = 32, 32, 128, 4096, 128
+    qws, biases = _block(hq, hkv, d, k=k, g=g, seed=4)
+    dev, dt = "cuda", torch.bfloat16
+    w = ([q.qweight.to(dev) for q in qws], [q.scales.to(dev, dt) for q in qws], [q.zeros.to(dev) for q in qws], g,
+         [None, None, None])
+    x = torch.randn(b, 1, k, device=dev, dtype=dt)
+    cos, sin = (t.to(dev, dt) for t in _cos_sin(1, 1, d, start=9))
+    pos = torch.tensor([9], device=dev)
+    fused = _cuda._fold_rope_applies(x, w[0], g, d)
+    if b == 1 or torch.cuda.get_device_capability()[0] >= 9:  # K slices summed in a cluster there
+        assert fused == (b > 1)  # 7B's q/k/v at M = 1 is the CUDA-core GEMV's (use_fold)
+    one = [torch.zeros(b, hkv, 12, d, device=dev, dtype=dt) for _ in range(2)]
+    two = [torch.zeros(b, hkv, 12, d, device=dev, dtype=dt) for _ in range(2)]
+    q1 = ROPE(x, *w, cos, sin, pos, *one)
+    monkeypatch.setattr(_cuda, "_fold_rope_applies", lambda *a: False)
+    q2 = ROPE(x, *w, cos, sin, pos, *two)
+    assert torch.equal(q1, q2) and torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    assert one[0][:, :, 9].abs().sum() > 0 and one[1][:, :, 9].abs().sum() > 0
 
 
 @pytest.mark.cuda
@@ -297,15 +328,16 @@ def test_cuda_op_opcheck_and_torch_fallback(cuda_library):
 @pytest.mark.cuda
 @pytest.mark.parametrize("batch", [1, 8])
 def test_cuda_backend_decode_with_rope_fusion(batch, cuda_library):
-    """A 2-layer Llama of 7B's head shape on CUDA, bf16, CUDA graphs: the fused decode against
-    the same model with the fusion off (teacher-forced tokens), logits and caches."""
+    """A 2-layer Llama of 7B's widths on CUDA, bf16, CUDA graphs (batch 8: the folded GEMV's rope
+    epilogue; batch 1: the CUDA-core GEMV and awq_rope_cache): the fused decode against the same
+    model with the fusion off (teacher-forced tokens), logits and caches."""
     import awq_compile
     from awq_compile import AWQConfig
     from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
     awq_compile.backend.register()
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=8,
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                       num_hidden_layers=2, vocab_size=512, max_position_embeddings=256)
     model = awq_compile.quantize_rtn(LlamaForCausalLM(cfg).to(torch.bfloat16).cuda().eval(),
                                      AWQConfig(group_size=128, compute_dtype="bfloat16"))
