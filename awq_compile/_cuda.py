@@ -226,6 +226,8 @@ def load_library() -> ctypes.CDLL | None:
     lib.awq_int4_gemm_fold_rope.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i32, i32, p, p, i64, p, p, p, i64,
                                             i64, i64, p]
     lib.awq_int4_gemm_fold_rope.restype = i32
+    lib.awq_int4_gemm_fold_rope_workspace.argtypes = [p, i64, i64, i64, i32, i32]
+    lib.awq_int4_gemm_fold_rope_workspace.restype = i64
     lib.awq_int4_gemm_tc.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i32, i32, p]
     lib.awq_int4_gemm_tc.restype = i32
     lib.awq_int4_tc_max_m.restype = i64
@@ -679,8 +681,17 @@ def _fold_rope_applies(x, qweights, group_size: int, d: int) -> bool:
     m, ns, kp = x.numel() // k, tuple(q.shape[0] for q in qweights), qweights[0].shape[1] * 2
     if d % 16 or not use_fold(m, sum(ns), k, group_size):
         return False
-    need = _multi_workspace_floats("fold", x.device.index, m, ns, k, kp, group_size, _DTYPES[x.dtype], _env(_FOLD_ENV))
-    return need == 0
+    return _fold_rope_workspace_floats(x.device.index, m, ns, k, kp, group_size, _DTYPES[x.dtype], _env(_FOLD_ENV)) == 0
+
+
+@functools.lru_cache(maxsize=256)
+def _fold_rope_workspace_floats(device: int, m, ns: tuple[int, ...], k, kp, g, dtype: int, env: tuple) -> int:
+    """Floats of workspace awq_int4_gemm_fold_rope's plan needs (0: the launch applies)."""
+    with torch.cuda.device(device):
+        need = load_library().awq_int4_gemm_fold_rope_workspace((ctypes.c_int64 * 3)(*ns), m, k, kp, g, dtype)
+    if need < 0:
+        _check(1)
+    return need
 
 
 def _gemm_fold_rope(x, qweights, scales, zeros, group_size, biases, cos, sin, bstride, positions, k_cache, v_cache,

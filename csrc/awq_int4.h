@@ -81,7 +81,10 @@ int awq_int4_gemm_simt_multi(const void* x, int nseg, const uint8_t* const* qwei
 // [B, Ns[1] / D, L, D] at pos[s] of token m = b * S + s (cos, sin, pos as awq_rope_cache takes
 // them). Bit-equal to awq_int4_gemm_fold over the three weights followed by awq_rope_cache.
 // AWQ_ERR_ARG where the plan would sum K slices through a workspace (not in a cluster): the caller
-// then takes those two launches.
+// then takes those two launches. awq_int4_gemm_fold_rope_workspace says which: the floats of
+// workspace the plan needs (0: the launch applies), or -1 for bad sizes.
+int64_t awq_int4_gemm_fold_rope_workspace(const int64_t* Ns, int64_t M, int64_t K, int64_t Kp, int group_size,
+                                          int dtype);
 int awq_int4_gemm_fold_rope(const void* x, const uint8_t* const* qweights, const void* const* scales,
                             const uint8_t* const* zeros, const void* const* biases, void* q, const int64_t* Ns,
                             int64_t M, int64_t K, int64_t Kp, int group_size, int dtype, const void* cos,

@@ -782,6 +782,17 @@ extern "C" int awq_int4_gemm_fold_glu(const void* x, const uint8_t* const* qweig
   return dtype == AWQ_DTYPE_BF16 ? launch<__nv_bfloat16>(a, dtype, ws_floats, s) : launch<__half>(a, dtype, ws_floats, s);
 }
 
+extern "C" int64_t awq_int4_gemm_fold_rope_workspace(const int64_t* Ns, int64_t M, int64_t K, int64_t Kp,
+                                                     int group_size, int dtype) {
+  using namespace awq;
+  FoldArgs a{};
+  if (!Ns || prepare(a, 3, Ns, M, K, Kp, group_size, dtype) != AWQ_OK) return -1;
+  a.mode = kRope;
+  Plan p;
+  const int e = dtype == AWQ_DTYPE_BF16 ? plan_for<__nv_bfloat16>(a, dtype, p) : plan_for<__half>(a, dtype, p);
+  return e == AWQ_OK ? ws_need(a, p) : -1;
+}
+
 extern "C" int awq_int4_gemm_fold_rope(const void* x, const uint8_t* const* qweights, const void* const* scales,
                                        const uint8_t* const* zeros, const void* const* biases, void* q,
                                        const int64_t* Ns, int64_t M, int64_t K, int64_t Kp, int group_size, int dtype,
