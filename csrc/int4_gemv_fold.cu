@@ -33,6 +33,12 @@
 // same 8 rows of its up weight, and the launch writes only silu(gate) * up (H200, 7B, batch 8:
 // 20.7 us for gate/up and the product, against 21.0-21.9 + 1.6 for the launch and inductor's
 // elementwise kernel before; RESULTS.md section 4, session 11).
+// Rope mode (awq_int4_gemm_fold_rope): q/k/v as in kMulti, but a tile is a head's rows j..j+7
+// (j < D/2) over its rows j+D/2..j+D/2+7, so a lane holds both halves of a rotary pair for its two
+// tokens; the epilogue rotates q into y and k into the KV cache and writes v there, bit-equal to
+// the launch plus awq_rope_cache (rope_cache.cu), which it replaces where the K slices are summed
+// in a cluster or not split (H200, 7B, batch 8: 15.0 us against 14.2 + 1.9 and a gap; RESULTS.md
+// section 3, session 12).
 // K is sliced when x does not fit beside the ring, and further until half the resident warps
 // have a tile.
 //
