@@ -679,7 +679,8 @@ def _fold_rope_applies(x, qweights, group_size: int, d: int) -> bool:
     or not split (no workspace)."""
     k = x.shape[-1]
     m, ns, kp = x.numel() // k, tuple(q.shape[0] for q in qweights), qweights[0].shape[1] * 2
-    if d % 16 or not use_fold(m, sum(ns), k, group_size):
+    m1 = m == 1 and os.environ.get("AWQ_ROPE_FOLD_M1") == "1" and group_size == 128  # experiment
+    if d % 16 or not (use_fold(m, sum(ns), k, group_size) or m1):
         return False
     return _fold_rope_workspace_floats(x.device.index, m, ns, k, kp, group_size, _DTYPES[x.dtype], _env(_FOLD_ENV)) == 0
 
