@@ -675,12 +675,15 @@ def int4_linear_glu_cuda(x, qweights, scales, zeros, group_size, biases) -> torc
 
 def _fold_rope_applies(x, qweights, group_size: int, d: int) -> bool:
     """Whether the folded GEMV takes q/k/v with the rotation in its epilogue: where int4_linear_multi
-    would launch it (use_fold), with a head dim of whole tiles, and K slices summed in a cluster
-    or not split (no workspace)."""
+    would launch it (use_fold), and at one token, with a head dim of whole tiles, and K slices
+    summed in a cluster or not split (no workspace). At one token use_fold leaves 7B's q/k/v
+    (n = 3 K) to the CUDA-core GEMV, ~1 us faster alone, but the rope mode also saves the
+    awq_rope_cache launch and its gap: H200, 7B batch-1 decode 434.8 / 434.4 -> 438.7 / 438.3
+    tokens/s, two runs each (benchmarks/RESULTS.md, section 3, session 12); 13B not measured."""
     k = x.shape[-1]
     m, ns, kp = x.numel() // k, tuple(q.shape[0] for q in qweights), qweights[0].shape[1] * 2
-    m1 = m == 1 and os.environ.get("AWQ_ROPE_FOLD_M1") == "1" and group_size == 128  # experiment
-    if d % 16 or not (use_fold(m, sum(ns), k, group_size) or m1):
+    one = m == 1 and group_size == 128 and os.environ.get("AWQ_FOLD") != "0"
+    if d % 16 or not (one or use_fold(m, sum(ns), k, group_size)):
         return False
     return _fold_rope_workspace_floats(x.device.index, m, ns, k, kp, group_size, _DTYPES[x.dtype], _env(_FOLD_ENV)) == 0
 

@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_rope.sh b   # the rope tests, 7B and 13B decode, the batch-8 trace
 #   bash benchmarks/gpu_rope.sh c   # (the folded GEMV's rope epilogue) every CUDA test, 7B decode,
 #                                   # the batch-8 trace
+# The batch-1 A/B of the rope mode at one token (RESULTS.md, section 3, session 12) ran as
+# bench_e2e_gpu.py decode --batch 1 --models int4, twice with the rule and twice without.
 set -u -o pipefail
 source benchmarks/device_env.sh /tmp/awq_rope_out
 if [ "${1:-a}" = c ]; then

@@ -6,8 +6,6 @@ the backend end to end."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -282,8 +280,9 @@ def test_cuda_op_matches_float64(dtype, b, s, cos_rows, hq, hkv, cuda_library):
 @pytest.mark.cuda
 @pytest.mark.parametrize("b", [1, 2, 8])
 def test_cuda_fold_epilogue_is_the_two_launches(b, cuda_library, monkeypatch):
-    """7B's q/k/v: the folded GEMV with the rotation and cache writes in its epilogue (where it
-    applies) against int4_linear_multi + awq_rope_cache, bit for bit."""
+    """7B's q/k/v: the folded GEMV with the rotation and cache writes in its epilogue against
+    int4_linear_multi + awq_rope_cache: bit for bit at M = 2..8, where that projection is the same
+    folded GEMV; within bf16 rounding at one token, where it is the CUDA-core GEMV."""
     from awq_compile import _cuda
 
     hq, hkv, d, k, g = 32, 32, 128, 4096, 128
@@ -294,15 +293,18 @@ def test_cuda_fold_epilogue_is_the_two_launches(b, cuda_library, monkeypatch):
     x = torch.randn(b, 1, k, device=dev, dtype=dt)
     cos, sin = (t.to(dev, dt) for t in _cos_sin(1, 1, d, start=9))
     pos = torch.tensor([9], device=dev)
-    fused = _cuda._fold_rope_applies(x, w[0], g, d)
-    if os.environ.get("AWQ_ROPE_FOLD_M1") != "1" and (b == 1 or torch.cuda.get_device_capability()[0] >= 9):
-        assert fused == (b > 1)  # 7B's q/k/v at M = 1 is the CUDA-core GEMV's (use_fold)
+    if torch.cuda.get_device_capability()[0] >= 9:  # K slices summed in a cluster or not split there
+        assert _cuda._fold_rope_applies(x, w[0], g, d)
     one = [torch.zeros(b, hkv, 12, d, device=dev, dtype=dt) for _ in range(2)]
     two = [torch.zeros(b, hkv, 12, d, device=dev, dtype=dt) for _ in range(2)]
     q1 = ROPE(x, *w, cos, sin, pos, *one)
     monkeypatch.setattr(_cuda, "_fold_rope_applies", lambda *a: False)
     q2 = ROPE(x, *w, cos, sin, pos, *two)
-    assert torch.equal(q1, q2) and torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    if b > 1:
+        assert torch.equal(q1, q2) and torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    else:
+        for got, want in ((q1, q2), (one[0], two[0]), (one[1], two[1])):
+            assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
     assert one[0][:, :, 9].abs().sum() > 0 and one[1][:, :, 9].abs().sum() > 0
 
 
