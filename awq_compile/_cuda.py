@@ -723,9 +723,11 @@ def int4_linear_rope_cache_cuda(x, qweights, scales, zeros, group_size, biases, 
     """The CUDA implementation of awq::int4_linear_rope_cache: where the folded GEMV takes q/k/v
     (_fold_rope_applies), one launch of it with the rotation and the cache writes in its epilogue;
     else int4_linear_multi_cuda (one launch at decode sizes) and one launch of awq_rope_cache for
-    the rotation and the writes. Bit-equal either way: each value in fp32, rounded once. Tensors
-    the kernels cannot take (another dtype, rows of cos or sin or a cache not contiguous) get the
-    same math from torch ops."""
+    the rotation and the writes. The rotation is the same math either way (fp32 from the rounded
+    projection, rounded once), so at M = 2..8, where the projection is the folded GEMV's in both,
+    the two are bit-equal; at one token the second form's projection is the CUDA-core GEMV's.
+    Tensors the kernels cannot take (another dtype, rows of cos or sin or a cache not contiguous)
+    get the same math from torch ops."""
     hq, hkv, d, length = check_int4_linear_rope_cache_args(x, qweights, scales, zeros, group_size, biases, cos,
                                                            sin, cache_position, k_cache, v_cache)
     b, s = x.shape[0], x.shape[1]
