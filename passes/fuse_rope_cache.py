@@ -20,7 +20,8 @@ one launch after the projection's.
 
 Only where every intermediate has no other reader, q and k are rotated by the same cos and sin
 nodes, both writes take the same positions, nothing between the first and the second write reads
-either cache, nothing the op reads is mutated between the projection and the writes, and the
+either cache (or a view of one), no in-place op between the projection and the writes touches
+anything but a graph input or attribute the op does not read, and the
 op's checks accept the example tensors (x [B, S, K], cos and sin [B or 1, 1, S, D] of x's dtype,
 the caches [B, kv heads, L, D]). The call stands where the first of the two writes stood.
 Run it after `fuse_sibling_linears`, whose three-weight calls it takes.
@@ -180,20 +181,25 @@ def _match_block(graph: fx.Graph, multi: fx.Node) -> dict | None:
         return None
     if any(order[u] < order[first] for u in q_rope[0].users):
         return None
-    # Nothing the op reads may be mutated between the projection and the writes, and nothing
-    # may read a cache between the two writes (both now happen where the first stood).
+    # Between the projection and the first write, an in-place op may only touch a graph input or
+    # attribute the op does not read (a static cache's position counter), never a view; between
+    # the two writes nothing may read a cache or a view of one (both writes now happen where the
+    # first stood).
     watched = set(inputs)
     n = multi.next
     while n is not first:
-        if _barrier(n) and set(n.all_input_nodes) & watched:
+        if _barrier(n) and (set(n.all_input_nodes) & watched or not n.args or not isinstance(n.args[0], fx.Node)
+                            or n.args[0].op not in ("placeholder", "get_attr")):
             return None
         n = n.next
-    caches = {k_cache, v_cache}
-    n = first.next
-    while n is not last:
-        if set(n.all_input_nodes) & caches:
-            return None
-        n = n.next
+    tainted = {k_cache, v_cache}  # the caches and what was computed from them
+    for n in graph.nodes:
+        if n is last:
+            break
+        if n not in (k_copy, v_copy) and set(n.all_input_nodes) & tainted:
+            if order[n] > order[first]:
+                return None
+            tainted.add(n)
     val = _fake_call(multi, cos, sin, pos, k_cache, v_cache)
     if val is None:
         return None
