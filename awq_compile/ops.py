@@ -1,5 +1,6 @@
-"""The custom ops `awq::int4_linear`, `awq::int4_linear_multi` and `awq::int4_linear_glu`
-(torch.library): schema, reference impl, fake impl.
+"""The custom ops `awq::int4_linear`, `awq::int4_linear_multi`, `awq::int4_linear_glu`,
+`awq::int4_linear_partials` and `awq::int4_linear_rope_cache` (torch.library): schema, reference
+impl, fake impl.
 
     y = x @ dequantize(qweight, scales, zeros)[:, :K].T + bias,   K = x.shape[-1]
     ys = [int4_linear(x, qweights[i], scales[i], zeros[i], group_size, biases[i]) for i]
@@ -22,6 +23,14 @@ the two rounded outputs and round once, as inductor's fused elementwise kernel d
 `int4_linear_partials` is the product's K-slice partial sums, left for the graph to add: the pass
 `defer_split_k` puts it (and the sum) where the CUDA decode kernel would split K and sum the
 slices in a second launch, so that inductor adds them inside the kernel that reads y.
+
+    q = int4_linear_rope_cache(x, [Wq, Wk, Wv], S, Z, g, b, cos, sin, positions, k_cache, v_cache)
+
+`int4_linear_rope_cache` is an attention block's q/k/v projections, the rotary embedding of q and
+k (Llama's `rotate_half` form) and a static KV cache's writes of k and v (it mutates both
+caches), the op the pass `fuse_rope_cache` puts in place of those steps: on CUDA the rotation and
+the writes happen in the projection's epilogue or one launch after it, where inductor had three
+kernels between q/k/v and attention.
 """
 
 from __future__ import annotations
