@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import torch.utils.weak
 
 from .ops import (check_int4_linear_args, check_int4_linear_glu_args, check_int4_linear_multi_args,
-                  check_int4_linear_rope_cache_args)
+                  check_int4_linear_rope_cache_args, rotate_heads)
 
 __all__ = ["library_path", "load_library", "available", "gemm_mma", "gemm_pc", "gemm_simt", "gemm_simt_multi", "gemm_tc",
            "dequantize_cuda", "int4_linear_cuda", "int4_linear_multi_cuda", "mma_max_m", "pc_max_m", "simt_max_m",
@@ -323,16 +323,27 @@ def _env(names: tuple[str, ...]) -> tuple[str | None, ...]:
     return tuple(os.environ.get(v) for v in names)
 
 
-@functools.lru_cache(maxsize=256)
-def _multi_workspace_floats(kernel: str, device: int, m, ns: tuple[int, ...], k, kp, g, dtype: int, env: tuple) -> int:
-    """Floats of split-K workspace the library's awq_int4_gemm_<kernel>_workspace asks for. env:
-    the values of the kernel's _SIMT_ENV / _FOLD_ENV variables (the cache key)."""
+@functools.lru_cache(maxsize=512)
+def _workspace_floats(query: str, device: int, args: tuple, env: tuple) -> int:
+    """Floats of split-K workspace the library's `query` (an awq_int4_gemm_*_workspace) asks for
+    with `args` (a tuple among them is passed as an int64 array); a -1 from it raises. env: the
+    values of the kernel's _SIMT_ENV / _FOLD_ENV variables (part of the cache key)."""
+    c_args = [(ctypes.c_int64 * len(a))(*a) if isinstance(a, tuple) else a for a in args]
     with torch.cuda.device(device):
-        need = getattr(load_library(), f"awq_int4_gemm_{kernel}_workspace")(
-            len(ns), (ctypes.c_int64 * len(ns))(*ns), m, k, kp, g, dtype)
+        need = getattr(load_library(), query)(*c_args)
     if need < 0:
         _check(1)
     return need
+
+
+def _multi_workspace_floats(kernel: str, device: int, m, ns: tuple[int, ...], k, kp, g, dtype: int, env: tuple) -> int:
+    """_workspace_floats of awq_int4_gemm_<kernel> (simt_multi, fold) for weights of ns rows."""
+    return _workspace_floats(f"awq_int4_gemm_{kernel}_workspace", device, (len(ns), tuple(ns), m, k, kp, g, dtype), env)
+
+
+def _ptrs(tensors) -> ctypes.Array:
+    """A C array of the tensors' data pointers (NULL for None)."""
+    return (ctypes.c_void_p * len(tensors))(*(None if t is None else t.data_ptr() for t in tensors))
 
 
 def gemm_simt(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor:
@@ -354,10 +365,7 @@ def _multi_arrays(name: str, x2d, qweights, scales, zeros, biases, outs):
         if qw.shape[1] * 2 != kp:
             raise ValueError(f"{name}: the weights' packed K differ ({qw.shape[1] * 2} vs {kp})")
         _sizes(name, x2d, qw, out)
-    arr = ctypes.c_void_p * n
-    ptrs = [arr(*(t.data_ptr() for t in ts)) for ts in (qweights, scales, zeros)]
-    ptrs.append(arr(*(None if b is None else b.data_ptr() for b in biases)))
-    ptrs.append(arr(*(t.data_ptr() for t in outs)))
+    ptrs = [_ptrs(ts) for ts in (qweights, scales, zeros, biases, outs)]
     ptrs.append((ctypes.c_int64 * n)(*(qw.shape[0] for qw in qweights)))
     return ptrs, (m, k, kp)
 
@@ -626,16 +634,6 @@ def int4_linear_multi_cuda(x, qweights, scales, zeros, group_size, biases) -> li
             for args in zip(qweights, scales, zeros, biases)]
 
 
-@functools.lru_cache(maxsize=256)
-def _glu_workspace_floats(device: int, n, m, k, kp, g, dtype: int, env: tuple) -> int:
-    """Floats of split-K workspace awq_int4_gemm_fold_glu asks for (env: as _multi_workspace_floats')."""
-    with torch.cuda.device(device):
-        need = load_library().awq_int4_gemm_fold_glu_workspace(n, m, k, kp, g, dtype)
-    if need < 0:
-        _check(1)
-    return need
-
-
 def gemm_fold_glu(x2d, qweights, scales, zeros, group_size, biases, out) -> torch.Tensor:
     """out[M, N] = silu(x2d @ Wg^T + bg) * (x2d @ Wu^T + bu) in one launch of the folded decode
     kernel (M <= 8, group size 128); qweights, scales, zeros, biases: [gate, up]. Each linear is
@@ -648,7 +646,8 @@ def gemm_fold_glu(x2d, qweights, scales, zeros, group_size, biases, out) -> torc
     dev = x2d.device
     dt = _DTYPES[x2d.dtype]
     n = out.shape[1]
-    need = _glu_workspace_floats(dev.index, n, m, k, kp, group_size, dt, _env(_FOLD_ENV))
+    need = _workspace_floats("awq_int4_gemm_fold_glu_workspace", dev.index, (n, m, k, kp, group_size, dt),
+                             _env(_FOLD_ENV))
     ws = torch.empty(need, dtype=torch.float32, device=dev) if need > 0 else None
     _check(load_library().awq_int4_gemm_fold_glu(
         x2d.data_ptr(), *ptrs[:4], out.data_ptr(), n, None if ws is None else ws.data_ptr(),
@@ -685,17 +684,8 @@ def _fold_rope_applies(x, qweights, group_size: int, d: int) -> bool:
     one = m == 1 and group_size == 128 and os.environ.get("AWQ_FOLD") != "0"
     if d % 16 or not (one or use_fold(m, sum(ns), k, group_size)):
         return False
-    return _fold_rope_workspace_floats(x.device.index, m, ns, k, kp, group_size, _DTYPES[x.dtype], _env(_FOLD_ENV)) == 0
-
-
-@functools.lru_cache(maxsize=256)
-def _fold_rope_workspace_floats(device: int, m, ns: tuple[int, ...], k, kp, g, dtype: int, env: tuple) -> int:
-    """Floats of workspace awq_int4_gemm_fold_rope's plan needs (0: the launch applies)."""
-    with torch.cuda.device(device):
-        need = load_library().awq_int4_gemm_fold_rope_workspace((ctypes.c_int64 * 3)(*ns), m, k, kp, g, dtype)
-    if need < 0:
-        _check(1)
-    return need
+    args = (ns, m, k, kp, group_size, _DTYPES[x.dtype])
+    return _workspace_floats("awq_int4_gemm_fold_rope_workspace", x.device.index, args, _env(_FOLD_ENV)) == 0
 
 
 def _gemm_fold_rope(x, qweights, scales, zeros, group_size, biases, cos, sin, bstride, positions, k_cache, v_cache,
@@ -707,9 +697,7 @@ def _gemm_fold_rope(x, qweights, scales, zeros, group_size, biases, cos, sin, bs
     x2d = x.reshape(-1, k).contiguous()
     m, kp = x2d.shape[0], qweights[0].shape[1] * 2
     q = x2d.new_empty((m, qweights[0].shape[0]))
-    arr = ctypes.c_void_p * 3
-    ptrs = [arr(*(t.data_ptr() for t in ts)) for ts in (qweights, scales, zeros)]
-    ptrs.append(arr(*(None if t is None else t.data_ptr() for t in biases)))
+    ptrs = [_ptrs(ts) for ts in (qweights, scales, zeros, biases)]
     ns = (ctypes.c_int64 * 3)(*(qw.shape[0] for qw in qweights))
     _check(load_library().awq_int4_gemm_fold_rope(
         x2d.data_ptr(), *ptrs, q.data_ptr(), ns, m, k, kp, group_size, _DTYPES[x.dtype], cos.data_ptr(),
@@ -751,10 +739,8 @@ def int4_linear_rope_cache_cuda(x, qweights, scales, zeros, group_size, biases, 
         return q
     cf, sf = cos.float(), sin.float()
 
-    def rotate(t: torch.Tensor, heads: int) -> torch.Tensor:
-        t = t.view(b, s, heads, d).transpose(1, 2).float()
-        h = d // 2
-        return (t * cf + torch.cat((-t[..., h:], t[..., :h]), dim=-1) * sf).to(x.dtype)
+    def rotate(t: torch.Tensor, heads: int) -> torch.Tensor:  # in fp32, rounded once, as the kernels
+        return rotate_heads(t.view(b, s, heads, d).transpose(1, 2).float(), cf, sf).to(x.dtype)
 
     k_cache.index_copy_(2, cache_position, rotate(k, hkv))
     v_cache.index_copy_(2, cache_position, v.view(b, s, hkv, d).transpose(1, 2))

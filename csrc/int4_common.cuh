@@ -102,6 +102,17 @@ __device__ __forceinline__ T silu_mul(T g, T u) {
   return Half2Traits<T>::from_float(a / (1.f + expf(-a)) * Half2Traits<T>::to_float(u));
 }
 
+// Llama's rotary embedding of one pair (x0, x1) = (t[j], t[j + D/2]) with (c0, c1), (s0, s1) the
+// cos and sin at j and j + D/2: y0 = x0 c0 - x1 s0, y1 = x1 c1 + x0 s1 in fp32, each product and
+// the sum rounded as torch's fp32 ops round them (no FMA), then once to T (awq_rope_cache and the
+// folded GEMV's rope mode, which must agree bit for bit).
+template <typename T>
+__device__ __forceinline__ void rotate_pair(T x0, T x1, T c0, T c1, T s0, T s1, T& y0, T& y1) {
+  auto f = [](T v) { return Half2Traits<T>::to_float(v); };
+  y0 = Half2Traits<T>::from_float(__fsub_rn(__fmul_rn(f(x0), f(c0)), __fmul_rn(f(x1), f(s0))));
+  y1 = Half2Traits<T>::from_float(__fadd_rn(__fmul_rn(f(x1), f(c1)), __fmul_rn(f(x0), f(s1))));
+}
+
 // (a & b) | c in one instruction; the LUT byte is (0xF0 & 0xCC) | 0xAA.
 __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
   uint32_t r;

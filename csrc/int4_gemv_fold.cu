@@ -301,10 +301,7 @@ __device__ __forceinline__ void store_rope(const FoldArgs& a, int si, int head, 
   }
   const T* cs = static_cast<const T*>(r.cos) + b * r.cos_bstride + (int64_t)s * r.D;
   const T* sn = static_cast<const T*>(r.sin) + b * r.cos_bstride + (int64_t)s * r.D;
-  auto f = [](T v) { return Half2Traits<T>::to_float(v); };
-  const float x0 = f(ya), x1 = f(yb);
-  dst[j] = Half2Traits<T>::from_float(__fsub_rn(__fmul_rn(x0, f(cs[j])), __fmul_rn(x1, f(sn[j]))));
-  dst[j + half] = Half2Traits<T>::from_float(__fadd_rn(__fmul_rn(x1, f(cs[j + half])), __fmul_rn(x0, f(sn[j + half]))));
+  rotate_pair<T>(ya, yb, cs[j], cs[j + half], sn[j], sn[j + half], dst[j], dst[j + half]);
 }
 
 template <typename T, int MODE>

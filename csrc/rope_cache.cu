@@ -55,13 +55,7 @@ __global__ void rope_cache_kernel(const RopeArgs a) {
     dst[j + h2] = r1;
     return;
   }
-  auto f = [](T v) { return Half2Traits<T>::to_float(v); };
-  const float x0 = f(r0), x1 = f(r1);
-  // Products and sum rounded separately (no FMA): the fp32 math of torch's ops, bit for bit.
-  const float y0 = __fsub_rn(__fmul_rn(x0, f(c0)), __fmul_rn(x1, f(s0)));
-  const float y1 = __fadd_rn(__fmul_rn(x1, f(c1)), __fmul_rn(x0, f(s1)));
-  dst[j] = Half2Traits<T>::from_float(y0);
-  dst[j + h2] = Half2Traits<T>::from_float(y1);
+  rotate_pair<T>(r0, r1, c0, c1, s0, s1, dst[j], dst[j + h2]);
 }
 
 }  // namespace
