@@ -747,6 +747,14 @@ def int4_linear_rope_cache_cuda(x, qweights, scales, zeros, group_size, biases, 
     return rotate(q, hq).transpose(1, 2).reshape(b, s, hq * d)
 
 
+def fused_norm_applies(kind: str, x: torch.Tensor, qweights, group_size: int, head_dim: int = 0) -> bool:
+    """Whether the CUDA kernels make the residual add + RMSNorm of `awq::int4_linear_glu_norm`
+    (kind "glu") or `awq::int4_linear_rope_cache_norm` (kind "rope") inside the projection's
+    launch for an x of this size (x may be a fake tensor: only its shape, dtype and device are
+    read); where not, the op runs the norm as torch ops first, slower than inductor's kernel."""
+    return False
+
+
 _IMPL: torch.library.Library | None = None
 
 

@@ -31,6 +31,13 @@ k (Llama's `rotate_half` form) and a static KV cache's writes of k and v (it mut
 caches), the op the pass `fuse_rope_cache` puts in place of those steps: on CUDA the rotation and
 the writes happen in the projection's epilogue or one launch after it, where inductor had three
 kernels between q/k/v and attention.
+
+    out, h = int4_linear_glu_norm(residual, delta, delta_bias, norm_weight, eps, [Wg, Wu], ...)
+    q, h = int4_linear_rope_cache_norm(residual, delta, delta_bias, norm_weight, eps, [Wq, Wk, Wv], ...)
+
+The `*_norm` ops put a decoder layer's residual add and RMSNorm in front (`add_rms_norm`: h =
+residual + delta, x = RMSNorm(h)), the ops the pass `fuse_add_rms_norm` makes of the inductor
+kernel before each: the CUDA decode kernel computes x while it stages it and writes h.
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ from .quant import dequantize
 
 __all__ = ["int4_linear", "int4_linear_multi", "int4_linear_glu", "int4_linear_partials", "check_int4_linear_args",
            "check_int4_linear_multi_args", "check_int4_linear_glu_args", "int4_linear_rope_cache",
-           "check_int4_linear_rope_cache_args", "rotate_heads", "MAX_SEGMENTS"]
+           "check_int4_linear_rope_cache_args", "rotate_heads", "MAX_SEGMENTS", "add_rms_norm",
+           "check_add_rms_norm_args", "int4_linear_glu_norm", "int4_linear_rope_cache_norm"]
 
 MAX_SEGMENTS = 4
 """Most linears one `int4_linear_multi` call takes: q/k/v and gate/up need 3 and 2."""
@@ -350,3 +358,137 @@ def _(x, qweights, scales, zeros, group_size, biases, cos, sin, cache_position, 
     hq, _, d, _ = check_int4_linear_rope_cache_args(x, qweights, scales, zeros, group_size, biases, cos, sin,
                                                     cache_position, k_cache, v_cache)
     return x.new_empty((x.shape[0], x.shape[1], hq * d))
+
+
+def check_add_rms_norm_args(
+    residual: torch.Tensor,
+    delta: torch.Tensor,
+    delta_bias: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    op: str,
+) -> int:
+    """Validate the residual add + RMSNorm arguments of the `*_norm` ops; returns the number of
+    K slices in `delta` (0: delta is a tensor of residual's shape and dtype; n >= 1: float32
+    partial sums [n, *residual.shape], as `int4_linear_partials` makes them)."""
+    def bad(msg: str) -> ValueError:
+        return ValueError(
+            f"awq::{op}: {msg} (residual {tuple(residual.shape)} {residual.dtype}, delta "
+            f"{tuple(delta.shape)} {delta.dtype}, delta_bias "
+            f"{None if delta_bias is None else (tuple(delta_bias.shape), delta_bias.dtype)}, norm_weight "
+            f"{tuple(norm_weight.shape)} {norm_weight.dtype}, eps {eps})"
+        )
+
+    if residual.dtype not in (torch.float16, torch.bfloat16, torch.float32) or residual.dim() < 1:
+        raise bad("residual must be a floating-point tensor [..., K]")
+    k = residual.shape[-1]
+    if tuple(delta.shape) == tuple(residual.shape) and delta.dtype == residual.dtype:
+        slices = 0
+    elif (delta.dtype == torch.float32 and delta.dim() == residual.dim() + 1
+          and tuple(delta.shape[1:]) == tuple(residual.shape) and delta.shape[0] >= 1):
+        slices = int(delta.shape[0])
+    else:
+        raise bad("delta must have residual's shape and dtype, or be float32 K-slice partials "
+                  "[slices, *residual.shape]")
+    if delta_bias is not None and (slices == 0 or tuple(delta_bias.shape) != (k,)
+                                   or delta_bias.dtype != residual.dtype):
+        raise bad(f"delta_bias goes with float32 partials only, as [{k}] of residual's dtype")
+    if tuple(norm_weight.shape) != (k,) or norm_weight.dtype != residual.dtype:
+        raise bad(f"norm_weight must be [{k}] of residual's dtype")
+    if not (isinstance(eps, float) and eps >= 0.0):
+        raise bad("eps must be a float >= 0")
+    devices = {t.device for t in (residual, delta, norm_weight, *(() if delta_bias is None else (delta_bias,)))}
+    if len(devices) != 1:
+        raise bad("all tensors must be on one device")
+    return slices
+
+
+def add_rms_norm(
+    residual: torch.Tensor,
+    delta: torch.Tensor,
+    delta_bias: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, x): a decoder layer's residual add and the next RMSNorm, as a Llama computes them
+    eagerly (transformers' `LlamaRMSNorm`), each step in its own dtype:
+
+        d = delta                                   # or, from K-slice partials:
+        d = (delta.sum(0) + delta_bias).to(residual.dtype)
+        h = residual + d
+        x = norm_weight * (h.float() * rsqrt(h.float().pow(2).mean(-1) + eps)).to(h.dtype)
+    """
+    if delta.dim() == residual.dim() + 1:
+        d = delta.sum(0)
+        if delta_bias is not None:
+            d = d + delta_bias
+        delta = d.to(residual.dtype)
+    h = residual + delta
+    hf = h.to(torch.float32)
+    x = norm_weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    return h, x
+
+
+@torch.library.custom_op("awq::int4_linear_glu_norm", mutates_args=())
+def int4_linear_glu_norm(
+    residual: torch.Tensor,
+    delta: torch.Tensor,
+    delta_bias: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    qweights: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor],
+    zeros: Sequence[torch.Tensor],
+    group_size: int,
+    biases: Sequence[torch.Tensor | None],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int4_linear_glu(x, ...), h) with (h, x) = add_rms_norm(residual, delta, delta_bias,
+    norm_weight, eps): a decoder layer's residual add, the MLP's RMSNorm and its gated
+    projections in one call (the CUDA decode kernel makes x while it stages it)."""
+    check_add_rms_norm_args(residual, delta, delta_bias, norm_weight, eps, "int4_linear_glu_norm")
+    h, x = add_rms_norm(residual, delta, delta_bias, norm_weight, eps)
+    return torch.ops.awq.int4_linear_glu.default(x, qweights, scales, zeros, group_size, biases), h
+
+
+@int4_linear_glu_norm.register_fake
+def _(residual, delta, delta_bias, norm_weight, eps, qweights, scales, zeros, group_size, biases):
+    check_add_rms_norm_args(residual, delta, delta_bias, norm_weight, eps, "int4_linear_glu_norm")
+    n, _ = check_int4_linear_glu_args(residual, qweights, scales, zeros, group_size, biases)
+    return residual.new_empty((*residual.shape[:-1], n)), torch.empty_like(residual)
+
+
+@torch.library.custom_op("awq::int4_linear_rope_cache_norm", mutates_args=("k_cache", "v_cache"))
+def int4_linear_rope_cache_norm(
+    residual: torch.Tensor,
+    delta: torch.Tensor,
+    delta_bias: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    qweights: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor],
+    zeros: Sequence[torch.Tensor],
+    group_size: int,
+    biases: Sequence[torch.Tensor | None],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache_position: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int4_linear_rope_cache(x, ...), h) with (h, x) = add_rms_norm(residual, delta,
+    delta_bias, norm_weight, eps): a decoder layer's residual add, the attention's RMSNorm, its
+    q/k/v projections, rotary embedding and KV-cache write in one call."""
+    check_add_rms_norm_args(residual, delta, delta_bias, norm_weight, eps, "int4_linear_rope_cache_norm")
+    h, x = add_rms_norm(residual, delta, delta_bias, norm_weight, eps)
+    q = torch.ops.awq.int4_linear_rope_cache.default(x, qweights, scales, zeros, group_size, biases, cos, sin,
+                                                      cache_position, k_cache, v_cache)
+    return q, h
+
+
+@int4_linear_rope_cache_norm.register_fake
+def _(residual, delta, delta_bias, norm_weight, eps, qweights, scales, zeros, group_size, biases, cos, sin,
+      cache_position, k_cache, v_cache):
+    check_add_rms_norm_args(residual, delta, delta_bias, norm_weight, eps, "int4_linear_rope_cache_norm")
+    hq, _, d, _ = check_int4_linear_rope_cache_args(residual, qweights, scales, zeros, group_size, biases, cos, sin,
+                                                    cache_position, k_cache, v_cache)
+    return residual.new_empty((residual.shape[0], residual.shape[1], hq * d)), torch.empty_like(residual)
