@@ -29,15 +29,16 @@ import torch
 import torch.nn.functional as F
 import torch.utils.weak
 
-from .ops import (check_int4_linear_args, check_int4_linear_glu_args, check_int4_linear_multi_args,
-                  check_int4_linear_rope_cache_args, rotate_heads)
+from .ops import (add_rms_norm, check_add_rms_norm_args, check_int4_linear_args, check_int4_linear_glu_args,
+                  check_int4_linear_multi_args, check_int4_linear_rope_cache_args, rotate_heads)
 
 __all__ = ["library_path", "load_library", "available", "gemm_mma", "gemm_pc", "gemm_simt", "gemm_simt_multi", "gemm_tc",
            "dequantize_cuda", "int4_linear_cuda", "int4_linear_multi_cuda", "mma_max_m", "pc_max_m", "simt_max_m",
-           "tc_max_m", "use_fold", "gemm_fold", "split_k_slices", "int4_linear_partials_cuda", "gemm_sm90", "sm90_config", "sm90_operands", "sm90_pick", "sm90_splits", "ENV_VAR"]
+           "tc_max_m", "use_fold", "gemm_fold", "split_k_slices", "int4_linear_partials_cuda", "gemm_sm90", "sm90_config", "sm90_operands", "sm90_pick", "sm90_splits", "ENV_VAR",
+           "fused_norm_applies", "int4_linear_glu_norm_cuda", "int4_linear_rope_cache_norm_cuda"]
 
 ENV_VAR = "AWQ_COMPILE_CUDA_LIB"
-_ABI_VERSION = 11
+_ABI_VERSION = 12
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 
 # Largest M served by the weight-streaming kernel; above it, dequantize + cuBLAS. Measured on an
@@ -217,14 +218,14 @@ def load_library() -> ctypes.CDLL | None:
     lib.awq_int4_gemm_fold_workspace.restype = i64
     lib.awq_int4_gemm_simt_partials.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i32, i32, p]
     lib.awq_int4_gemm_simt_partials.restype = i32
-    lib.awq_int4_gemm_fold_glu.argtypes = [p, p, p, p, p, p, i64, p, i64, i64, i64, i64, i32, i32, p]
+    lib.awq_int4_gemm_fold_glu.argtypes = [p, p, p, p, p, p, i64, p, i64, i64, i64, i64, i32, i32, p, p]
     lib.awq_int4_gemm_fold_glu.restype = i32
     lib.awq_int4_gemm_fold_glu_workspace.argtypes = [i64, i64, i64, i64, i32, i32]
     lib.awq_int4_gemm_fold_glu_workspace.restype = i64
     lib.awq_rope_cache.argtypes = [p, p, p, p, p, i64, p, p, p, i64, i64, i64, i64, i64, i64, i32, p]
     lib.awq_rope_cache.restype = i32
     lib.awq_int4_gemm_fold_rope.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i32, i32, p, p, i64, p, p, p, i64,
-                                            i64, i64, p]
+                                            i64, i64, p, p]
     lib.awq_int4_gemm_fold_rope.restype = i32
     lib.awq_int4_gemm_fold_rope_workspace.argtypes = [p, i64, i64, i64, i32, i32]
     lib.awq_int4_gemm_fold_rope_workspace.restype = i64
@@ -634,11 +635,12 @@ def int4_linear_multi_cuda(x, qweights, scales, zeros, group_size, biases) -> li
             for args in zip(qweights, scales, zeros, biases)]
 
 
-def gemm_fold_glu(x2d, qweights, scales, zeros, group_size, biases, out) -> torch.Tensor:
+def gemm_fold_glu(x2d, qweights, scales, zeros, group_size, biases, out, norm=None) -> torch.Tensor:
     """out[M, N] = silu(x2d @ Wg^T + bg) * (x2d @ Wu^T + bu) in one launch of the folded decode
     kernel (M <= 8, group size 128); qweights, scales, zeros, biases: [gate, up]. Each linear is
     rounded to x's dtype first, the product made in fp32 and rounded once (as inductor's fused
-    elementwise kernel makes it from the two outputs)."""
+    elementwise kernel makes it from the two outputs). norm: an _AwqNormIn (x2d is then the
+    residual, not read: x is made from the norm's tensors) or None."""
     if len(qweights) != 2 or qweights[0].shape != qweights[1].shape:
         raise ValueError(f"gemm_fold_glu: needs a gate and an up weight of one shape, got "
                          f"{[tuple(q.shape) for q in qweights]}")
@@ -651,7 +653,7 @@ def gemm_fold_glu(x2d, qweights, scales, zeros, group_size, biases, out) -> torc
     ws = torch.empty(need, dtype=torch.float32, device=dev) if need > 0 else None
     _check(load_library().awq_int4_gemm_fold_glu(
         x2d.data_ptr(), *ptrs[:4], out.data_ptr(), n, None if ws is None else ws.data_ptr(),
-        0 if ws is None else ws.numel(), m, k, kp, group_size, dt, _raw_stream(dev)))
+        0 if ws is None else ws.numel(), m, k, kp, group_size, dt, norm, _raw_stream(dev)))
     return out
 
 
@@ -689,8 +691,9 @@ def _fold_rope_applies(x, qweights, group_size: int, d: int) -> bool:
 
 
 def _gemm_fold_rope(x, qweights, scales, zeros, group_size, biases, cos, sin, bstride, positions, k_cache, v_cache,
-                    d: int) -> torch.Tensor:
-    """One launch of awq_int4_gemm_fold_rope: q [M, Nq] rotated, k rotated and v into the caches."""
+                    d: int, norm=None) -> torch.Tensor:
+    """One launch of awq_int4_gemm_fold_rope: q [M, Nq] rotated, k rotated and v into the caches.
+    norm: an _AwqNormIn (x is then the residual, not read) or None."""
     for args in zip(qweights, scales, zeros, biases):
         _check_cuda_tensors(x, *args)
     k = x.shape[-1]
@@ -702,8 +705,18 @@ def _gemm_fold_rope(x, qweights, scales, zeros, group_size, biases, cos, sin, bs
     _check(load_library().awq_int4_gemm_fold_rope(
         x2d.data_ptr(), *ptrs, q.data_ptr(), ns, m, k, kp, group_size, _DTYPES[x.dtype], cos.data_ptr(),
         sin.data_ptr(), bstride, positions.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), x.shape[1],
-        k_cache.shape[2], d, _raw_stream(x.device)))
+        k_cache.shape[2], d, norm, _raw_stream(x.device)))
     return q
+
+
+def _rope_kernels_take(x, cos, sin, k_cache, v_cache) -> bool:
+    """Whether the rope kernels read these tensors as they are (x's dtype a kernel's, rows of cos
+    and sin and the caches contiguous, B * S in a grid's range, x on the current device)."""
+    b, s, d = x.shape[0], x.shape[1], k_cache.shape[-1]
+    rows_ok = (all(t.stride(3) == 1 and (s == 1 or t.stride(2) == d) for t in (cos, sin))
+               and (cos.shape[0] == 1 or cos.stride(0) == sin.stride(0)))
+    return (x.dtype in _DTYPES and rows_ok and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and 0 < b * s <= 65535 and x.device.index == torch.cuda.current_device())
 
 
 def int4_linear_rope_cache_cuda(x, qweights, scales, zeros, group_size, biases, cos, sin, cache_position,
@@ -719,10 +732,7 @@ def int4_linear_rope_cache_cuda(x, qweights, scales, zeros, group_size, biases, 
     hq, hkv, d, length = check_int4_linear_rope_cache_args(x, qweights, scales, zeros, group_size, biases, cos,
                                                            sin, cache_position, k_cache, v_cache)
     b, s = x.shape[0], x.shape[1]
-    rows_ok = (all(t.stride(3) == 1 and (s == 1 or t.stride(2) == d) for t in (cos, sin))
-               and (cos.shape[0] == 1 or cos.stride(0) == sin.stride(0)))
-    kernels = (x.dtype in _DTYPES and rows_ok and k_cache.is_contiguous() and v_cache.is_contiguous()
-               and 0 < b * s <= 65535 and x.device.index == torch.cuda.current_device())
+    kernels = _rope_kernels_take(x, cos, sin, k_cache, v_cache)
     bstride = cos.stride(0) if cos.shape[0] > 1 else 0
     if kernels and _fold_rope_applies(x, qweights, group_size, d):
         return _gemm_fold_rope(x, qweights, scales, zeros, group_size, biases, cos, sin, bstride, cache_position,
@@ -747,12 +757,98 @@ def int4_linear_rope_cache_cuda(x, qweights, scales, zeros, group_size, biases, 
     return rotate(q, hq).transpose(1, 2).reshape(b, s, hq * d)
 
 
+class _AwqNormIn(ctypes.Structure):
+    """awq_norm_in (csrc/awq_int4.h): the residual add + RMSNorm in front of the folded GEMV's
+    pair and rope modes."""
+
+    _fields_ = [("residual", ctypes.c_void_p), ("delta", ctypes.c_void_p), ("partials", ctypes.c_void_p),
+                ("delta_bias", ctypes.c_void_p), ("weight", ctypes.c_void_p), ("h", ctypes.c_void_p),
+                ("slices", ctypes.c_int64), ("eps", ctypes.c_float)]
+
+
 def fused_norm_applies(kind: str, x: torch.Tensor, qweights, group_size: int, head_dim: int = 0) -> bool:
     """Whether the CUDA kernels make the residual add + RMSNorm of `awq::int4_linear_glu_norm`
     (kind "glu") or `awq::int4_linear_rope_cache_norm` (kind "rope") inside the projection's
     launch for an x of this size (x may be a fake tensor: only its shape, dtype and device are
-    read); where not, the op runs the norm as torch ops first, slower than inductor's kernel."""
-    return False
+    read): the folded GEMV's pair or rope mode with a plan that needs no workspace (the K slices'
+    sums of h^2 are added in the cluster), K a multiple of 8. Where not, the op runs the norm as
+    torch ops first, slower than inductor's one kernel, so the pass fuse_add_rms_norm asks this."""
+    if kind not in ("glu", "rope"):
+        raise ValueError(f"fused_norm_applies: kind must be 'glu' or 'rope', got {kind!r}")
+    if load_library() is None or x.device.type != "cuda" or x.dtype not in _DTYPES or x.dim() < 1:
+        return False
+    k = x.shape[-1]
+    m = x.numel() // k if k else 0
+    if k % 8 or not 0 < m or len(qweights) != (2 if kind == "glu" else 3):
+        return False
+    if kind == "rope":
+        return x.dim() == 3 and head_dim > 0 and _fold_rope_applies(x, qweights, group_size, head_dim)
+    n, kp = qweights[0].shape[0], qweights[0].shape[1] * 2
+    if not use_fold(m, 2 * n, k, group_size):
+        return False
+    args = (n, m, k, kp, group_size, _DTYPES[x.dtype])
+    return _workspace_floats("awq_int4_gemm_fold_glu_workspace", x.device.index, args, _env(_FOLD_ENV)) == 0
+
+
+def _norm_in(residual, delta, delta_bias, norm_weight, eps, slices) -> tuple[_AwqNormIn, torch.Tensor] | None:
+    """(the kernels' norm argument, h) for these tensors, or None where the kernels cannot read
+    them as they are (not contiguous or not 16-byte aligned)."""
+    ts = [residual, delta, norm_weight] + ([] if delta_bias is None else [delta_bias])
+    if any(not t.is_contiguous() or t.data_ptr() % 16 for t in ts):
+        return None
+    h = torch.empty_like(residual)
+    part = slices > 0
+    nm = _AwqNormIn(residual.data_ptr(), None if part else delta.data_ptr(), delta.data_ptr() if part else None,
+                    None if delta_bias is None else delta_bias.data_ptr(), norm_weight.data_ptr(), h.data_ptr(),
+                    slices, eps)
+    return nm, h
+
+
+def int4_linear_glu_norm_cuda(residual, delta, delta_bias, norm_weight, eps, qweights, scales, zeros, group_size,
+                              biases) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CUDA implementation of awq::int4_linear_glu_norm: where fused_norm_applies, one launch
+    of the folded GEMV's pair mode that makes x from the residual add + RMSNorm while it stages
+    it and writes h; else add_rms_norm in torch ops, then int4_linear_glu_cuda."""
+    slices = check_add_rms_norm_args(residual, delta, delta_bias, norm_weight, eps, "int4_linear_glu_norm")
+    n, k = check_int4_linear_glu_args(residual, qweights, scales, zeros, group_size, biases)
+    if (residual.device.index == torch.cuda.current_device()
+            and fused_norm_applies("glu", residual, qweights, group_size)):
+        packed = _norm_in(residual, delta, delta_bias, norm_weight, eps, slices)
+        if packed is not None:
+            nm, h = packed
+            for args in zip(qweights, scales, zeros, biases):
+                _check_cuda_tensors(residual, *args)
+            r2d = residual.view(-1, k)
+            out = gemm_fold_glu(r2d, list(qweights), list(scales), list(zeros), group_size, list(biases),
+                                r2d.new_empty((r2d.shape[0], n)), ctypes.byref(nm))
+            return out.view(*residual.shape[:-1], n), h
+    h, x = add_rms_norm(residual, delta, delta_bias, norm_weight, eps)
+    return int4_linear_glu_cuda(x, qweights, scales, zeros, group_size, biases), h
+
+
+def int4_linear_rope_cache_norm_cuda(residual, delta, delta_bias, norm_weight, eps, qweights, scales, zeros,
+                                     group_size, biases, cos, sin, cache_position, k_cache,
+                                     v_cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CUDA implementation of awq::int4_linear_rope_cache_norm: where fused_norm_applies and
+    the rope kernels take these tensors, one launch of the folded GEMV's rope mode that makes x
+    from the residual add + RMSNorm while it stages it and writes h; else add_rms_norm in torch
+    ops, then int4_linear_rope_cache_cuda."""
+    slices = check_add_rms_norm_args(residual, delta, delta_bias, norm_weight, eps, "int4_linear_rope_cache_norm")
+    hq, _, d, _ = check_int4_linear_rope_cache_args(residual, qweights, scales, zeros, group_size, biases, cos, sin,
+                                                    cache_position, k_cache, v_cache)
+    b, s = residual.shape[0], residual.shape[1]
+    if (_rope_kernels_take(residual, cos, sin, k_cache, v_cache)
+            and fused_norm_applies("rope", residual, qweights, group_size, d)):
+        packed = _norm_in(residual, delta, delta_bias, norm_weight, eps, slices)
+        if packed is not None:
+            nm, h = packed
+            bstride = cos.stride(0) if cos.shape[0] > 1 else 0
+            q = _gemm_fold_rope(residual, qweights, scales, zeros, group_size, biases, cos, sin, bstride,
+                                cache_position, k_cache, v_cache, d, ctypes.byref(nm))
+            return q.view(b, s, hq * d), h
+    h, x = add_rms_norm(residual, delta, delta_bias, norm_weight, eps)
+    return int4_linear_rope_cache_cuda(x, qweights, scales, zeros, group_size, biases, cos, sin, cache_position,
+                                       k_cache, v_cache), h
 
 
 _IMPL: torch.library.Library | None = None
@@ -777,6 +873,10 @@ def _register() -> bool:
         _IMPL.impl("int4_linear_rope_cache", int4_linear_rope_cache_cuda, "CUDA")
     if hasattr(torch.ops.awq, "int4_linear_partials"):
         _IMPL.impl("int4_linear_partials", int4_linear_partials_cuda, "CUDA")
+    if hasattr(torch.ops.awq, "int4_linear_glu_norm"):
+        _IMPL.impl("int4_linear_glu_norm", int4_linear_glu_norm_cuda, "CUDA")
+    if hasattr(torch.ops.awq, "int4_linear_rope_cache_norm"):
+        _IMPL.impl("int4_linear_rope_cache_norm", int4_linear_rope_cache_norm_cuda, "CUDA")
     return True
 
 

@@ -75,6 +75,24 @@ int awq_int4_gemm_simt_multi(const void* x, int nseg, const uint8_t* const* qwei
                              const int64_t* Ns, float* workspace, int64_t workspace_floats, int64_t M,
                              int64_t K, int64_t Kp, int group_size, int dtype, void* stream);
 
+// The residual add + RMSNorm in front of awq_int4_gemm_fold_glu and awq_int4_gemm_fold_rope (their
+// `norm` argument; NULL: none): x is not read but made as the kernel stages it, from
+//   h = T(residual + d),  d = delta, or T(sum of partials[0..slices) in order + delta_bias),
+//   x = T(weight * T(h * rsqrt(mean_k(h^2) + eps)))       (fp32 math; Llama's RMSNorm)
+// and h is written. All [M, K] T row-major but partials (float32 [slices, M, K]) and weight,
+// delta_bias ([K]); K % 8 == 0, every pointer 16-byte aligned. Only where the plan needs no
+// workspace (the K slices' sums of h^2 are added in the cluster): else AWQ_ERR_ARG.
+typedef struct {
+  const void* residual;
+  const void* delta;      // or NULL with partials
+  const float* partials;  // or NULL with delta
+  const void* delta_bias; // or NULL
+  const void* weight;
+  void* h;
+  int64_t slices;
+  float eps;
+} awq_norm_in;
+
 // q/k/v (3 weights of Ns rows, Ns[0] = heads * D, Ns[1] = Ns[2] = kv heads * D) in one launch of
 // the folded GEMV (int4_gemv_fold.cu, M <= 8, group size 128), with awq_rope_cache's work in its
 // epilogue: q rotated into q [M, Ns[0]], k rotated and v written into k_cache and v_cache
@@ -89,7 +107,7 @@ int awq_int4_gemm_fold_rope(const void* x, const uint8_t* const* qweights, const
                             const uint8_t* const* zeros, const void* const* biases, void* q, const int64_t* Ns,
                             int64_t M, int64_t K, int64_t Kp, int group_size, int dtype, const void* cos,
                             const void* sin, int64_t cos_bstride, const int64_t* pos, void* k_cache, void* v_cache,
-                            int64_t S, int64_t L, int64_t D, void* stream);
+                            int64_t S, int64_t L, int64_t D, const awq_norm_in* norm, void* stream);
 
 // Rotary embedding and static KV-cache write after a q/k/v projection (rope_cache.cu):
 // q [B*S, Hq*D] rotated in place; k and v [B*S, Hkv*D] (k rotated) written to k_cache and
@@ -124,7 +142,7 @@ int64_t awq_int4_gemm_fold_glu_workspace(int64_t N, int64_t M, int64_t K, int64_
 int awq_int4_gemm_fold_glu(const void* x, const uint8_t* const* qweights, const void* const* scales,
                            const uint8_t* const* zeros, const void* const* biases, void* y, int64_t N, float* workspace,
                            int64_t workspace_floats, int64_t M, int64_t K, int64_t Kp, int group_size, int dtype,
-                           void* stream);
+                           const awq_norm_in* norm, void* stream);
 
 // Largest M the register-streaming tensor-core decode kernel accepts (int4_gemv_tc.cu): 8.
 int64_t awq_int4_tc_max_m(void);

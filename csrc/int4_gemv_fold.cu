@@ -69,6 +69,7 @@ constexpr int kU = 2;                                  // groups a pipeline stag
 constexpr int kRowBytes = kU * 64;                     // a row's bytes in a stage
 constexpr int kStageBytes = kTileRows * kRowBytes;     // a warp's stage: 2 KB
 constexpr int kXGroupBytes = 4 * 64;                   // a token's x of one group in shared memory
+constexpr int kStaticSmem = 2 * kMaxM * 4;             // the kernel's static shared memory (norm_ss)
 
 template <int W_, int P_, int MINB_>
 struct FoldCfg {
@@ -92,6 +93,21 @@ struct RopeOut {
   int S, L, D;
 };
 
+// The residual add + RMSNorm in front (awq_norm_in; awq_int4_gemm_fold_glu / _rope with a norm):
+// x is not read but made while it is staged, from h = T(res + d) with d = delta, or the K-slice
+// partials summed in order + part_bias rounded to T, as x = T(gamma * T(h * rsqrt(mean(h^2) +
+// eps))); the blocks of column 0 write h. K % 8 == 0, every pointer 16-byte aligned.
+struct NormIn {
+  const void* res;
+  const void* delta;
+  const float* part;
+  const void* part_bias;
+  const void* gamma;  // null: no norm
+  void* h;
+  int slices;
+  float eps;
+};
+
 struct FoldArgs {
   const void* x;
   Int4Seg seg[kMaxSeg];
@@ -110,6 +126,7 @@ struct FoldArgs {
   int iters;
   int mode;  // kSingle, kMulti, kPair or kRope (below)
   RopeOut rope;  // kRope only
+  NormIn norm;   // kPair and kRope only
 };
 
 // The 16-byte slot of word j in chunk (4 * group + t) of token g: XOR-swizzled so that the 8
@@ -133,6 +150,32 @@ __device__ __forceinline__ uint4 load_x_word(const FoldArgs& a, int m, int k) {
   return make_uint4(h[0] | h[1] << 16, h[2] | h[3] << 16, h[4] | h[5] << 16, h[6] | h[7] << 16);
 }
 
+// Puts a batch of x words (one a thread, as stage_x loads them) into shared memory: each in the
+// mma's k order at its swizzled slot, and per token and group the fp32 sum of the group's x.
+template <typename T, int THREADS, int NB>
+__device__ __forceinline__ void put_x_words(uint8_t* xs, float* sx, const FoldArgs& a, int base, const uint4 (&v)[NB]) {
+  const int cps = a.gps * 4, words_tok = cps * 4, total = a.M * words_tok;
+#pragma unroll
+  for (int b = 0; b < NB; ++b) {
+    const int u = base + b * THREADS + threadIdx.x;
+    const int m = u / words_tok, rem = u - m * words_tok, ch = rem >> 2, j = rem & 3;
+    const T* h = reinterpret_cast<const T*>(&v[b]);
+    auto f = [&](int i) { return Half2Traits<T>::to_float(h[i]); };
+    float s = ((f(0) + f(1)) + (f(2) + f(3))) + ((f(4) + f(5)) + (f(6) + f(7)));
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    s += __shfl_xor_sync(0xffffffffu, s, 2);
+    s += __shfl_xor_sync(0xffffffffu, s, 4);
+    s += __shfl_xor_sync(0xffffffffu, s, 8);
+    if (u < total) {
+      const int slot = ((m * cps + ch) * 4 + x_slot(m, ch & 3, j)) * 16;
+      *reinterpret_cast<uint4*>(xs + slot) =
+          make_uint4(__byte_perm(v[b].x, v[b].z, 0x5410), __byte_perm(v[b].x, v[b].z, 0x7632),
+                     __byte_perm(v[b].y, v[b].w, 0x5410), __byte_perm(v[b].y, v[b].w, 0x7632));
+    }
+    if (u < total && (u & 15) == 0) sx[m * a.gps + (ch >> 2)] = s;
+  }
+}
+
 template <typename T, int THREADS>
 __device__ void stage_x(uint8_t* xs, float* sx, const FoldArgs& a, int gs0, int ngs) {
   const int cps = a.gps * 4, words_tok = cps * 4, total = a.M * words_tok;
@@ -145,25 +188,135 @@ __device__ void stage_x(uint8_t* xs, float* sx, const FoldArgs& a, int gs0, int 
       v[b] = make_uint4(0u, 0u, 0u, 0u);
       if (u < total && ch < ngs * 4) v[b] = load_x_word<T>(a, m, (gs0 * 4 + ch) * 32 + 8 * j);
     }
+    put_x_words<T, THREADS, kBatch>(xs, sx, a, base, v);
+  }
+}
+
+// h = T(res + d) for the 8 k from k of token m (NormIn): d = delta, or the partials of the K
+// slices summed in slice order, + part_bias, rounded to T (int4_linear_partials' graph sum).
+template <typename T>
+__device__ __forceinline__ uint4 load_h_word(const NormIn& nm, int M, int K, int m, int k) {
+  const size_t off = (size_t)m * K + k;
+  const uint4 r = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(nm.res) + off));
+  float d[8];
+  if (nm.part) {
 #pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
+    for (int i = 0; i < 8; ++i) d[i] = 0.f;
+    for (int sl = 0; sl < nm.slices; ++sl) {
+      const float4* p = reinterpret_cast<const float4*>(nm.part + ((size_t)sl * M + m) * K + k);
+      const float4 lo = __ldg(p), hi = __ldg(p + 1);
+      d[0] += lo.x; d[1] += lo.y; d[2] += lo.z; d[3] += lo.w;
+      d[4] += hi.x; d[5] += hi.y; d[6] += hi.z; d[7] += hi.w;
+    }
+    uint4 bw = make_uint4(0u, 0u, 0u, 0u);
+    if (nm.part_bias) bw = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(nm.part_bias) + k));
+    const T* bb = reinterpret_cast<const T*>(&bw);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (nm.part_bias) d[i] += Half2Traits<T>::to_float(bb[i]);
+      d[i] = Half2Traits<T>::to_float(Half2Traits<T>::from_float(d[i]));
+    }
+  } else {
+    const uint4 dv = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(nm.delta) + off));
+    const T* dd = reinterpret_cast<const T*>(&dv);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) d[i] = Half2Traits<T>::to_float(dd[i]);
+  }
+  const T* rr = reinterpret_cast<const T*>(&r);
+  uint4 out;
+  T* o = reinterpret_cast<T*>(&out);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) o[i] = Half2Traits<T>::from_float(Half2Traits<T>::to_float(rr[i]) + d[i]);
+  return out;
+}
+
+// stage_x with the residual add + RMSNorm in front (FoldArgs::norm). Pass 1 makes h for the
+// slice (the blocks of column 0 write it out) and keeps it at x's slots, with each group's sum of
+// h^2 in sx; a token's sum over K is its groups' in order, then the cluster's slices' in rank
+// order (through distributed shared memory: every block of the cluster gets the same bits), so no
+// block reads more of h than its slice. Pass 2 makes x from the kept h and puts it as stage_x
+// does. `ss` holds 2 * kMaxM floats (static shared memory: the tokens' sums, then 1 / rms).
+constexpr int kNormBatch = 2;
+template <typename T, int THREADS>
+__device__ void stage_x_norm(uint8_t* xs, float* sx, float* ss, const FoldArgs& a, int gs0, int ngs) {
+  const NormIn& nm = a.norm;
+  const int cps = a.gps * 4, words_tok = cps * 4, total = a.M * words_tok;
+  const bool writer = blockIdx.x == 0;
+  for (int base = 0; base < total; base += THREADS * kNormBatch) {
+    uint4 v[kNormBatch];
+#pragma unroll
+    for (int b = 0; b < kNormBatch; ++b) {
       const int u = base + b * THREADS + threadIdx.x;
       const int m = u / words_tok, rem = u - m * words_tok, ch = rem >> 2, j = rem & 3;
+      const int k = (gs0 * 4 + ch) * 32 + 8 * j;
+      v[b] = make_uint4(0u, 0u, 0u, 0u);
+      if (u < total && ch < ngs * 4 && k < a.K) v[b] = load_h_word<T>(nm, a.M, a.K, m, k);
+    }
+#pragma unroll
+    for (int b = 0; b < kNormBatch; ++b) {
+      const int u = base + b * THREADS + threadIdx.x;
+      const int m = u / words_tok, rem = u - m * words_tok, ch = rem >> 2, j = rem & 3;
+      const int k = (gs0 * 4 + ch) * 32 + 8 * j;
       const T* h = reinterpret_cast<const T*>(&v[b]);
-      auto f = [&](int i) { return Half2Traits<T>::to_float(h[i]); };
-      float s = ((f(0) + f(1)) + (f(2) + f(3))) + ((f(4) + f(5)) + (f(6) + f(7)));
+      auto q = [&](int i) { const float f = Half2Traits<T>::to_float(h[i]); return f * f; };
+      float s = ((q(0) + q(1)) + (q(2) + q(3))) + ((q(4) + q(5)) + (q(6) + q(7)));
       s += __shfl_xor_sync(0xffffffffu, s, 1);
       s += __shfl_xor_sync(0xffffffffu, s, 2);
       s += __shfl_xor_sync(0xffffffffu, s, 4);
       s += __shfl_xor_sync(0xffffffffu, s, 8);
       if (u < total) {
-        const int slot = ((m * cps + ch) * 4 + x_slot(m, ch & 3, j)) * 16;
-        *reinterpret_cast<uint4*>(xs + slot) =
-            make_uint4(__byte_perm(v[b].x, v[b].z, 0x5410), __byte_perm(v[b].x, v[b].z, 0x7632),
-                       __byte_perm(v[b].y, v[b].w, 0x5410), __byte_perm(v[b].y, v[b].w, 0x7632));
+        *reinterpret_cast<uint4*>(xs + ((m * cps + ch) * 4 + x_slot(m, ch & 3, j)) * 16) = v[b];
+        if (writer && ch < ngs * 4 && k < a.K)
+          *reinterpret_cast<uint4*>(static_cast<T*>(nm.h) + (size_t)m * a.K + k) = v[b];
       }
       if (u < total && (u & 15) == 0) sx[m * a.gps + (ch >> 2)] = s;
     }
+  }
+  __syncthreads();
+  const int tok = threadIdx.x;
+  if (tok < a.M) {
+    float t = 0.f;
+    for (int gl = 0; gl < ngs; ++gl) t += sx[tok * a.gps + gl];
+    ss[tok] = t;
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (a.cluster) cluster_sync(); else __syncthreads();
+  if (tok < a.M) {
+    float t = ss[tok];
+    if (a.cluster) {
+      t = 0.f;
+      for (int r = 0; r < a.n_ks; ++r) t += ld_cluster_f32(map_rank(smem_u32(ss + tok), r));
+    }
+    ss[kMaxM + tok] = rsqrtf(t / (float)a.K + nm.eps);
+  }
+#else
+  __syncthreads();
+  if (tok < a.M) ss[kMaxM + tok] = rsqrtf(ss[tok] / (float)a.K + nm.eps);
+#endif
+  __syncthreads();
+  for (int base = 0; base < total; base += THREADS * kBatch) {
+    uint4 v[kBatch];
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int u = base + b * THREADS + threadIdx.x;
+      const int m = u / words_tok, rem = u - m * words_tok, ch = rem >> 2, j = rem & 3;
+      const int k = (gs0 * 4 + ch) * 32 + 8 * j;
+      v[b] = make_uint4(0u, 0u, 0u, 0u);
+      if (u < total && ch < ngs * 4 && k < a.K) {
+        const uint4 hw = *reinterpret_cast<const uint4*>(xs + ((m * cps + ch) * 4 + x_slot(m, ch & 3, j)) * 16);
+        const uint4 gw = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(nm.gamma) + k));
+        const T* h = reinterpret_cast<const T*>(&hw);
+        const T* g = reinterpret_cast<const T*>(&gw);
+        T* o = reinterpret_cast<T*>(&v[b]);
+        const float r = ss[kMaxM + m];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const T n = Half2Traits<T>::from_float(Half2Traits<T>::to_float(h[i]) * r);
+          o[i] = Half2Traits<T>::from_float(Half2Traits<T>::to_float(g[i]) * Half2Traits<T>::to_float(n));
+        }
+      }
+    }
+    put_x_words<T, THREADS, kBatch>(xs, sx, a, base, v);
   }
 }
 
@@ -440,7 +593,12 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const Fo
   };
   // The first tile's loads are requested before x is staged, so the two latencies overlap.
   if (tile < a.tiles) prime(tile);
-  stage_x<T, C::THREADS>(xs, sx, a, gs0, ngs);
+  if ((MODE == kPair || MODE == kRope) && a.norm.gamma) {
+    __shared__ float norm_ss[2 * kMaxM];
+    stage_x_norm<T, C::THREADS>(xs, sx, norm_ss, a, gs0, ngs);
+  } else {
+    stage_x<T, C::THREADS>(xs, sx, a, gs0, ngs);
+  }
   __syncthreads();
 
   const bool xv = g < a.M;
@@ -540,7 +698,8 @@ Plan make_plan(const FoldArgs& a, const DeviceSmem& d, int reg_occ) {
     }
   }
   const size_t per_group = (size_t)a.M * (kXGroupBytes + sizeof(float));
-  const long long avail = std::min<long long>(d.smem_optin, d.smem_sm / C::MINB - d.smem_reserved);
+  // kStaticSmem: the norm's static shared memory (stage_x_norm), which the dynamic part must leave
+  const long long avail = std::min<long long>(d.smem_optin, d.smem_sm / C::MINB - d.smem_reserved) - kStaticSmem;
   const long long budget = avail - (long long)C::RING;
   int max_gps = budget > 0 ? (int)(budget / (long long)per_group) : 0;
   while (max_gps > 0 && (long long)((per_group * max_gps + 15) / 16 * 16) > budget) --max_gps;  // 16-byte rounding
@@ -554,7 +713,7 @@ Plan make_plan(const FoldArgs& a, const DeviceSmem& d, int reg_occ) {
     p.gps = (a.groups + n - 1) / n;
     p.n_ks = (a.groups + p.gps - 1) / p.gps;
     p.smem = (per_group * p.gps + 15) / 16 * 16 + C::RING;
-    occ = std::max(1, std::min<int>(reg_occ, (int)(d.smem_sm / (p.smem + d.smem_reserved))));
+    occ = std::max(1, std::min<int>(reg_occ, (int)(d.smem_sm / (p.smem + kStaticSmem + d.smem_reserved))));
     const long long slots = (long long)d.sms * occ * C::W;
     if ((force && *force) || (long long)p.tiles * p.n_ks * fill >= slots || p.gps <= 2) break;
   }
@@ -606,7 +765,9 @@ int plan_cluster(Plan& p, const DeviceSmem& d, int mode) {
   for (int pass = 0; pass < 2; ++pass) {
     const int iters = (p.tiles + blocks * C::W - 1) / (blocks * C::W);
     const size_t smem = p.smem + (size_t)C::W * iters * 32 * sizeof(float4);
-    if ((long long)smem > d.smem_optin || (long long)(smem + d.smem_reserved) * p.occ > d.smem_sm) return AWQ_OK;
+    if ((long long)(smem + kStaticSmem) > d.smem_optin ||
+        (long long)(smem + kStaticSmem + d.smem_reserved) * p.occ > d.smem_sm)
+      return AWQ_OK;
     const ClusterLaunch launch(blocks, p.n_ks, C::THREADS, smem, nullptr);
     int clusters = 0;
     if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.cfg) != cudaSuccess) {
@@ -688,6 +849,9 @@ int launch(FoldArgs a, int dtype, int64_t ws_floats, cudaStream_t stream) {
   a.ws_rows = p.tiles * kTileRows;
   for (int i = 0; i < a.nseg; ++i) a.seg[i].tile0 = p.tile0[i];
   const int64_t need = ws_need(a, p);
+  if (need > 0 && a.norm.gamma)  // the slices' sums of h^2 are added in the cluster only
+    return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold: M=%d K=%d with a norm needs a plan without a workspace (%d K slices)",
+                a.M, a.K, p.n_ks);
   if (need > 0 && (a.ws == nullptr || ws_floats < need))
     return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold: %d K slices need a workspace of %lld floats, got %lld",
                 p.n_ks, (long long)need, (long long)ws_floats);
@@ -718,6 +882,22 @@ int prepare(FoldArgs& a, int nseg, const int64_t* Ns, int64_t M, int64_t K, int6
   a.mode = nseg > 1 ? kMulti : kSingle;
   a.M = (int)M; a.K = (int)K; a.Kp = (int)Kp;
   a.groups = (int)(Kp / 128);
+  return AWQ_OK;
+}
+
+// The norm of an entry point (awq_norm_in, or none), checked.
+int set_norm(FoldArgs& a, const awq_norm_in* nm, const char* who) {
+  if (!nm) return AWQ_OK;
+  auto misaligned = [](const void* p) { return ((uintptr_t)p & 15) != 0; };
+  if (!nm->residual || !nm->weight || !nm->h || (!nm->delta) == (!nm->partials) || (nm->partials && nm->slices < 1) ||
+      (nm->delta_bias && !nm->partials) || !(nm->eps >= 0.f))
+    return fail(AWQ_ERR_ARG, "%s: bad norm arguments (residual, weight and h needed; delta or partials with "
+                "slices >= 1; delta_bias with partials only; eps >= 0)", who);
+  if (a.K % 8 || misaligned(nm->residual) || misaligned(nm->delta) || misaligned(nm->partials) ||
+      misaligned(nm->delta_bias) || misaligned(nm->weight) || misaligned(nm->h))
+    return fail(AWQ_ERR_ARG, "%s: the norm needs K %% 8 == 0 (K=%d) and 16-byte aligned tensors", who, a.K);
+  a.norm = NormIn{nm->residual, nm->delta, nm->partials, nm->delta_bias, nm->weight, nm->h, (int)nm->slices,
+                  nm->eps};
   return AWQ_OK;
 }
 
@@ -768,7 +948,7 @@ extern "C" int64_t awq_int4_gemm_fold_glu_workspace(int64_t N, int64_t M, int64_
 extern "C" int awq_int4_gemm_fold_glu(const void* x, const uint8_t* const* qweights, const void* const* scales,
                                       const uint8_t* const* zeros, const void* const* biases, void* y, int64_t N,
                                       float* ws, int64_t ws_floats, int64_t M, int64_t K, int64_t Kp, int group_size,
-                                      int dtype, void* stream) {
+                                      int dtype, const awq_norm_in* norm, void* stream) {
   using namespace awq;
   FoldArgs a{};
   if (!qweights || !scales || !zeros || !biases)
@@ -776,6 +956,8 @@ extern "C" int awq_int4_gemm_fold_glu(const void* x, const uint8_t* const* qweig
   const int64_t Ns[2] = {N, N};
   void* const ys[2] = {y, y};
   if (int e = prepare(a, 2, Ns, M, K, Kp, group_size, dtype)) return e;
+  if (int e = set_norm(a, norm, "awq_int4_gemm_fold_glu")) return e;
+  if (norm) x = norm->residual;  // not read: x's checks pass on it
   if (int e = set_seg_pointers("awq_int4_gemm_fold_glu", a.seg, 2, x, qweights, scales, zeros, biases, ys)) return e;
   a.mode = kPair;
   a.x = x;
@@ -800,7 +982,8 @@ extern "C" int awq_int4_gemm_fold_rope(const void* x, const uint8_t* const* qwei
                                        const uint8_t* const* zeros, const void* const* biases, void* q,
                                        const int64_t* Ns, int64_t M, int64_t K, int64_t Kp, int group_size, int dtype,
                                        const void* cos, const void* sin, int64_t cos_bstride, const int64_t* pos,
-                                       void* k_cache, void* v_cache, int64_t S, int64_t L, int64_t D, void* stream) {
+                                       void* k_cache, void* v_cache, int64_t S, int64_t L, int64_t D,
+                                       const awq_norm_in* norm, void* stream) {
   using namespace awq;
   FoldArgs a{};
   if (!Ns || !cos || !sin || !pos || !k_cache || !v_cache)
@@ -811,6 +994,8 @@ extern "C" int awq_int4_gemm_fold_rope(const void* x, const uint8_t* const* qwei
                 (long long)Ns[2]);
   void* const ys[3] = {q, q, q};  // only q's is written: k and v go to the caches
   if (int e = prepare(a, 3, Ns, M, K, Kp, group_size, dtype)) return e;
+  if (int e = set_norm(a, norm, "awq_int4_gemm_fold_rope")) return e;
+  if (norm) x = norm->residual;  // not read: x's checks pass on it
   if (int e = set_seg_pointers("awq_int4_gemm_fold_rope", a.seg, 3, x, qweights, scales, zeros, biases, ys)) return e;
   a.mode = kRope;
   a.rope = RopeOut{cos, sin, pos, k_cache, v_cache, cos_bstride, (int)S, (int)L, (int)D};
