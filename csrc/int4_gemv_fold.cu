@@ -795,7 +795,8 @@ int plan_cfg(const FoldArgs& a, int dtype, int cfg, Plan& p) {
   int& occ = reg_occ[d->dev & 63][cfg][dtype == AWQ_DTYPE_BF16][a.mode];
   if (occ == 0) {
     auto kernel = kernel_for<T, C>(a.mode);
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, d->smem_optin) != cudaSuccess ||
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, d->smem_optin - kStaticSmem) !=
+            cudaSuccess ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, C::THREADS, 0) != cudaSuccess)
       return check_launch("gemv_fold setup");
   }
