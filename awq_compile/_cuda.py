@@ -35,7 +35,7 @@ from .ops import (add_rms_norm, check_add_rms_norm_args, check_int4_linear_args,
 __all__ = ["library_path", "load_library", "available", "gemm_mma", "gemm_pc", "gemm_simt", "gemm_simt_multi", "gemm_tc",
            "dequantize_cuda", "int4_linear_cuda", "int4_linear_multi_cuda", "mma_max_m", "pc_max_m", "simt_max_m",
            "tc_max_m", "use_fold", "gemm_fold", "split_k_slices", "int4_linear_partials_cuda", "gemm_sm90", "sm90_config", "sm90_operands", "sm90_pick", "sm90_splits", "ENV_VAR",
-           "fused_norm_applies", "int4_linear_glu_norm_cuda", "int4_linear_rope_cache_norm_cuda"]
+           "fused_norm_applies", "NORM_MAX_M", "int4_linear_glu_norm_cuda", "int4_linear_rope_cache_norm_cuda"]
 
 ENV_VAR = "AWQ_COMPILE_CUDA_LIB"
 _ABI_VERSION = 12
@@ -757,6 +757,15 @@ def int4_linear_rope_cache_cuda(x, qweights, scales, zeros, group_size, biases, 
     return rotate(q, hq).transpose(1, 2).reshape(b, s, hq * d)
 
 
+NORM_MAX_M = 1
+"""Largest M at which the folded GEMV makes the residual add + RMSNorm in its x staging
+(fused_norm_applies). H200, 7B decode, two calls each (benchmarks/RESULTS.md, section 3,
+session 13): at one token +0.9% and +1.3% tokens/s against inductor's norm kernel; at batch 8
+-0.05% and -0.1%: every block reads its K slice of the residual and delta rows (128 KB a block
+at M = 8 without a K split, from L2, against 64 KB of x), which costs what the norm kernel and
+its launch gap did. M = 2..7 were not measured and are left to inductor's kernel."""
+
+
 class _AwqNormIn(ctypes.Structure):
     """awq_norm_in (csrc/awq_int4.h): the residual add + RMSNorm in front of the folded GEMV's
     pair and rope modes."""
@@ -771,15 +780,16 @@ def fused_norm_applies(kind: str, x: torch.Tensor, qweights, group_size: int, he
     (kind "glu") or `awq::int4_linear_rope_cache_norm` (kind "rope") inside the projection's
     launch for an x of this size (x may be a fake tensor: only its shape, dtype and device are
     read): the folded GEMV's pair or rope mode with a plan that needs no workspace (the K slices'
-    sums of h^2 are added in the cluster), K a multiple of 8. Where not, the op runs the norm as
-    torch ops first, slower than inductor's one kernel, so the pass fuse_add_rms_norm asks this."""
+    sums of h^2 are added in the cluster), K a multiple of 8, M <= NORM_MAX_M. Where not, the op
+    runs the norm as torch ops first, slower than inductor's one kernel, so the pass
+    fuse_add_rms_norm asks this."""
     if kind not in ("glu", "rope"):
         raise ValueError(f"fused_norm_applies: kind must be 'glu' or 'rope', got {kind!r}")
     if load_library() is None or x.device.type != "cuda" or x.dtype not in _DTYPES or x.dim() < 1:
         return False
     k = x.shape[-1]
     m = x.numel() // k if k else 0
-    if k % 8 or not 0 < m or len(qweights) != (2 if kind == "glu" else 3):
+    if k % 8 or not 0 < m <= NORM_MAX_M or len(qweights) != (2 if kind == "glu" else 3):
         return False
     if kind == "rope":
         return x.dim() == 3 and head_dim > 0 and _fold_rope_applies(x, qweights, group_size, head_dim)

@@ -236,16 +236,16 @@ __device__ __forceinline__ uint4 load_h_word(const NormIn& nm, int M, int K, int
 // order (through distributed shared memory: every block of the cluster gets the same bits), so no
 // block reads more of h than its slice. Pass 2 makes x from the kept h and puts it as stage_x
 // does. `ss` holds 2 * kMaxM floats (static shared memory: the tokens' sums, then 1 / rms).
-constexpr int kNormBatch = 2;
-template <typename T, int THREADS>
-__device__ void stage_x_norm(uint8_t* xs, float* sx, float* ss, const FoldArgs& a, int gs0, int ngs) {
+// Pass 1 over NB words a thread at a time (each word's loads issued before any is used).
+template <typename T, int THREADS, int NB>
+__device__ __forceinline__ void norm_pass1(uint8_t* xs, float* sx, const FoldArgs& a, int gs0, int ngs) {
   const NormIn& nm = a.norm;
   const int cps = a.gps * 4, words_tok = cps * 4, total = a.M * words_tok;
   const bool writer = blockIdx.x == 0;
-  for (int base = 0; base < total; base += THREADS * kNormBatch) {
-    uint4 v[kNormBatch];
+  for (int base = 0; base < total; base += THREADS * NB) {
+    uint4 v[NB];
 #pragma unroll
-    for (int b = 0; b < kNormBatch; ++b) {
+    for (int b = 0; b < NB; ++b) {
       const int u = base + b * THREADS + threadIdx.x;
       const int m = u / words_tok, rem = u - m * words_tok, ch = rem >> 2, j = rem & 3;
       const int k = (gs0 * 4 + ch) * 32 + 8 * j;
@@ -253,7 +253,7 @@ __device__ void stage_x_norm(uint8_t* xs, float* sx, float* ss, const FoldArgs& 
       if (u < total && ch < ngs * 4 && k < a.K) v[b] = load_h_word<T>(nm, a.M, a.K, m, k);
     }
 #pragma unroll
-    for (int b = 0; b < kNormBatch; ++b) {
+    for (int b = 0; b < NB; ++b) {
       const int u = base + b * THREADS + threadIdx.x;
       const int m = u / words_tok, rem = u - m * words_tok, ch = rem >> 2, j = rem & 3;
       const int k = (gs0 * 4 + ch) * 32 + 8 * j;
@@ -272,6 +272,28 @@ __device__ void stage_x_norm(uint8_t* xs, float* sx, float* ss, const FoldArgs& 
       if (u < total && (u & 15) == 0) sx[m * a.gps + (ch >> 2)] = s;
     }
   }
+}
+
+template <typename T, int THREADS>
+__device__ void stage_x_norm(uint8_t* xs, float* sx, float* ss, const FoldArgs& a, int gs0, int ngs) {
+  const NormIn& nm = a.norm;
+  const int cps = a.gps * 4, words_tok = cps * 4, total = a.M * words_tok;
+  // The norm weight's word for this thread's first x word, requested now so that its latency
+  // hides under pass 1's; at the decode shapes every word of a thread has that k (a token's words
+  // and the block's threads are powers of two, one a multiple of the other).
+  int gk = -1;
+  uint4 gw0 = make_uint4(0u, 0u, 0u, 0u);
+  if ((int)threadIdx.x < total) {
+    const int rem = (int)threadIdx.x % words_tok, ch = rem >> 2, k = (gs0 * 4 + ch) * 32 + 8 * (rem & 3);
+    if (ch < ngs * 4 && k < a.K) {
+      gk = k;
+      gw0 = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(nm.gamma) + k));
+    }
+  }
+  // Every load of a thread's words in flight at once where the registers allow (8 words of
+  // residual and delta at M = 8 without a K split: two rounds), two at a time with K-slice partials.
+  if (nm.part) norm_pass1<T, THREADS, 2>(xs, sx, a, gs0, ngs);
+  else norm_pass1<T, THREADS, kBatch>(xs, sx, a, gs0, ngs);
   __syncthreads();
   const int tok = threadIdx.x;
   if (tok < a.M) {
@@ -304,7 +326,7 @@ __device__ void stage_x_norm(uint8_t* xs, float* sx, float* ss, const FoldArgs& 
       v[b] = make_uint4(0u, 0u, 0u, 0u);
       if (u < total && ch < ngs * 4 && k < a.K) {
         const uint4 hw = *reinterpret_cast<const uint4*>(xs + ((m * cps + ch) * 4 + x_slot(m, ch & 3, j)) * 16);
-        const uint4 gw = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(nm.gamma) + k));
+        const uint4 gw = k == gk ? gw0 : __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(nm.gamma) + k));
         const T* h = reinterpret_cast<const T*>(&hw);
         const T* g = reinterpret_cast<const T*>(&gw);
         T* o = reinterpret_cast<T*>(&v[b]);
