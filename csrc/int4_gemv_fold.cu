@@ -540,7 +540,9 @@ __device__ __forceinline__ void cluster_sum(const FoldArgs& a, const float4* par
 #endif
 }
 
-template <typename T, class C, int MODE>
+// NORM (pair and rope modes): x made by stage_x_norm (FoldArgs::norm). A template parameter, so
+// that the kernels without it keep their registers (rope mode: 118 without, 127 with).
+template <typename T, class C, int MODE, bool NORM>
 __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const FoldArgs a) {
   constexpr int P = C::P;
   extern __shared__ float4 smem4[];
@@ -615,7 +617,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const Fo
   };
   // The first tile's loads are requested before x is staged, so the two latencies overlap.
   if (tile < a.tiles) prime(tile);
-  if ((MODE == kPair || MODE == kRope) && a.norm.gamma) {
+  if constexpr (NORM) {
     __shared__ float norm_ss[2 * kMaxM];
     stage_x_norm<T, C::THREADS>(xs, sx, norm_ss, a, gs0, ngs);
   } else {
@@ -746,12 +748,13 @@ Plan make_plan(const FoldArgs& a, const DeviceSmem& d, int reg_occ) {
   return p;
 }
 
-// The kernel for a mode: one weight, several, a gate/up pair, or q/k/v with the rotary embedding.
+// The kernel for a mode: one weight, several, a gate/up pair, or q/k/v with the rotary embedding;
+// the last two with the norm in front or not.
 template <typename T, class C>
-auto kernel_for(int mode) {
-  return mode == kRope ? gemv_fold_kernel<T, C, kRope>
-         : mode == kPair ? gemv_fold_kernel<T, C, kPair>
-         : mode == kMulti ? gemv_fold_kernel<T, C, kMulti> : gemv_fold_kernel<T, C, kSingle>;
+auto kernel_for(int mode, bool norm) {
+  return mode == kRope ? (norm ? gemv_fold_kernel<T, C, kRope, true> : gemv_fold_kernel<T, C, kRope, false>)
+         : mode == kPair ? (norm ? gemv_fold_kernel<T, C, kPair, true> : gemv_fold_kernel<T, C, kPair, false>)
+         : mode == kMulti ? gemv_fold_kernel<T, C, kMulti, false> : gemv_fold_kernel<T, C, kSingle, false>;
 }
 
 // The launch configuration of a grid (blocks, n_ks) whose n_ks K slices of a block column form
@@ -779,10 +782,10 @@ struct ClusterLaunch {
 // beside x and the ring without costing a block a SM, with only as many blocks a slice as
 // clusters fit at once. $AWQ_FOLD_CLUSTER=0 keeps the workspace and fold_finalize (experiments).
 template <typename T, class C>
-int plan_cluster(Plan& p, const DeviceSmem& d, int mode) {
+int plan_cluster(Plan& p, const DeviceSmem& d, int mode, bool norm) {
   const char* env = getenv("AWQ_FOLD_CLUSTER");
   if (d.major < 9 || p.n_ks < 2 || p.n_ks > 8 || (env && *env && atoi(env) == 0)) return AWQ_OK;
-  auto kernel = kernel_for<T, C>(mode);
+  auto kernel = kernel_for<T, C>(mode, norm);
   int blocks = p.blocks;
   for (int pass = 0; pass < 2; ++pass) {
     const int iters = (p.tiles + blocks * C::W - 1) / (blocks * C::W);
@@ -813,10 +816,12 @@ template <typename T, class C>
 int plan_cfg(const FoldArgs& a, int dtype, int cfg, Plan& p) {
   const DeviceSmem* d = nullptr;
   if (int e = device_smem(d)) return e;
-  static int reg_occ[64][kNumCfg][2][kNumModes];  // blocks per SM allowed by registers: (device, config, dtype, mode)
-  int& occ = reg_occ[d->dev & 63][cfg][dtype == AWQ_DTYPE_BF16][a.mode];
+  // blocks per SM allowed by registers: (device, config, dtype, mode, norm)
+  static int reg_occ[64][kNumCfg][2][kNumModes][2];
+  const bool norm = a.norm.gamma != nullptr;
+  int& occ = reg_occ[d->dev & 63][cfg][dtype == AWQ_DTYPE_BF16][a.mode][norm];
   if (occ == 0) {
-    auto kernel = kernel_for<T, C>(a.mode);
+    auto kernel = kernel_for<T, C>(a.mode, norm);
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, d->smem_optin - kStaticSmem) !=
             cudaSuccess ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, C::THREADS, 0) != cudaSuccess)
@@ -827,7 +832,7 @@ int plan_cfg(const FoldArgs& a, int dtype, int cfg, Plan& p) {
   if (p.n_ks == 0)
     return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold: M=%d needs %d bytes of shared memory a group, the device grants %d",
                 a.M, (int)(a.M * (kXGroupBytes + 4)), d->smem_optin);
-  return plan_cluster<T, C>(p, *d, a.mode);
+  return plan_cluster<T, C>(p, *d, a.mode, norm);
 }
 
 // The configuration: $AWQ_FOLD_CFG (experiments), else kDefaultCfg.
@@ -854,7 +859,7 @@ int64_t ws_need(const FoldArgs& a, const Plan& p) {
 
 template <typename T, class C>
 void launch_cfg(const FoldArgs& a, const Plan& p, cudaStream_t stream) {
-  auto kernel = kernel_for<T, C>(a.mode);
+  auto kernel = kernel_for<T, C>(a.mode, a.norm.gamma != nullptr);
   if (p.cluster) {
     const ClusterLaunch launch(p.blocks, p.n_ks, C::THREADS, p.smem, stream);
     cudaLaunchKernelEx(&launch.cfg, kernel, a);
