@@ -22,7 +22,11 @@ works without importing awq_compile. Per graph dynamo hands over, the backend
    leaves them); then, where the CUDA decode kernel
    would sum an INT4 linear's K slices in a second launch, the sum is left to the graph, where
    inductor fuses it into the kernel that reads the result (`passes.defer_split_k`, with
-   inductor only; `options={"defer_split_k": False}` keeps the kernel's own sum);
+   inductor only; `options={"defer_split_k": False}` keeps the kernel's own sum); last, a
+   residual add and the RMSNorm after it go into the `int4_linear_glu` or
+   `int4_linear_rope_cache` call that reads the norm, as one `awq::int4_linear_glu_norm` or
+   `awq::int4_linear_rope_cache_norm` call, where the CUDA kernel makes the norm in its
+   prologue (`passes.fuse_add_rms_norm`; `options={"fuse_norm": False}` leaves them);
 6. compiles the result with inductor (`mode` passed on: "reduce-overhead" is CUDA graphs), or
    runs it eagerly with `options={"inductor": False}`.
 
@@ -30,7 +34,7 @@ works without importing awq_compile. Per graph dynamo hands over, the backend
 "calibration_graphs", "serve_graphs" (graphs compiled for serving), "linears_swapped",
 "siblings_fused" (int4_linear_multi calls made), "mlps_fused" (int4_linear_glu calls made),
 "rope_fused" (int4_linear_rope_cache calls made), "split_k_deferred" (int4_linear_partials
-calls made).
+calls made), "norms_fused" (int4_linear_glu_norm and int4_linear_rope_cache_norm calls made).
 """
 
 from __future__ import annotations
@@ -68,6 +72,10 @@ _OWN = {
     "defer_split_k": "True (default): a CUDA decode linear's K-slice sum left to the graph "
                      "(awq::int4_linear_partials), which inductor fuses downstream; False: the "
                      "kernel's own second launch",
+    "fuse_norm": "True (default): a residual add and the RMSNorm after it in the "
+                 "awq::int4_linear_glu or awq::int4_linear_rope_cache call that reads the norm "
+                 "(awq::int4_linear_glu_norm, awq::int4_linear_rope_cache_norm), where the CUDA "
+                 "kernel makes the norm in its prologue; False: left as they are",
     "mode": "inductor's mode, e.g. 'reduce-overhead' (CUDA graphs): torch.compile refuses "
             "mode= together with options=",
 }
@@ -89,6 +97,7 @@ class BackendOptions:
     fuse_activation: bool = True
     defer_split_k: bool = True
     fuse_rope: bool = True
+    fuse_norm: bool = True
 
 
 def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
@@ -111,7 +120,7 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
         )
     fields = {k: v for k, v in options.items() if k in _CONFIG_FIELDS}
     flags = {k: options.get(k, True) for k in ("inductor", "fuse_siblings", "fuse_activation", "defer_split_k",
-                                                 "fuse_rope")}
+                                                 "fuse_rope", "fuse_norm")}
     for key, value in flags.items():
         if not isinstance(value, bool):
             raise ValueError(f"awq backend: option {key}={value!r} must be True or False")
@@ -129,7 +138,7 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
         _mode_patches(mode)  # raises for an unknown mode
     return BackendOptions(_config(options, fields), None if checkpoint is None else Path(checkpoint),
                           flags["inductor"], mode, flags["fuse_siblings"], flags["fuse_activation"],
-                          flags["defer_split_k"], flags["fuse_rope"])
+                          flags["defer_split_k"], flags["fuse_rope"], flags["fuse_norm"])
 
 
 def _config(options: Mapping[str, Any], fields: dict[str, Any]) -> AWQConfig:
@@ -181,7 +190,7 @@ def awq_backend(
     plan = _checkpoint_plan(state, opts.checkpoint) if opts.checkpoint else None
     return serve_graph(state, gm, example_inputs, opts.inductor, patches, plan, opts.config,
                        fuse_siblings=opts.fuse_siblings, fuse_activation=opts.fuse_activation,
-                       defer_split_k=opts.defer_split_k, fuse_rope=opts.fuse_rope)
+                       defer_split_k=opts.defer_split_k, fuse_rope=opts.fuse_rope, fuse_norm=opts.fuse_norm)
 
 
 def serve_graph(
@@ -196,9 +205,10 @@ def serve_graph(
     fuse_activation: bool = True,
     defer_split_k: bool = True,
     fuse_rope: bool = True,
+    fuse_norm: bool = True,
 ):
-    """Rewrite `gm` with the model's quantization (or `plan`), fuse gated MLPs and sibling INT4
-    linears, and compile it."""
+    """Rewrite `gm` with the model's quantization (or `plan`), fuse gated MLPs, sibling INT4
+    linears, rotary embeddings and norms into them, and compile it."""
     plan = plan or (state.plan if state is not None else None)
     names = TensorNames(state.root) if state is not None else None
     if plan is not None:
@@ -230,6 +240,8 @@ def serve_graph(
             torch._dynamo.utils.counters["awq"]["rope_fused"] += passes.fuse_rope_cache(gm)
     if defer_split_k and inductor:
         torch._dynamo.utils.counters["awq"]["split_k_deferred"] += passes.defer_split_k(gm)
+    if fuse_norm:
+        torch._dynamo.utils.counters["awq"]["norms_fused"] += passes.fuse_add_rms_norm(gm)
     torch._dynamo.utils.counters["awq"]["serve_graphs"] += 1
     if not inductor:
         return _inference_only(gm.forward)

@@ -5,11 +5,13 @@ The order of the pipeline lives here, in one list, and nowhere else:
     annotate_scale_groups -> insert_observers -> (calibration runs) -> remove_observers
     -> search_scales -> fold_scales -> search_clip -> swap_linear_int4
 
-The compile backend also runs `fuse_gated_mlp`, `fuse_sibling_linears`, `fuse_rope_cache` and
-`defer_split_k` on each graph it serves (after the quantization: one `int4_linear_glu` call for a
-SwiGLU MLP's gate and up projections and their activation, one `int4_linear_multi` call for the
-INT4 linears that read one input, one `int4_linear_rope_cache` call for q/k/v with their rotary
-embedding and KV-cache write, then the K-slice sum of a split-K decode linear left to the graph).
+The compile backend also runs `fuse_gated_mlp`, `fuse_sibling_linears`, `fuse_rope_cache`,
+`defer_split_k` and `fuse_add_rms_norm` on each graph it serves (after the quantization: one
+`int4_linear_glu` call for a SwiGLU MLP's gate and up projections and their activation, one
+`int4_linear_multi` call for the INT4 linears that read one input, one `int4_linear_rope_cache`
+call for q/k/v with their rotary embedding and KV-cache write, then the K-slice sum of a split-K
+decode linear left to the graph, then a residual add and RMSNorm taken into the gated-MLP or
+q/k/v call that reads it).
 
 Analysis passes write frozen dataclasses into `node.meta["awq"]`; the rewriting passes read only
 those. `awq_compile.api` drives the pipeline for `quantize`, the compile backend for dynamo graphs.
@@ -18,6 +20,7 @@ those. `awq_compile.api` drives the pipeline for `quantize`, the compile backend
 from .annotate_scale_groups import LinearInfo, ScaleGroup, annotate_scale_groups, linear_infos, scale_groups
 from .defer_split_k import defer_split_k
 from .fold_scales import fold_scales
+from .fuse_add_rms_norm import fuse_add_rms_norm
 from .fuse_gated_mlp import fuse_gated_mlp
 from .fuse_rope_cache import fuse_rope_cache
 from .fuse_sibling_linears import fuse_sibling_linears
@@ -54,6 +57,7 @@ __all__ = [
     "fuse_gated_mlp",
     "defer_split_k",
     "fuse_rope_cache",
+    "fuse_add_rms_norm",
     "quantize_linear",
     "linear_infos",
     "scale_groups",
