@@ -15,6 +15,41 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def smollm2_decode(smollm2):
+    """(q, decode): the real SmolLM2-135M in RTN INT4 (group size 64), and decode(options, steps)
+    -> (logits of each step, the StaticCache): two rows of real text, a 12-token eager prefill
+    into a 16-token static cache, then `steps` (<= 3) one-token steps of q compiled with
+    backend="awq", options={"inductor": False, **options}, with dynamo reset and the counters
+    cleared first. The fusion tests compare the same decode with an option on and off."""
+    import awq_compile
+    from awq_compile import AWQConfig
+    from awq_compile.calib import calibration_text
+    from torch._dynamo.utils import counters
+    from transformers import StaticCache
+
+    model, tok = smollm2
+    awq_compile.backend.register()
+    q = awq_compile.quantize_rtn(model, AWQConfig(group_size=64))
+    words = calibration_text().split()
+    ids = torch.stack([tok(" ".join(words[i:i + 40]), return_tensors="pt").input_ids[0, :15] for i in (0, 200)])
+
+    def decode(options: dict, steps: int):
+        torch._dynamo.reset()
+        counters.clear()
+        step = torch.compile(q, backend="awq", fullgraph=True, options={"inductor": False, **options})
+        cache = StaticCache(config=q.config, max_cache_len=16)
+        logits = []
+        with torch.no_grad():
+            q(ids[:, :12], past_key_values=cache, cache_position=torch.arange(12), use_cache=True)
+            for i in range(steps):
+                logits.append(step(ids[:, 12 + i:13 + i], past_key_values=cache,
+                                   cache_position=torch.arange(12 + i, 13 + i), use_cache=True).logits)
+        return torch.stack(logits), cache
+
+    return q, decode
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A word-level Hugging Face tokenizer (512 ids) over the calibration text; needs no files.
 

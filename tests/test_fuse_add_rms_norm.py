@@ -426,34 +426,16 @@ def test_backend_with_inductor(spy, monkeypatch):
         assert _rel(a.keys, b.keys) < 1e-2 and _rel(a.values, b.values) < 1e-2
 
 
-def test_backend_fuses_smollm2_bit_for_bit(smollm2, spy):
+def test_backend_fuses_smollm2_bit_for_bit(smollm2_decode, spy):
     """The real SmolLM2-135M (30 layers), RTN INT4, batch 2 decoding real text with a static
     cache, served eagerly: 2 * 30 - 1 = 59 norms fused a graph, and the logits and caches bit for
     bit those of the same graphs with the fusion off."""
-    from awq_compile.calib import calibration_text
-    from transformers import StaticCache
-
-    model, tok = smollm2
-    q = awq_compile.quantize_rtn(model, AWQConfig(group_size=64))
-    words = calibration_text().split()
-    ids = torch.stack([tok(" ".join(words[i:i + 40]), return_tensors="pt").input_ids[0, :14] for i in (0, 200)])
-
-    def decode(fuse):
-        torch._dynamo.reset()
-        counters.clear()
-        spy.clear()
-        step = torch.compile(q, backend="awq", fullgraph=True, options={"inductor": False, "fuse_norm": fuse})
-        cache = StaticCache(config=q.config, max_cache_len=16)
-        logits = []
-        with torch.no_grad():
-            q(ids[:, :12], past_key_values=cache, cache_position=torch.arange(12), use_cache=True)
-            for i in range(2):
-                logits.append(step(ids[:, 12 + i:13 + i], past_key_values=cache,
-                                   cache_position=torch.arange(12 + i, 13 + i), use_cache=True).logits)
-        return torch.stack(logits), cache, counters["awq"]["norms_fused"], len(spy)
-
-    want, want_cache, off, _ = decode(False)
-    got, got_cache, on, graphs = decode(True)
+    q, decode = smollm2_decode
+    want, want_cache = decode({"fuse_norm": False}, 2)
+    off = counters["awq"]["norms_fused"]
+    spy.clear()
+    got, got_cache = decode({"fuse_norm": True}, 2)
+    on, graphs = counters["awq"]["norms_fused"], len(spy)
     assert off == 0 and on == (2 * q.config.num_hidden_layers - 1) * graphs == 59 * graphs
     assert torch.equal(got, want) and _same_caches(got_cache, want_cache)
 

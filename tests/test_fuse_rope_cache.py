@@ -232,37 +232,16 @@ def test_backend_fuses_a_llama_decoding_with_a_static_cache(inductor):
         torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-5)
 
 
-def test_backend_fuses_smollm2_bit_for_bit(smollm2):
+def test_backend_fuses_smollm2_bit_for_bit(smollm2_decode):
     """The real SmolLM2-135M (30 layers, GQA 9 / 3 heads of 64), RTN INT4, batch 2 decoding real
     text with a static cache, served eagerly (inductor=False): every layer's q/k/v, rotary and
     cache writes fused, and the logits and caches bit for bit those of the same graphs with the
     fusion off (the op's reference is the unfused graph, step by step)."""
-    import awq_compile
-    from awq_compile import AWQConfig
-    from awq_compile.calib import calibration_text
-    from transformers import StaticCache
-
-    model, tok = smollm2
-    awq_compile.backend.register()
-    q = awq_compile.quantize_rtn(model, AWQConfig(group_size=64))
-    words = calibration_text().split()
-    ids = torch.stack([tok(" ".join(words[i:i + 40]), return_tensors="pt").input_ids[0, :15] for i in (0, 200)])
-
-    def decode(fuse):
-        torch._dynamo.reset()
-        counters.clear()
-        step = torch.compile(q, backend="awq", fullgraph=True, options={"inductor": False, "fuse_rope": fuse})
-        cache = StaticCache(config=q.config, max_cache_len=16)
-        logits = []
-        with torch.no_grad():
-            q(ids[:, :12], past_key_values=cache, cache_position=torch.arange(12), use_cache=True)
-            for i in range(3):
-                logits.append(step(ids[:, 12 + i:13 + i], past_key_values=cache,
-                                   cache_position=torch.arange(12 + i, 13 + i), use_cache=True).logits)
-        return torch.stack(logits), cache, counters["awq"]["rope_fused"]
-
-    want, want_cache, off = decode(False)
-    got, got_cache, on = decode(True)
+    q, decode = smollm2_decode
+    want, want_cache = decode({"fuse_rope": False}, 3)
+    off = counters["awq"]["rope_fused"]
+    got, got_cache = decode({"fuse_rope": True}, 3)
+    on = counters["awq"]["rope_fused"]
     assert off == 0 and on >= q.config.num_hidden_layers
     assert torch.equal(got, want)
     for a, b in zip(got_cache.layers, want_cache.layers):
