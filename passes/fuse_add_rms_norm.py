@@ -41,8 +41,9 @@ from typing import Callable
 import torch
 from torch import fx
 
-from .fuse_rope_cache import _ADD, _MUL, _is, _only_user
-from .fuse_sibling_linears import _VAL_KEYS, _barrier, _dtype, _val
+from ._graph import fetch_attr
+from .fuse_rope_cache import _ADD, _MUL, _is, _moves_safely, _only_user
+from .fuse_sibling_linears import _VAL_KEYS, _dtype, _val
 
 __all__ = ["fuse_add_rms_norm"]
 
@@ -228,19 +229,6 @@ def _delta_forms(h: fx.Node) -> list[tuple]:
     return [*forms, (h.args[0], h.args[1], None, [])]
 
 
-def _moves_safely(first: fx.Node, call: fx.Node, inputs: tuple) -> bool:
-    """Whether the add and norm, computed from `first` on, may move down to `call`: an in-place op
-    between them may only touch a graph input or attribute the call does not read, never a view."""
-    watched = {n for n in inputs if isinstance(n, fx.Node)}
-    n = first.next
-    while n is not call:
-        if _barrier(n) and (set(n.all_input_nodes) & watched or not n.args or not isinstance(n.args[0], fx.Node)
-                            or n.args[0].op not in ("placeholder", "get_attr")):
-            return False
-        n = n.next
-    return True
-
-
 def _fake_call(gm: fx.GraphModule, op, call: fx.Node, residual, delta, bias, w, eps) -> tuple[str, tuple] | None:
     """The op's outputs on the example tensors (its meta), or None where the op's checks refuse
     them or they are unknown."""
@@ -252,8 +240,10 @@ def _fake_call(gm: fx.GraphModule, op, call: fx.Node, residual, delta, bias, w, 
         v = _val(n)
         if v is None and n.op == "get_attr" and mode is not None:
             # a constant the serving rewrite made (a folded norm weight) carries no example value
-            v = _attr(gm, n.target)
-            v = mode.from_tensor(v, static_shapes=True) if isinstance(v, torch.Tensor) else None
+            try:
+                v = mode.from_tensor(fetch_attr(gm, str(n.target)), static_shapes=True)
+            except (AttributeError, TypeError):
+                v = None
         if not isinstance(v, torch.Tensor):
             missing.append(n)
         return v
@@ -268,14 +258,6 @@ def _fake_call(gm: fx.GraphModule, op, call: fx.Node, residual, delta, bias, w, 
     except (ValueError, RuntimeError):
         return None
     return key, tuple(out)
-
-
-def _attr(gm: fx.GraphModule, target: str) -> object:
-    """The object a get_attr node of `target` reads (None where there is none)."""
-    obj = gm
-    for name in target.split("."):
-        obj = getattr(obj, name, None)
-    return obj
 
 
 def _rewrite(graph: fx.Graph, m: dict) -> None:

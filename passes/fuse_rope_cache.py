@@ -185,13 +185,8 @@ def _match_block(graph: fx.Graph, multi: fx.Node) -> dict | None:
     # attribute the op does not read (a static cache's position counter), never a view; between
     # the two writes nothing may read a cache or a view of one (both writes now happen where the
     # first stood).
-    watched = set(inputs)
-    n = multi.next
-    while n is not first:
-        if _barrier(n) and (set(n.all_input_nodes) & watched or not n.args or not isinstance(n.args[0], fx.Node)
-                            or n.args[0].op not in ("placeholder", "get_attr")):
-            return None
-        n = n.next
+    if not _moves_safely(multi, first, inputs):
+        return None
     tainted = {k_cache, v_cache}  # the caches and what was computed from them
     for n in graph.nodes:
         if n is last:
@@ -206,6 +201,20 @@ def _match_block(graph: fx.Graph, multi: fx.Node) -> dict | None:
     return {"multi": multi, "outs": outs, "heads": heads, "q_rope": q_rope, "k_rope": k_rope,
             "copies": (k_copy, v_copy), "first": first, "args": (cos, sin, pos, k_cache, v_cache),
             "val": val}
+
+
+def _moves_safely(start: fx.Node, stop: fx.Node, inputs) -> bool:
+    """Whether what is computed up to `start` may move down to `stop`: an in-place op between them
+    may only touch a graph input or attribute that none of `inputs` (the moved call's operands)
+    is, never a view. Shared with fuse_add_rms_norm."""
+    watched = {n for n in inputs if isinstance(n, fx.Node)}
+    n = start.next
+    while n is not stop:
+        if _barrier(n) and (set(n.all_input_nodes) & watched or not n.args or not isinstance(n.args[0], fx.Node)
+                            or n.args[0].op not in ("placeholder", "get_attr")):
+            return False
+        n = n.next
+    return True
 
 
 def _fake_call(multi: fx.Node, cos, sin, pos, k_cache, v_cache) -> tuple[str, torch.Tensor] | None:
