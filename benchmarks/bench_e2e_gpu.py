@@ -123,11 +123,33 @@ def decode(args) -> list[dict]:
         print(rows[-1], flush=True)
     ablations = [("fuse_siblings", b) for b in args.unfused] + [(o, b) for o in args.ablate for b in args.batch]
     for option, b in ablations:  # the INT4 model with one backend option off
-        r = _decode(q, b, args.prompt, args.new, {"backend": "awq", "fullgraph": True, "options": {
-            "mode": "reduce-overhead", option: False}})
+        if option == "pdl":  # not a backend option: the kernel library's $AWQ_PDL, read at capture
+            r = _without_pdl(q, b, args)
+        else:
+            r = _decode(q, b, args.prompt, args.new, {"backend": "awq", "fullgraph": True, "options": {
+                "mode": "reduce-overhead", option: False}})
         rows.append({"model": f"int4 awq, {option}=False", **r})
         print(rows[-1], flush=True)
     return rows
+
+
+def _without_pdl(q, batch: int, args) -> dict:
+    """The INT4 decode with the kernels launched without programmatic dependent launch
+    ($AWQ_PDL=0 while the graphs are captured; dynamo's caches are dropped so that they are)."""
+    import os
+
+    old = os.environ.get("AWQ_PDL")
+    os.environ["AWQ_PDL"] = "0"
+    try:
+        torch._dynamo.reset()
+        return _decode(q, batch, args.prompt, args.new, {"backend": "awq", "mode": "reduce-overhead",
+                                                          "fullgraph": True})
+    finally:
+        if old is None:
+            del os.environ["AWQ_PDL"]
+        else:
+            os.environ["AWQ_PDL"] = old
+        torch._dynamo.reset()
 
 
 def quantize(args) -> list[dict]:
@@ -162,7 +184,8 @@ def main() -> None:
     ap.add_argument("--unfused", type=int, nargs="*", default=[],
                     help="batch sizes to also decode with fuse_siblings=False (ablation)")
     ap.add_argument("--ablate", nargs="*", default=[], metavar="OPTION",
-                    help="backend options to turn off one at a time, at each --batch (ablation)")
+                    help="backend options to turn off one at a time, at each --batch (ablation); "
+                         "'pdl': the kernels without programmatic dependent launch ($AWQ_PDL=0)")
     ap.add_argument("--models", choices=["both", "bf16", "int4"], default="both",
                     help="decode: which side(s) to run (an A/B of two kernel libraries needs bf16 once)")
     ap.add_argument("--prompt", type=int, default=128)

@@ -1,5 +1,6 @@
-// Error reporting behind the C ABI (see int4_common.cuh).
+// Error reporting behind the C ABI, device limits, launch settings (see int4_common.cuh).
 #include <stdarg.h>
+#include <stdlib.h>
 
 #include "int4_common.cuh"
 
@@ -82,6 +83,20 @@ int device_smem(const DeviceSmem*& out) {
   }
   out = &d;
   return AWQ_OK;
+}
+
+size_t spread_smem(const DeviceSmem& d, long long blocks, size_t smem) {
+  const long long per_sm = (blocks + d.sms - 1) / d.sms;
+  // The least size at which per_sm + 1 blocks no longer fit an SM's shared memory.
+  const long long s = ((long long)d.smem_sm / (per_sm + 1) - d.smem_reserved + 1 + 15) / 16 * 16;
+  if (s <= (long long)smem || s > d.smem_optin || (s + d.smem_reserved) * per_sm > d.smem_sm) return smem;
+  return (size_t)s;
+}
+
+bool pdl_enabled(const DeviceSmem& d, int m) {
+  if (d.major < 9 || m > kPdlMaxM) return false;
+  const char* e = getenv("AWQ_PDL");
+  return !(e && *e && atoi(e) == 0);
 }
 
 }  // namespace awq

@@ -77,6 +77,66 @@ struct DeviceSmem {
 // Points `out` at the current device's limits; AWQ_OK, or the CUDA error with its message set.
 int device_smem(const DeviceSmem*& out);
 
+// Programmatic dependent launch (sm_90; csrc/NOTES.md, session 14). A decode kernel launched with
+// it may start while the kernel before it in the stream is still running: it requests its first
+// weights (constants of the graph), then pdl_wait() returns once that kernel has finished and its
+// writes are visible. Nothing that another kernel writes may be read, and nothing at all written,
+// before pdl_wait(). pdl_trigger() lets the next kernel start early in the same way. Both are
+// no-ops where the launch had no such attribute, and below sm_90.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Whether a decode kernel of m tokens launches with programmatic dependent launch: on an sm_90+
+// device, at m <= kPdlMaxM, unless $AWQ_PDL=0 (read on every call, so a benchmark can compare the
+// two in one process; the setting at CUDA-graph capture is what the graph keeps). kPdlMaxM is
+// measured: on an H200, 7B decode gained 4.2% at batch 1 and lost 1.1% at batch 8 (13B: +4.9%,
+// -2.2%) with it at every M (benchmarks/RESULTS.md, section 3, session 14).
+constexpr int kPdlMaxM = 1;
+bool pdl_enabled(const DeviceSmem& d, int m);
+
+// Under programmatic dependent launch a grid's blocks are placed as the kernel before it frees its
+// SMs, so a grid of fewer blocks than the SMs hold would crowd onto the SMs freed first (3 a SM
+// where 1.5 was the plan: csrc/NOTES.md, session 14). Returns the dynamic shared memory (>= smem)
+// that keeps every SM to ceil(blocks / SMs) blocks of a kernel with no static shared memory.
+size_t spread_smem(const DeviceSmem& d, long long blocks, size_t smem);
+
+// A launch's configuration for cudaLaunchKernelEx: grid, block, dynamic shared memory and stream,
+// plus a cluster of cluster_y blocks along y where cluster_y > 1, and programmatic dependent launch
+// where pdl. Not copyable: cfg points at attr.
+struct LaunchCfg {
+  cudaLaunchAttribute attr[2];
+  cudaLaunchConfig_t cfg = {};
+  LaunchCfg(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, int cluster_y, bool pdl) {
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    if (cluster_y > 1) {
+      attr[cfg.numAttrs].id = cudaLaunchAttributeClusterDimension;
+      attr[cfg.numAttrs].val.clusterDim.x = 1;
+      attr[cfg.numAttrs].val.clusterDim.y = cluster_y;
+      attr[cfg.numAttrs].val.clusterDim.z = 1;
+      ++cfg.numAttrs;
+    }
+    if (pdl) {
+      attr[cfg.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[cfg.numAttrs].val.programmaticStreamSerializationAllowed = 1;
+      ++cfg.numAttrs;
+    }
+  }
+  LaunchCfg(const LaunchCfg&) = delete;
+  LaunchCfg& operator=(const LaunchCfg&) = delete;
+};
+
 // The two activation types. kMagic is the 16-bit pattern whose low mantissa bits a nibble can
 // be OR-ed into to read as (kBase + q) exactly: bf16 128.0 has a 7-bit mantissa of ulp 1, fp16
 // 1024.0 a 10-bit one of ulp 1. That turns int -> float into one LOP3 per two weights.

@@ -615,8 +615,11 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const Fo
 #pragma unroll
     for (int q = 0; q < P - 1; ++q) request(q, q);
   };
-  // The first tile's loads are requested before x is staged, so the two latencies overlap.
+  // The first tile's loads are requested before x is staged, so the two latencies overlap; with
+  // programmatic dependent launch, before the kernel this one depends on has finished.
   if (tile < a.tiles) prime(tile);
+  pdl_wait();
+  pdl_trigger();
   if constexpr (NORM) {
     __shared__ float norm_ss[2 * kMaxM];
     stage_x_norm<T, C::THREADS>(xs, sx, norm_ss, a, gs0, ngs);
@@ -679,12 +682,14 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const Fo
 // y = the slices' partials summed in slice order + bias, rounded to T (int4_common.cuh).
 template <typename T>
 __global__ void fold_finalize(const FoldArgs a) {
+  pdl_wait();
   sum_slices<T, kTileRows>(a.seg, a.nseg, a.ws, a.ws_rows, a.M, a.n_ks);
 }
 
 // Pair mode: silu(gate) * up from the slices' partials, each of the two summed in slice order.
 template <typename T>
 __global__ void fold_pair_finalize(const FoldArgs a) {
+  pdl_wait();
   const int m = blockIdx.y, n = a.seg[0].N;
   const size_t slice = (size_t)a.M * a.ws_rows;
   for (int row = blockIdx.x * blockDim.x + threadIdx.x; row < n; row += gridDim.x * blockDim.x) {
@@ -757,27 +762,6 @@ auto kernel_for(int mode, bool norm) {
          : mode == kMulti ? gemv_fold_kernel<T, C, kMulti, false> : gemv_fold_kernel<T, C, kSingle, false>;
 }
 
-// The launch configuration of a grid (blocks, n_ks) whose n_ks K slices of a block column form
-// one thread-block cluster. Not copyable: cfg points at attr.
-struct ClusterLaunch {
-  cudaLaunchAttribute attr[1];
-  cudaLaunchConfig_t cfg = {};
-  ClusterLaunch(int blocks, int n_ks, int threads, size_t smem, cudaStream_t stream) {
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 1;
-    attr[0].val.clusterDim.y = n_ks;
-    attr[0].val.clusterDim.z = 1;
-    cfg.gridDim = dim3(blocks, n_ks);
-    cfg.blockDim = dim3(threads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-  }
-  ClusterLaunch(const ClusterLaunch&) = delete;
-  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
-};
-
 // Sums the K slices in a cluster (sm_90, 2..8 slices) where the partials fit in shared memory
 // beside x and the ring without costing a block a SM, with only as many blocks a slice as
 // clusters fit at once. $AWQ_FOLD_CLUSTER=0 keeps the workspace and fold_finalize (experiments).
@@ -793,7 +777,7 @@ int plan_cluster(Plan& p, const DeviceSmem& d, int mode, bool norm) {
     if ((long long)(smem + kStaticSmem) > d.smem_optin ||
         (long long)(smem + kStaticSmem + d.smem_reserved) * p.occ > d.smem_sm)
       return AWQ_OK;
-    const ClusterLaunch launch(blocks, p.n_ks, C::THREADS, smem, nullptr);
+    const LaunchCfg launch(dim3(blocks, p.n_ks), C::THREADS, smem, nullptr, p.n_ks, false);
     int clusters = 0;
     if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.cfg) != cudaSuccess) {
       cudaGetLastError();  // not launchable as a cluster: keep the workspace
@@ -857,15 +841,13 @@ int64_t ws_need(const FoldArgs& a, const Plan& p) {
   return p.n_ks > 1 && !p.cluster ? (int64_t)p.n_ks * a.M * p.tiles * kTileRows : 0;
 }
 
+// Programmatic dependent launch only without a cluster: a K-split cluster launched while the kernel
+// before it drains waits for n_ks SMs of one GPC to be free at once, and 7B's down projection at
+// batch 8 (clusters of 5) took 22.4 us instead of 15.6 (csrc/NOTES.md, session 14).
 template <typename T, class C>
-void launch_cfg(const FoldArgs& a, const Plan& p, cudaStream_t stream) {
-  auto kernel = kernel_for<T, C>(a.mode, a.norm.gamma != nullptr);
-  if (p.cluster) {
-    const ClusterLaunch launch(p.blocks, p.n_ks, C::THREADS, p.smem, stream);
-    cudaLaunchKernelEx(&launch.cfg, kernel, a);
-  } else {
-    kernel<<<dim3(p.blocks, p.n_ks), C::THREADS, p.smem, stream>>>(a);
-  }
+void launch_cfg(const FoldArgs& a, const Plan& p, cudaStream_t stream, bool pdl) {
+  const LaunchCfg l(dim3(p.blocks, p.n_ks), C::THREADS, p.smem, stream, p.cluster ? p.n_ks : 1, pdl && !p.cluster);
+  cudaLaunchKernelEx(&l.cfg, kernel_for<T, C>(a.mode, a.norm.gamma != nullptr), a);
 }
 
 template <typename T>
@@ -883,19 +865,19 @@ int launch(FoldArgs a, int dtype, int64_t ws_floats, cudaStream_t stream) {
   if (need > 0 && (a.ws == nullptr || ws_floats < need))
     return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold: %d K slices need a workspace of %lld floats, got %lld",
                 p.n_ks, (long long)need, (long long)ws_floats);
+  const DeviceSmem* d = nullptr;
+  if (int e = device_smem(d)) return e;
+  const bool pdl = pdl_enabled(*d, a.M);
   switch (p.cfg) {
-    case 1: launch_cfg<T, F1>(a, p, stream); break;
-    case 2: launch_cfg<T, F2>(a, p, stream); break;
-    case 3: launch_cfg<T, F3>(a, p, stream); break;
-    default: launch_cfg<T, F0>(a, p, stream); break;
+    case 1: launch_cfg<T, F1>(a, p, stream, pdl); break;
+    case 2: launch_cfg<T, F2>(a, p, stream, pdl); break;
+    case 3: launch_cfg<T, F3>(a, p, stream, pdl); break;
+    default: launch_cfg<T, F0>(a, p, stream, pdl); break;
   }
   if (int e = check_launch("gemv_fold_kernel")) return e;
   if (p.n_ks == 1 || p.cluster) return AWQ_OK;
-  const int blocks = std::min((a.ws_rows + 255) / 256, 1024);
-  if (a.mode == kPair)
-    fold_pair_finalize<T><<<dim3(blocks, a.M), 256, 0, stream>>>(a);
-  else
-    fold_finalize<T><<<dim3(blocks, a.M), 256, 0, stream>>>(a);
+  const LaunchCfg l(dim3(std::min((a.ws_rows + 255) / 256, 1024), a.M), 256, 0, stream, 1, pdl);
+  cudaLaunchKernelEx(&l.cfg, a.mode == kPair ? fold_pair_finalize<T> : fold_finalize<T>, a);
   return check_launch("fold_finalize");
 }
 

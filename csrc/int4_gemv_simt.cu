@@ -293,8 +293,11 @@ __global__ void __launch_bounds__(kThreads, (kernel_minb<C, M>())) gemv_simt_ker
 #pragma unroll
     for (int q = 0; q < P - 1; ++q) request(q, q, c0 + q * LK + c8);
   };
-  // The first tile's loads are requested before x is staged, so the two latencies overlap.
+  // The first tile's loads are requested before x is staged, so the two latencies overlap; with
+  // programmatic dependent launch, before the kernel this one depends on has finished.
   if (tile < a.tiles) prime(tile);
+  pdl_wait();
+  pdl_trigger();
   stage_x<T, M>(xs, a, c0, nck);
   __syncthreads();
 
@@ -354,6 +357,7 @@ __global__ void __launch_bounds__(kThreads, (kernel_minb<C, M>())) gemv_simt_ker
 // y = sum over slices (in slice order) + bias, rounded to T: one weight.
 template <typename T>
 __global__ void simt_finalize(const float* ws, const T* bias, T* y, int64_t total, int N, int n_ks) {
+  pdl_wait();
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
        i += (int64_t)gridDim.x * blockDim.x) {
     float v = 0.f;
@@ -366,6 +370,7 @@ __global__ void simt_finalize(const float* ws, const T* bias, T* y, int64_t tota
 // The same for several weights (int4_common.cuh, sum_slices).
 template <typename T, int TR>
 __global__ void simt_finalize_multi(const SimtArgs a) {
+  pdl_wait();
   sum_slices<T, TR>(a.seg, a.nseg, a.ws, a.ws_rows, a.M, a.n_ks);
 }
 
@@ -455,21 +460,27 @@ int launch(SimtArgs a, int dtype, int64_t ws_floats, cudaStream_t stream) {
   if (need > 0 && (a.ws == nullptr || ws_floats < need))
     return fail(AWQ_ERR_ARG, "awq_int4_gemm_simt: %d K slices need a workspace of %lld floats, got %lld",
                 p.n_ks, (long long)need, (long long)ws_floats);
-  const dim3 grid(p.blocks, p.n_ks);
-  if (a.nseg > 1)
-    gemv_simt_kernel<T, M, C, true><<<grid, kThreads, p.smem, stream>>>(a);
-  else
-    gemv_simt_kernel<T, M, C, false><<<grid, kThreads, p.smem, stream>>>(a);
+  const DeviceSmem* d = nullptr;
+  if (int e = device_smem(d)) return e;
+  const bool pdl = pdl_enabled(*d, a.M);
+  {
+    const size_t smem = pdl ? spread_smem(*d, (long long)p.blocks * p.n_ks, p.smem) : p.smem;
+    const LaunchCfg l(dim3(p.blocks, p.n_ks), kThreads, smem, stream, 1, pdl);
+    if (a.nseg > 1)
+      cudaLaunchKernelEx(&l.cfg, gemv_simt_kernel<T, M, C, true>, a);
+    else
+      cudaLaunchKernelEx(&l.cfg, gemv_simt_kernel<T, M, C, false>, a);
+  }
   if (int e = check_launch("gemv_simt_kernel")) return e;
   if (a.partials_only) return AWQ_OK;
   if (p.n_ks > 1 && a.nseg == 1) {
     const int64_t total = (int64_t)a.M * a.ws_rows;
-    const int blocks = (int)std::min<int64_t>((total + 255) / 256, 4096);
-    simt_finalize<T><<<blocks, 256, 0, stream>>>(a.ws, static_cast<const T*>(a.seg[0].bias),
-                                                 static_cast<T*>(a.seg[0].y), total, a.ws_rows, p.n_ks);
+    const LaunchCfg l((unsigned)std::min<int64_t>((total + 255) / 256, 4096), 256, 0, stream, 1, pdl);
+    cudaLaunchKernelEx(&l.cfg, simt_finalize<T>, (const float*)a.ws, static_cast<const T*>(a.seg[0].bias),
+                       static_cast<T*>(a.seg[0].y), total, a.ws_rows, p.n_ks);
   } else if (p.n_ks > 1) {
-    const int blocks = std::min((a.ws_rows + 255) / 256, 1024);
-    simt_finalize_multi<T, TR><<<dim3(blocks, a.M), 256, 0, stream>>>(a);
+    const LaunchCfg l(dim3(std::min((a.ws_rows + 255) / 256, 1024), a.M), 256, 0, stream, 1, pdl);
+    cudaLaunchKernelEx(&l.cfg, simt_finalize_multi<T, TR>, a);
   }
   return p.n_ks > 1 ? check_launch("simt_finalize") : AWQ_OK;
 }

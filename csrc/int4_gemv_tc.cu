@@ -121,6 +121,8 @@ __global__ void __launch_bounds__(kThreads, MINB) gemv_tc_kernel(const TcArgs a)
   const bool xv = g < a.M;  // the token of this lane's B fragment
   const T* xr = static_cast<const T*>(a.x) + (size_t)min(g, a.M - 1) * a.K;
   float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+  pdl_wait();  // programmatic dependent launch: x is the previous kernel's output
+  pdl_trigger();
 
   const int s0 = part * a.steps_warp, n = max(0, min(a.steps_warp, (a.nchunks + 4 * U - 1) / (4 * U) - s0));
   for (int i = 0; i < n; ++i) {  // load, then compute: the other warps hide the latency
@@ -166,7 +168,10 @@ int launch_cfg(TcArgs a, cudaStream_t stream) {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return check_launch("cudaGetDevice");
   if (occ[dev & 63] == 0) {
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess ||
+    const DeviceSmem* d = nullptr;
+    if (int e = device_smem(d)) return e;
+    // the opt-in maximum, not smem: spread_smem may pad a launch's request
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, d->smem_optin) != cudaSuccess ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ[dev & 63], kernel, kThreads, smem) != cudaSuccess ||
         cudaDeviceGetAttribute(&sms[dev & 63], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
       return check_launch("gemv_tc setup");
@@ -179,7 +184,12 @@ int launch_cfg(TcArgs a, cudaStream_t stream) {
   a.ksplit = ks;
   a.steps_warp = (steps + ks - 1) / ks;
   const int tiles_block = kWarps / ks;
-  kernel<<<(tiles + tiles_block - 1) / tiles_block, kThreads, smem, stream>>>(a);
+  const DeviceSmem* d = nullptr;
+  if (int e = device_smem(d)) return e;
+  const int blocks = (tiles + tiles_block - 1) / tiles_block;
+  const bool pdl = pdl_enabled(*d, a.M);
+  const LaunchCfg l(blocks, kThreads, pdl ? spread_smem(*d, blocks, smem) : smem, stream, 1, pdl);
+  cudaLaunchKernelEx(&l.cfg, kernel, a);
   return check_launch("gemv_tc_kernel");
 }
 
