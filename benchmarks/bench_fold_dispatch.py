@@ -11,6 +11,10 @@ configuration (<16 warps, 3 stages, 1 block a SM>) and in <8, 3, 2>, the op's di
 weights rotated so none is found in the L2), us, the median of 3 interleaved rounds; bf16,
 group size 128. Every output is checked against float64 first (relative Frobenius error, printed
 for the two dispatches). This is the table of benchmarks/RESULTS.md, section 4, session 9.
+
+Since session 14 the decode kernels launch with programmatic dependent launch at M = 1 (sm_90), so
+the 20 calls of a graph overlap each other's launch and first loads as a decode step's launches
+do; run with AWQ_PDL=0 for each kernel on its own (every table before session 14).
 """
 
 from __future__ import annotations
