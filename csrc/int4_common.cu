@@ -94,9 +94,15 @@ size_t spread_smem(const DeviceSmem& d, long long blocks, size_t smem) {
 }
 
 bool pdl_enabled(const DeviceSmem& d, int m) {
-  if (d.major < 9 || m > kPdlMaxM) return false;
+  if (d.major < 9) return false;
   const char* e = getenv("AWQ_PDL");
-  return !(e && *e && atoi(e) == 0);
+  long max_m = kPdlMaxM;
+  if (e && *e) {  // a number: the largest M launched with it (0: none); anything else: the default
+    char* end = nullptr;
+    const long v = strtol(e, &end, 10);
+    if (*end == '\0') max_m = v;
+  }
+  return m <= max_m;
 }
 
 }  // namespace awq

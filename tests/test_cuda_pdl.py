@@ -8,7 +8,8 @@ early would put NaN (or stale values) into what follows. Every replay must equal
 same chain run eagerly with $AWQ_PDL=0 (same kernels, same plans, no overlap).
 
 The library launches with it at one token only (kPdlMaxM in csrc/int4_common.cuh, measured), so
-m = 1 is the case that overlaps; m = 2..8 check that the same chains, launched plainly, agree too.
+m = 1 is the case that overlaps by default; the chain test also runs with $AWQ_PDL=8, which
+launches m = 2..8 with it as well.
 Needs a CUDA GPU (sm_90 for the launch attribute to do anything) and the built library.
 """
 
@@ -63,8 +64,13 @@ def _chain(x, w):
     return outs
 
 
+@pytest.mark.parametrize("pdl", ["", "8"], ids=["default", "pdl_to_m8"])
 @pytest.mark.parametrize("m", [1, 2, 4, 8])
-def test_chain_in_cuda_graph_matches_eager_without_pdl(m, weights, monkeypatch):
+def test_chain_in_cuda_graph_matches_eager_without_pdl(m, pdl, weights, monkeypatch):
+    if pdl:
+        monkeypatch.setenv("AWQ_PDL", pdl)
+    else:
+        monkeypatch.delenv("AWQ_PDL", raising=False)
     x = torch.randn(m, HIDDEN, device="cuda").to(torch.bfloat16)
     with monkeypatch.context() as mp:
         mp.setenv("AWQ_PDL", "0")
@@ -91,12 +97,13 @@ def test_chain_in_cuda_graph_matches_eager_without_pdl(m, weights, monkeypatch):
             assert torch.equal(o, r), f"output {i} of the chain differs from eager (m={m})"
 
 
-def test_pdl_switch_is_read_per_call(weights, monkeypatch):
-    """$AWQ_PDL=0 and unset give the same bits eagerly: the switch changes how kernels are
-    launched, never what they compute (and an unknown value leaves it on)."""
-    x = torch.randn(1, HIDDEN, device="cuda").to(torch.bfloat16)
+@pytest.mark.parametrize("m", [1, 8])
+def test_pdl_switch_is_read_per_call(m, weights, monkeypatch):
+    """$AWQ_PDL=0 (never), 1, 8 (up to M = 8) and a non-number (the default) give the same bits
+    eagerly: the switch changes how kernels are launched, never what they compute."""
+    x = torch.randn(m, HIDDEN, device="cuda").to(torch.bfloat16)
     outs = []
-    for value in ("0", "1", "yes"):
+    for value in ("0", "1", "8", "yes"):
         monkeypatch.setenv("AWQ_PDL", value)
         outs.append(torch.cat([o.flatten().float() for o in _chain(x, weights)]))
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
