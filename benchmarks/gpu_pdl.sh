@@ -5,6 +5,9 @@
 #   bash benchmarks/gpu_pdl.sh a   # every CUDA test (tests/test_cuda_pdl.py among them), 7B decode at
 #                                  # batch 1 and 8 with PDL on and off (--ablate pdl), traces at 8 and 1
 #   bash benchmarks/gpu_pdl.sh b   # 13B decode with PDL on and off
+#   bash benchmarks/gpu_pdl.sh c   # not run yet: why PDL loses at batch 8. The PDL tests, then batch-8
+#                                  # traces with PDL up to M = 8 (AWQ_PDL=8), without and with the
+#                                  # down projection's cluster (AWQ_FOLD_CLUSTER=0: workspace + sum kernel)
 set -u -o pipefail
 source benchmarks/device_env.sh /tmp/awq_pdl_out
 decode() {  # shape, seconds
@@ -19,6 +22,15 @@ if [ "${1:-a}" = a ]; then
     timeout 70 python3 benchmarks/trace_decode.py --layers 2 --batch $b --out "$OUT" > "$OUT/trace$b.txt" 2>&1
     grep -A12 "kernel time" "$OUT/trace$b.txt" | tail -13
   done
-else
+elif [ "$1" = b ]; then
   decode 13b 280
+else
+  timeout 100 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda_pdl.py > "$OUT/t_pdl.txt" 2>&1
+  tail -1 "$OUT/t_pdl.txt"; grep -E "^(FAILED|ERROR)" "$OUT/t_pdl.txt" | head
+  for env in "AWQ_PDL=0" "AWQ_PDL=8" "AWQ_PDL=8 AWQ_FOLD_CLUSTER=0"; do
+    tag=$(echo "$env" | tr ' =' '_-')
+    env $env timeout 70 python3 benchmarks/trace_decode.py --layers 2 --batch 8 --out "$OUT" \
+      > "$OUT/trace8_$tag.txt" 2>&1
+    echo "$env"; grep -A12 "kernel time" "$OUT/trace8_$tag.txt" | tail -13
+  done
 fi
