@@ -98,12 +98,61 @@ def tiny_llama():
     return awq_compile.quantize_rtn(LlamaForCausalLM(cfg).eval(), AWQConfig(group_size=32))
 
 
-@pytest.fixture
-def cuda_library():
-    """Skips the test without a CUDA GPU or without a loadable libawq_int4.so (the CUDA ops)."""
+def llama_7b_widths_decode(device: str):
+    """(cfg, decode): a 2-layer Llama of 7B's widths in bf16, RTN INT4 (group size 128), on
+    `device`, and decode(batch, options) -> (logits of each step, the StaticCache): an eager 8-token
+    prefill into a 32-token static cache, then 6 teacher-forced one-token steps of the model
+    compiled with backend="awq", options={"mode": "reduce-overhead", **options} (CUDA graphs on a
+    GPU), with dynamo reset and the counters cleared first. The CUDA fusion tests compare the same
+    decode with an option on and off."""
+    import awq_compile
+    from awq_compile import AWQConfig
+    from torch._dynamo.utils import counters
+    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+    awq_compile.backend.register()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                      num_hidden_layers=2, vocab_size=512, max_position_embeddings=256)
+    model = awq_compile.quantize_rtn(LlamaForCausalLM(cfg).to(torch.bfloat16).to(device).eval(),
+                                     AWQConfig(group_size=128, compute_dtype="bfloat16"))
+
+    def decode(batch: int, options: dict):
+        ids = torch.randint(0, 512, (batch, 8), device=device, generator=torch.Generator(device).manual_seed(1))
+        feed = torch.randint(0, 512, (6, batch, 1), device=device, generator=torch.Generator(device).manual_seed(2))
+        torch._dynamo.reset()
+        counters.clear()
+        step = torch.compile(model, backend="awq", fullgraph=True, options={"mode": "reduce-overhead", **options})
+        cache = StaticCache(config=cfg, max_cache_len=32)
+        out = []
+        with torch.no_grad():
+            model(ids, past_key_values=cache, cache_position=torch.arange(8, device=device), use_cache=True)
+            for i in range(6):
+                pos = torch.arange(8 + i, 9 + i, device=device)
+                out.append(step(feed[i], past_key_values=cache, cache_position=pos, use_cache=True).logits.clone())
+        return torch.stack(out), cache
+
+    return cfg, decode
+
+
+@pytest.fixture(scope="session")
+def cuda_llama_decode():
+    """llama_7b_widths_decode("cuda"), built once a session; skips as cuda_library does (a
+    session fixture is set up before the function-scoped one)."""
+    _skip_without_cuda_library()
+    return llama_7b_widths_decode("cuda")
+
+
+def _skip_without_cuda_library():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from awq_compile import _cuda
 
     if not _cuda.REGISTERED:
         pytest.skip("libawq_int4.so not built/loadable")
+
+
+@pytest.fixture
+def cuda_library():
+    """Skips the test without a CUDA GPU or without a loadable libawq_int4.so (the CUDA ops)."""
+    _skip_without_cuda_library()

@@ -350,36 +350,15 @@ def test_cuda_op_opcheck_and_torch_fallback(cuda_library):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("batch", [1, 8])
-def test_cuda_backend_decode_with_rope_fusion(batch, cuda_library):
+def test_cuda_backend_decode_with_rope_fusion(batch, cuda_library, cuda_llama_decode):
     """A 2-layer Llama of 7B's widths on CUDA, bf16, CUDA graphs (batch 8: the folded GEMV's rope
     epilogue; batch 1: the CUDA-core GEMV and awq_rope_cache): the fused decode against the same
     model with the fusion off (teacher-forced tokens), logits and caches."""
-    import awq_compile
-    from awq_compile import AWQConfig
-    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
-
-    awq_compile.backend.register()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                      num_hidden_layers=2, vocab_size=512, max_position_embeddings=256)
-    model = awq_compile.quantize_rtn(LlamaForCausalLM(cfg).to(torch.bfloat16).cuda().eval(),
-                                     AWQConfig(group_size=128, compute_dtype="bfloat16"))
-    ids = torch.randint(0, 512, (batch, 8), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    feed = torch.randint(0, 512, (6, batch, 1), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    cfg, run = cuda_llama_decode
 
     def decode(fuse):
-        torch._dynamo.reset()
-        counters.clear()
-        step = torch.compile(model, backend="awq", fullgraph=True,
-                             options={"mode": "reduce-overhead", "fuse_rope": fuse})
-        cache = StaticCache(config=cfg, max_cache_len=32)
-        out = []
-        with torch.no_grad():
-            model(ids, past_key_values=cache, cache_position=torch.arange(8, device="cuda"), use_cache=True)
-            for i in range(6):
-                out.append(step(feed[i], past_key_values=cache, cache_position=torch.arange(8 + i, 9 + i, device="cuda"),
-                                use_cache=True).logits.clone())
-        return torch.stack(out), cache, counters["awq"]["rope_fused"]
+        logits, cache = run(batch, {"fuse_rope": fuse})
+        return logits, cache, counters["awq"]["rope_fused"]
 
     want, want_cache, off = decode(False)
     got, got_cache, on = decode(True)
