@@ -150,6 +150,35 @@ __device__ __forceinline__ uint4 load_x_word(const FoldArgs& a, int m, int k) {
   return make_uint4(h[0] | h[1] << 16, h[2] | h[3] << 16, h[4] | h[5] << 16, h[6] | h[7] << 16);
 }
 
+// Word u of a block's x staging (8 activations, one a thread and batch): token m, chunk ch of the
+// slice, word j of the chunk; its column k and its byte offset in x's shared memory (the mma's
+// chunk layout, x_slot's swizzle).
+struct XWord {
+  int m, ch, j;
+  __device__ __forceinline__ XWord(int u, int words_tok) {
+    m = u / words_tok;
+    const int rem = u - m * words_tok;
+    ch = rem >> 2;
+    j = rem & 3;
+  }
+  __device__ __forceinline__ int k(int gs0) const { return (gs0 * 4 + ch) * 32 + 8 * j; }
+  __device__ __forceinline__ int slot(int cps) const { return ((m * cps + ch) * 4 + x_slot(m, ch & 3, j)) * 16; }
+};
+
+// The sum of f(h[0..7]) over a word's 8 activations, then over the 16 lanes of its group (4
+// chunks of 4 words), in a fixed order: every lane of the 16 gets the group's sum.
+template <typename T, typename F>
+__device__ __forceinline__ float group_sum(const uint4& w, F f) {
+  const T* h = reinterpret_cast<const T*>(&w);
+  auto v = [&](int i) { return f(Half2Traits<T>::to_float(h[i])); };
+  float s = ((v(0) + v(1)) + (v(2) + v(3))) + ((v(4) + v(5)) + (v(6) + v(7)));
+  s += __shfl_xor_sync(0xffffffffu, s, 1);
+  s += __shfl_xor_sync(0xffffffffu, s, 2);
+  s += __shfl_xor_sync(0xffffffffu, s, 4);
+  s += __shfl_xor_sync(0xffffffffu, s, 8);
+  return s;
+}
+
 // Puts a batch of x words (one a thread, as stage_x loads them) into shared memory: each in the
 // mma's k order at its swizzled slot, and per token and group the fp32 sum of the group's x.
 template <typename T, int THREADS, int NB>
@@ -158,21 +187,14 @@ __device__ __forceinline__ void put_x_words(uint8_t* xs, float* sx, const FoldAr
 #pragma unroll
   for (int b = 0; b < NB; ++b) {
     const int u = base + b * THREADS + threadIdx.x;
-    const int m = u / words_tok, rem = u - m * words_tok, ch = rem >> 2, j = rem & 3;
-    const T* h = reinterpret_cast<const T*>(&v[b]);
-    auto f = [&](int i) { return Half2Traits<T>::to_float(h[i]); };
-    float s = ((f(0) + f(1)) + (f(2) + f(3))) + ((f(4) + f(5)) + (f(6) + f(7)));
-    s += __shfl_xor_sync(0xffffffffu, s, 1);
-    s += __shfl_xor_sync(0xffffffffu, s, 2);
-    s += __shfl_xor_sync(0xffffffffu, s, 4);
-    s += __shfl_xor_sync(0xffffffffu, s, 8);
+    const XWord w(u, words_tok);
+    const float s = group_sum<T>(v[b], [](float f) { return f; });
     if (u < total) {
-      const int slot = ((m * cps + ch) * 4 + x_slot(m, ch & 3, j)) * 16;
-      *reinterpret_cast<uint4*>(xs + slot) =
+      *reinterpret_cast<uint4*>(xs + w.slot(cps)) =
           make_uint4(__byte_perm(v[b].x, v[b].z, 0x5410), __byte_perm(v[b].x, v[b].z, 0x7632),
                      __byte_perm(v[b].y, v[b].w, 0x5410), __byte_perm(v[b].y, v[b].w, 0x7632));
     }
-    if (u < total && (u & 15) == 0) sx[m * a.gps + (ch >> 2)] = s;
+    if (u < total && (u & 15) == 0) sx[w.m * a.gps + (w.ch >> 2)] = s;
   }
 }
 
@@ -184,9 +206,9 @@ __device__ void stage_x(uint8_t* xs, float* sx, const FoldArgs& a, int gs0, int 
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
       const int u = base + b * THREADS + threadIdx.x;
-      const int m = u / words_tok, rem = u - m * words_tok, ch = rem >> 2, j = rem & 3;
+      const XWord w(u, words_tok);
       v[b] = make_uint4(0u, 0u, 0u, 0u);
-      if (u < total && ch < ngs * 4) v[b] = load_x_word<T>(a, m, (gs0 * 4 + ch) * 32 + 8 * j);
+      if (u < total && w.ch < ngs * 4) v[b] = load_x_word<T>(a, w.m, w.k(gs0));
     }
     put_x_words<T, THREADS, kBatch>(xs, sx, a, base, v);
   }
@@ -247,29 +269,23 @@ __device__ __forceinline__ void norm_pass1(uint8_t* xs, float* sx, const FoldArg
 #pragma unroll
     for (int b = 0; b < NB; ++b) {
       const int u = base + b * THREADS + threadIdx.x;
-      const int m = u / words_tok, rem = u - m * words_tok, ch = rem >> 2, j = rem & 3;
-      const int k = (gs0 * 4 + ch) * 32 + 8 * j;
+      const XWord w(u, words_tok);
+      const int k = w.k(gs0);
       v[b] = make_uint4(0u, 0u, 0u, 0u);
-      if (u < total && ch < ngs * 4 && k < a.K) v[b] = load_h_word<T>(nm, a.M, a.K, m, k);
+      if (u < total && w.ch < ngs * 4 && k < a.K) v[b] = load_h_word<T>(nm, a.M, a.K, w.m, k);
     }
 #pragma unroll
     for (int b = 0; b < NB; ++b) {
       const int u = base + b * THREADS + threadIdx.x;
-      const int m = u / words_tok, rem = u - m * words_tok, ch = rem >> 2, j = rem & 3;
-      const int k = (gs0 * 4 + ch) * 32 + 8 * j;
-      const T* h = reinterpret_cast<const T*>(&v[b]);
-      auto q = [&](int i) { const float f = Half2Traits<T>::to_float(h[i]); return f * f; };
-      float s = ((q(0) + q(1)) + (q(2) + q(3))) + ((q(4) + q(5)) + (q(6) + q(7)));
-      s += __shfl_xor_sync(0xffffffffu, s, 1);
-      s += __shfl_xor_sync(0xffffffffu, s, 2);
-      s += __shfl_xor_sync(0xffffffffu, s, 4);
-      s += __shfl_xor_sync(0xffffffffu, s, 8);
+      const XWord w(u, words_tok);
+      const int k = w.k(gs0);
+      const float s = group_sum<T>(v[b], [](float f) { return f * f; });
       if (u < total) {
-        *reinterpret_cast<uint4*>(xs + ((m * cps + ch) * 4 + x_slot(m, ch & 3, j)) * 16) = v[b];
-        if (writer && ch < ngs * 4 && k < a.K)
-          *reinterpret_cast<uint4*>(static_cast<T*>(nm.h) + (size_t)m * a.K + k) = v[b];
+        *reinterpret_cast<uint4*>(xs + w.slot(cps)) = v[b];
+        if (writer && w.ch < ngs * 4 && k < a.K)
+          *reinterpret_cast<uint4*>(static_cast<T*>(nm.h) + (size_t)w.m * a.K + k) = v[b];
       }
-      if (u < total && (u & 15) == 0) sx[m * a.gps + (ch >> 2)] = s;
+      if (u < total && (u & 15) == 0) sx[w.m * a.gps + (w.ch >> 2)] = s;
     }
   }
 }
@@ -284,8 +300,9 @@ __device__ void stage_x_norm(uint8_t* xs, float* sx, float* ss, const FoldArgs& 
   int gk = -1;
   uint4 gw0 = make_uint4(0u, 0u, 0u, 0u);
   if ((int)threadIdx.x < total) {
-    const int rem = (int)threadIdx.x % words_tok, ch = rem >> 2, k = (gs0 * 4 + ch) * 32 + 8 * (rem & 3);
-    if (ch < ngs * 4 && k < a.K) {
+    const XWord w(threadIdx.x, words_tok);
+    const int k = w.k(gs0);
+    if (w.ch < ngs * 4 && k < a.K) {
       gk = k;
       gw0 = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(nm.gamma) + k));
     }
@@ -321,16 +338,16 @@ __device__ void stage_x_norm(uint8_t* xs, float* sx, float* ss, const FoldArgs& 
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
       const int u = base + b * THREADS + threadIdx.x;
-      const int m = u / words_tok, rem = u - m * words_tok, ch = rem >> 2, j = rem & 3;
-      const int k = (gs0 * 4 + ch) * 32 + 8 * j;
+      const XWord w(u, words_tok);
+      const int k = w.k(gs0);
       v[b] = make_uint4(0u, 0u, 0u, 0u);
-      if (u < total && ch < ngs * 4 && k < a.K) {
-        const uint4 hw = *reinterpret_cast<const uint4*>(xs + ((m * cps + ch) * 4 + x_slot(m, ch & 3, j)) * 16);
+      if (u < total && w.ch < ngs * 4 && k < a.K) {
+        const uint4 hw = *reinterpret_cast<const uint4*>(xs + w.slot(cps));
         const uint4 gw = k == gk ? gw0 : __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(nm.gamma) + k));
         const T* h = reinterpret_cast<const T*>(&hw);
         const T* g = reinterpret_cast<const T*>(&gw);
         T* o = reinterpret_cast<T*>(&v[b]);
-        const float r = ss[kMaxM + m];
+        const float r = ss[kMaxM + w.m];
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           const T n = Half2Traits<T>::from_float(Half2Traits<T>::to_float(h[i]) * r);
