@@ -98,6 +98,26 @@ def tiny_llama():
     return awq_compile.quantize_rtn(LlamaForCausalLM(cfg).eval(), AWQConfig(group_size=32))
 
 
+def static_cache_decode(model, cfg, step, steps: int = 4):
+    """(logits of `steps` decode steps, the StaticCache) of a tiny Llama (vocab 128): a 4-token
+    prefill of two rows run eagerly by `model` into a 16-token static cache, then one-token steps
+    of `step` (the model itself, or it compiled), token t + 1 after t. Shared by the fusion passes'
+    tests, which compare a compiled decode against another."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=cfg, max_cache_len=16)
+    ids = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(1))
+    logits = []
+    with torch.no_grad():
+        model(ids, past_key_values=cache, cache_position=torch.arange(4), use_cache=True)
+        tok = ids[:, -1:]
+        for i in range(steps):
+            logits.append(step(tok, past_key_values=cache, cache_position=torch.arange(4 + i, 5 + i),
+                               use_cache=True).logits)
+            tok = (tok + 1) % 128
+    return torch.stack(logits), cache
+
+
 def llama_7b_widths_decode(device: str):
     """(cfg, decode): a 2-layer Llama of 7B's widths in bf16, RTN INT4 (group size 128), on
     `device`, and decode(batch, options) -> (logits of each step, the StaticCache): an eager 8-token

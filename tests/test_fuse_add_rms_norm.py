@@ -18,6 +18,7 @@ from awq_compile import AWQConfig
 from awq_compile.backend import parse_options
 from awq_compile.quant import dequantize, quantize
 from passes import defer_split_k, fuse_add_rms_norm, fuse_gated_mlp, fuse_rope_cache, fuse_sibling_linears
+from conftest import static_cache_decode
 from test_fuse_rope_cache import _block, _cos_sin, _reference64
 
 GLU_NORM = torch.ops.awq.int4_linear_glu_norm.default
@@ -306,23 +307,6 @@ def _llama(layers=3, bias=False, dtype=torch.bfloat16):
     return awq_compile.quantize_rtn(model, AWQConfig(group_size=32, compute_dtype=str(dtype)[6:])), cfg
 
 
-def _decode(model, cfg, step, steps=4):
-    """Logits of `steps` decode steps after a prefill run eagerly, and the static cache."""
-    from transformers import StaticCache
-
-    cache = StaticCache(config=cfg, max_cache_len=16)
-    ids = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(1))
-    logits = []
-    with torch.no_grad():
-        model(ids, past_key_values=cache, cache_position=torch.arange(4), use_cache=True)
-        tok = ids[:, -1:]
-        for i in range(steps):
-            logits.append(step(tok, past_key_values=cache, cache_position=torch.arange(4 + i, 5 + i),
-                               use_cache=True).logits)
-            tok = (tok + 1) % 128
-    return torch.stack(logits), cache
-
-
 def _same_caches(a, b) -> bool:
     return all(torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values) for x, y in zip(a.layers, b.layers))
 
@@ -353,7 +337,7 @@ def _compiled_decode(model, cfg, graphs, **options):
     counters.clear()
     graphs.clear()
     step = torch.compile(model, backend="awq", fullgraph=True, options=options)
-    logits, cache = _decode(model, cfg, step)
+    logits, cache = static_cache_decode(model, cfg, step)
     assert counters["awq"]["serve_graphs"] == len(graphs) >= 1
     return logits, cache, counters["awq"]["norms_fused"], list(graphs)
 
@@ -400,7 +384,7 @@ def test_pass_takes_the_deferred_split_k_sum(bias):
         torch._dynamo.reset()
         graphs = []
         step = torch.compile(model, backend=_serve_partials(fuse, graphs), fullgraph=True)
-        runs[fuse] = (*_decode(model, cfg, step, steps=2), graphs)
+        runs[fuse] = (*static_cache_decode(model, cfg, step, steps=2), graphs)
     (want, want_cache, _), (got, got_cache, graphs) = runs[False], runs[True]
     assert all(n == 5 for n, _ in graphs)
     for _, gm in graphs:

@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 from awq_compile.backend import parse_options
 from awq_compile.ops import rotate_heads
 from awq_compile.quant import dequantize, quantize
+from conftest import static_cache_decode
 from passes import fuse_rope_cache
 
 ROPE = torch.ops.awq.int4_linear_rope_cache.default
@@ -200,7 +201,7 @@ def test_backend_fuses_a_llama_decoding_with_a_static_cache(inductor):
     on, against the model run eagerly: logits and every layer's caches."""
     import awq_compile
     from awq_compile import AWQConfig
-    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     awq_compile.backend.register()
     torch.manual_seed(0)
@@ -208,23 +209,11 @@ def test_backend_fuses_a_llama_decoding_with_a_static_cache(inductor):
                       num_hidden_layers=2, vocab_size=128, max_position_embeddings=64)
     model = awq_compile.quantize_rtn(LlamaForCausalLM(cfg).eval(), AWQConfig(group_size=32))
 
-    def decode(step):
-        cache = StaticCache(config=cfg, max_cache_len=16)
-        ids = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(1))
-        logits = []
-        with torch.no_grad():
-            model(ids, past_key_values=cache, cache_position=torch.arange(4), use_cache=True)
-            tok = ids[:, -1:]
-            for i in range(4):
-                logits.append(step(tok, past_key_values=cache, cache_position=torch.arange(4 + i, 5 + i),
-                                   use_cache=True).logits)
-                tok = (tok + 1) % 128
-        return torch.stack(logits), cache
-
-    want, want_cache = decode(model)
+    want, want_cache = static_cache_decode(model, cfg, model)
     torch._dynamo.reset()
     counters.clear()
-    got, got_cache = decode(torch.compile(model, backend="awq", fullgraph=True, options={"inductor": inductor}))
+    step = torch.compile(model, backend="awq", fullgraph=True, options={"inductor": inductor})
+    got, got_cache = static_cache_decode(model, cfg, step)
     assert counters["awq"]["rope_fused"] >= cfg.num_hidden_layers
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     for a, b in zip(got_cache.layers, want_cache.layers):
