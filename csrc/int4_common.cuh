@@ -97,9 +97,9 @@ __device__ __forceinline__ void pdl_trigger() {
 // Whether a decode kernel of m tokens launches with programmatic dependent launch: on an sm_90+
 // device, at m <= kPdlMaxM, or m <= n where $AWQ_PDL=n (0: never; experiments). Read on every
 // call, so a benchmark can compare settings in one process; a CUDA graph keeps the setting of its
-// capture. kPdlMaxM is
-// measured: on an H200, 7B decode gained 4.2% at batch 1 and lost 1.1% at batch 8 (13B: +4.9%,
-// -2.2%) with it at every M (benchmarks/RESULTS.md, section 3, session 14).
+// capture. kPdlMaxM is measured: on an H200, with it at every M (clusters excepted), 7B decode
+// gained 4.2% at batch 1 and lost 1.1% at batch 8 (13B: +4.9%, -2.2%; benchmarks/RESULTS.md,
+// section 3, session 14).
 constexpr int kPdlMaxM = 1;
 bool pdl_enabled(const DeviceSmem& d, int m);
 
