@@ -29,16 +29,18 @@ import torch
 import torch.nn.functional as F
 import torch.utils.weak
 
-from .ops import (add_rms_norm, check_add_rms_norm_args, check_int4_linear_args, check_int4_linear_glu_args,
-                  check_int4_linear_multi_args, check_int4_linear_rope_cache_args, rotate_heads)
+from .ops import (DECODE_ATTENTION_MAX_ROWS, add_rms_norm, check_add_rms_norm_args, check_decode_attention_args,
+                  check_int4_linear_args, check_int4_linear_glu_args, check_int4_linear_multi_args,
+                  check_int4_linear_rope_cache_args, rotate_heads)
 
 __all__ = ["library_path", "load_library", "available", "gemm_mma", "gemm_pc", "gemm_simt", "gemm_simt_multi", "gemm_tc",
            "dequantize_cuda", "int4_linear_cuda", "int4_linear_multi_cuda", "mma_max_m", "pc_max_m", "simt_max_m",
            "tc_max_m", "use_fold", "gemm_fold", "split_k_slices", "int4_linear_partials_cuda", "gemm_sm90", "sm90_config", "sm90_operands", "sm90_pick", "sm90_splits", "ENV_VAR",
-           "fused_norm_applies", "NORM_MAX_M", "int4_linear_glu_norm_cuda", "int4_linear_rope_cache_norm_cuda"]
+           "fused_norm_applies", "NORM_MAX_M", "int4_linear_glu_norm_cuda", "int4_linear_rope_cache_norm_cuda",
+           "decode_attention_applies", "decode_attention_cuda"]
 
 ENV_VAR = "AWQ_COMPILE_CUDA_LIB"
-_ABI_VERSION = 12
+_ABI_VERSION = 13
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 
 # Largest M served by the weight-streaming kernel; above it, dequantize + cuBLAS. Measured on an
@@ -229,6 +231,10 @@ def load_library() -> ctypes.CDLL | None:
     lib.awq_int4_gemm_fold_rope.restype = i32
     lib.awq_int4_gemm_fold_rope_workspace.argtypes = [p, i64, i64, i64, i32, i32]
     lib.awq_int4_gemm_fold_rope_workspace.restype = i64
+    lib.awq_decode_attention.argtypes = [p, p, p, p, p, p, p, p, p, i32, i64, i64, i64, i64, i64, i64,
+                                         ctypes.c_float, i32, i32, p]
+    lib.awq_decode_attention.restype = i32
+    lib.awq_decode_attention_max_rows.restype = i64
     lib.awq_int4_gemm_tc.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i32, i32, p]
     lib.awq_int4_gemm_tc.restype = i32
     lib.awq_int4_tc_max_m.restype = i64
@@ -861,6 +867,56 @@ def int4_linear_rope_cache_norm_cuda(residual, delta, delta_bias, norm_weight, e
                                        k_cache, v_cache), h
 
 
+def decode_attention_applies(q, k, v, attn_mask) -> bool:
+    """Whether the CUDA kernel of `awq::decode_attention` serves tensors of these shapes, dtypes and
+    devices (they may be fake tensors: strides and alignment are checked per call): q, k, v of
+    fp16 or bf16 on a GPU, head dim 64 or 128, at most DECODE_ATTENTION_MAX_ROWS query rows a KV
+    head, a bool mask, an additive one of q's dtype or fp32, or none. The pass
+    swap_decode_attention asks this."""
+    if load_library() is None or any(not isinstance(t, torch.Tensor) or t.dim() != 4 for t in (q, k, v)):
+        return False
+    if q.device.type != "cuda" or q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    d, hq, hkv = q.shape[3], q.shape[1], k.shape[1]
+    if d not in (64, 128) or k.shape[3] != d or v.shape[3] != d or hkv < 1 or hq % hkv:
+        return False
+    if (hq // hkv) * q.shape[2] > DECODE_ATTENTION_MAX_ROWS or k.shape[2] < 1 or q.shape[0] < 1:
+        return False
+    return attn_mask is None or attn_mask.dtype in (torch.bool, q.dtype, torch.float32)
+
+
+def _attn_strides(t: torch.Tensor, dims: int) -> ctypes.Array | None:
+    """The element strides of t's first `dims` dimensions for the kernel (0 along a dimension of
+    size 1), or None where a 16-byte row load cannot read t (dims == 3: q, k, v)."""
+    st = [0 if t.shape[i] == 1 else t.stride(i) for i in range(dims)]
+    if dims == 3 and (t.stride(3) != 1 or t.data_ptr() % 16 or any(x % 8 for x in st)):
+        return None
+    return (ctypes.c_int64 * dims)(*st)
+
+
+def decode_attention_cuda(q, k, v, attn_mask, scale, enable_gqa) -> torch.Tensor:
+    """The CUDA implementation of awq::decode_attention: where decode_attention_applies and the
+    rows of q, k and v are 16-byte loads, one launch of csrc/decode_attention.cu; else torch's
+    attention."""
+    check_decode_attention_args(q, k, v, attn_mask, scale, enable_gqa)
+    if q.device.index == torch.cuda.current_device() and decode_attention_applies(q, k, v, attn_mask):
+        b, hq, s, d = q.shape
+        hkv, length = k.shape[1], k.shape[2]
+        qs, ks, vs = (_attn_strides(t, 3) for t in (q, k, v))
+        if qs is not None and ks is not None and vs is not None:
+            kind, mptr, ms = 0, None, None
+            if attn_mask is not None:
+                m = attn_mask.expand(b, hq, s, length)
+                kind = 1 if m.dtype == torch.bool else 2 if m.dtype == q.dtype else 3
+                mptr, ms = m.data_ptr(), _attn_strides(m, 4)
+            out = torch.empty((b, hq, s, d), dtype=q.dtype, device=q.device)
+            _check(load_library().awq_decode_attention(
+                q.data_ptr(), k.data_ptr(), v.data_ptr(), mptr, out.data_ptr(), qs, ks, vs, ms, kind, b, hq, hkv, s,
+                length, d, d ** -0.5 if scale is None else scale, 0, _DTYPES[q.dtype], _raw_stream(q.device)))
+            return out
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa).contiguous()
+
+
 _IMPL: torch.library.Library | None = None
 
 
@@ -887,6 +943,8 @@ def _register() -> bool:
         _IMPL.impl("int4_linear_glu_norm", int4_linear_glu_norm_cuda, "CUDA")
     if hasattr(torch.ops.awq, "int4_linear_rope_cache_norm"):
         _IMPL.impl("int4_linear_rope_cache_norm", int4_linear_rope_cache_norm_cuda, "CUDA")
+    if hasattr(torch.ops.awq, "decode_attention"):
+        _IMPL.impl("decode_attention", decode_attention_cuda, "CUDA")
     return True
 
 

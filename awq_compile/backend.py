@@ -26,7 +26,11 @@ works without importing awq_compile. Per graph dynamo hands over, the backend
    residual add and the RMSNorm after it go into the `int4_linear_glu` or
    `int4_linear_rope_cache` call that reads the norm, as one `awq::int4_linear_glu_norm` or
    `awq::int4_linear_rope_cache_norm` call, where the CUDA kernel makes the norm in its
-   prologue (`passes.fuse_add_rms_norm`; `options={"fuse_norm": False}` leaves them);
+   prologue (`passes.fuse_add_rms_norm`; `options={"fuse_norm": False}` leaves them); and a
+   decode step's attention (scaled_dot_product_attention of a few query rows a KV head, on a
+   GPU) becomes one `awq::decode_attention` call, whose CUDA kernel reads only the cache
+   positions the mask leaves (`passes.swap_decode_attention`; `options={"decode_attention":
+   False}` keeps torch's);
 6. compiles the result with inductor (`mode` passed on: "reduce-overhead" is CUDA graphs), or
    runs it eagerly with `options={"inductor": False}`.
 
@@ -34,7 +38,8 @@ works without importing awq_compile. Per graph dynamo hands over, the backend
 "calibration_graphs", "serve_graphs" (graphs compiled for serving), "linears_swapped",
 "siblings_fused" (int4_linear_multi calls made), "mlps_fused" (int4_linear_glu calls made),
 "rope_fused" (int4_linear_rope_cache calls made), "split_k_deferred" (int4_linear_partials
-calls made), "norms_fused" (int4_linear_glu_norm and int4_linear_rope_cache_norm calls made).
+calls made), "norms_fused" (int4_linear_glu_norm and int4_linear_rope_cache_norm calls made),
+"attention_swapped" (decode_attention calls made).
 """
 
 from __future__ import annotations
@@ -76,6 +81,9 @@ _OWN = {
                  "awq::int4_linear_glu or awq::int4_linear_rope_cache call that reads the norm "
                  "(awq::int4_linear_glu_norm, awq::int4_linear_rope_cache_norm), where the CUDA "
                  "kernel makes the norm in its prologue; False: left as they are",
+    "decode_attention": "True (default): a decode step's attention (a few query rows a KV head, "
+                        "on a GPU) as one awq::decode_attention call, whose kernel reads only the "
+                        "cache positions the mask leaves; False: torch's attention",
     "mode": "inductor's mode, e.g. 'reduce-overhead' (CUDA graphs): torch.compile refuses "
             "mode= together with options=",
 }
@@ -98,6 +106,7 @@ class BackendOptions:
     defer_split_k: bool = True
     fuse_rope: bool = True
     fuse_norm: bool = True
+    decode_attention: bool = True
 
 
 def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
@@ -120,7 +129,7 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
         )
     fields = {k: v for k, v in options.items() if k in _CONFIG_FIELDS}
     flags = {k: options.get(k, True) for k in ("inductor", "fuse_siblings", "fuse_activation", "defer_split_k",
-                                                 "fuse_rope", "fuse_norm")}
+                                                 "fuse_rope", "fuse_norm", "decode_attention")}
     for key, value in flags.items():
         if not isinstance(value, bool):
             raise ValueError(f"awq backend: option {key}={value!r} must be True or False")
@@ -138,7 +147,7 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
         _mode_patches(mode)  # raises for an unknown mode
     return BackendOptions(_config(options, fields), None if checkpoint is None else Path(checkpoint),
                           flags["inductor"], mode, flags["fuse_siblings"], flags["fuse_activation"],
-                          flags["defer_split_k"], flags["fuse_rope"], flags["fuse_norm"])
+                          flags["defer_split_k"], flags["fuse_rope"], flags["fuse_norm"], flags["decode_attention"])
 
 
 def _config(options: Mapping[str, Any], fields: dict[str, Any]) -> AWQConfig:
@@ -190,7 +199,8 @@ def awq_backend(
     plan = _checkpoint_plan(state, opts.checkpoint) if opts.checkpoint else None
     return serve_graph(state, gm, example_inputs, opts.inductor, patches, plan, opts.config,
                        fuse_siblings=opts.fuse_siblings, fuse_activation=opts.fuse_activation,
-                       defer_split_k=opts.defer_split_k, fuse_rope=opts.fuse_rope, fuse_norm=opts.fuse_norm)
+                       defer_split_k=opts.defer_split_k, fuse_rope=opts.fuse_rope, fuse_norm=opts.fuse_norm,
+                       decode_attention=opts.decode_attention)
 
 
 def serve_graph(
@@ -206,9 +216,10 @@ def serve_graph(
     defer_split_k: bool = True,
     fuse_rope: bool = True,
     fuse_norm: bool = True,
+    decode_attention: bool = True,
 ):
     """Rewrite `gm` with the model's quantization (or `plan`), fuse gated MLPs, sibling INT4
-    linears, rotary embeddings and norms into them, and compile it."""
+    linears, rotary embeddings and norms into them, swap decode attention, and compile it."""
     plan = plan or (state.plan if state is not None else None)
     names = TensorNames(state.root) if state is not None else None
     if plan is not None:
@@ -242,6 +253,8 @@ def serve_graph(
         torch._dynamo.utils.counters["awq"]["split_k_deferred"] += passes.defer_split_k(gm)
     if fuse_norm:
         torch._dynamo.utils.counters["awq"]["norms_fused"] += passes.fuse_add_rms_norm(gm)
+    if decode_attention:
+        torch._dynamo.utils.counters["awq"]["attention_swapped"] += passes.swap_decode_attention(gm)
     torch._dynamo.utils.counters["awq"]["serve_graphs"] += 1
     if not inductor:
         return _inference_only(gm.forward)

@@ -52,7 +52,8 @@ from .quant import dequantize
 __all__ = ["int4_linear", "int4_linear_multi", "int4_linear_glu", "int4_linear_partials", "check_int4_linear_args",
            "check_int4_linear_multi_args", "check_int4_linear_glu_args", "int4_linear_rope_cache",
            "check_int4_linear_rope_cache_args", "rotate_heads", "MAX_SEGMENTS", "add_rms_norm",
-           "check_add_rms_norm_args", "int4_linear_glu_norm", "int4_linear_rope_cache_norm"]
+           "check_add_rms_norm_args", "int4_linear_glu_norm", "int4_linear_rope_cache_norm", "decode_attention",
+           "check_decode_attention_args", "DECODE_ATTENTION_MAX_ROWS"]
 
 MAX_SEGMENTS = 4
 """Most linears one `int4_linear_multi` call takes: q/k/v and gate/up need 3 and 2."""
@@ -492,3 +493,68 @@ def _(residual, delta, delta_bias, norm_weight, eps, qweights, scales, zeros, gr
     hq, _, d, _ = check_int4_linear_rope_cache_args(residual, qweights, scales, zeros, group_size, biases, cos, sin,
                                                     cache_position, k_cache, v_cache)
     return residual.new_empty((residual.shape[0], residual.shape[1], hq * d)), torch.empty_like(residual)
+
+
+DECODE_ATTENTION_MAX_ROWS = 8
+"""Most query rows a KV head `decode_attention`'s CUDA kernel takes (query heads a KV head times
+query tokens): decode sizes; beyond it torch's attention serves."""
+
+
+def check_decode_attention_args(q, k, v, attn_mask, scale, enable_gqa) -> tuple[int, int]:
+    """Raises ValueError for arguments `decode_attention` cannot take; returns (query heads a KV
+    head, positions)."""
+
+    def bad(why: str) -> ValueError:
+        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in (q, k, v, attn_mask)]
+        return ValueError(f"decode_attention: {why} (q, k, v, attn_mask: {shapes})")
+
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        raise bad("q, k and v must be 4-D tensors [batch, heads, tokens or positions, head dim]")
+    if not q.dtype.is_floating_point or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise bad("q, k and v must have one floating dtype")
+    b, hq, _, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d or tuple(v.shape[:3]) != tuple(k.shape[:3]):
+        raise bad("k must be [batch, kv heads, positions, q's head dim] and v [batch, kv heads, positions, *]")
+    hkv, length = k.shape[1], k.shape[2]
+    if hkv < 1 or hq % hkv or (hq != hkv and not enable_gqa):
+        raise bad("q's heads must equal k's, or be a multiple of them with enable_gqa")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor) or not (attn_mask.dtype == torch.bool
+                                                            or attn_mask.dtype.is_floating_point):
+            raise bad("attn_mask must be a bool or floating tensor")
+        try:
+            torch.broadcast_shapes(tuple(attn_mask.shape), (b, hq, q.shape[2], length))
+        except RuntimeError:
+            raise bad("attn_mask must broadcast to [batch, heads, tokens, positions]") from None
+        if attn_mask.device != q.device:
+            raise bad("attn_mask must be on q's device")
+    if scale is not None and not isinstance(scale, float):
+        raise bad("scale must be a float or None")
+    if k.device != q.device or v.device != q.device:
+        raise bad("q, k and v must be on one device")
+    return hq // hkv, length
+
+
+@torch.library.custom_op("awq::decode_attention", mutates_args=())
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    scale: float | None,
+    enable_gqa: bool,
+) -> torch.Tensor:
+    """`F.scaled_dot_product_attention(q, k, v, attn_mask, scale=scale, enable_gqa=enable_gqa)`
+    without dropout or a causal flag, as a contiguous [B, Hq, S, Dv] tensor; the op the pass
+    `swap_decode_attention` puts in place of a decode step's attention. On CUDA, for a few query
+    rows a KV head, a kernel that reads only the positions the mask leaves (csrc/decode_attention.cu);
+    elsewhere torch's attention."""
+    check_decode_attention_args(q, k, v, attn_mask, scale, enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale,
+                                          enable_gqa=enable_gqa).contiguous()
+
+
+@decode_attention.register_fake
+def _(q, k, v, attn_mask, scale, enable_gqa):
+    check_decode_attention_args(q, k, v, attn_mask, scale, enable_gqa)
+    return q.new_empty((*q.shape[:3], v.shape[3]))

@@ -119,6 +119,21 @@ int awq_rope_cache(void* q, const void* k, const void* v, const void* cos, const
                    const int64_t* pos, void* k_cache, void* v_cache, int64_t B, int64_t S, int64_t Hq,
                    int64_t Hkv, int64_t D, int64_t L, int dtype, void* stream);
 
+// Attention of a few query rows against a KV cache, for decode (decode_attention.cu):
+//   out[b, h, s, :] = softmax_p(scale * q[b, h, s, :] . k[b, h / G, p, :] + mask[b, h, s, p]) @ v[b, h / G, :, :]
+// G = Hq / Hkv (grouped-query attention), G * S <= awq_decode_attention_max_rows(), D = 64 or 128.
+// q [B, Hq, S, D], k and v [B, Hkv, L, D] with element strides (b, h, s or p) and unit stride
+// along D, 16-byte aligned (pointers and strides); out [B, Hq, S, D] contiguous. mask_kind: 0
+// none, 1 bool (uint8, 0: masked), 2 additive in T, 3 additive in fp32; mask_strides (b, h, s, p)
+// in elements, 0 along a broadcast dimension. Masked positions are not read; a row with every
+// position masked is 0. splits: 0 lets the library choose how many blocks (a cluster, sm_90)
+// share one (b, kv head)'s positions, 1..8 forces it. T = dtype for q, k, v and out. fp32 math.
+int64_t awq_decode_attention_max_rows(void);
+int awq_decode_attention(const void* q, const void* k, const void* v, const void* mask, void* out,
+                         const int64_t* q_strides, const int64_t* k_strides, const int64_t* v_strides,
+                         const int64_t* mask_strides, int mask_kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
+                         int64_t L, int64_t D, float scale, int splits, int dtype, void* stream);
+
 // Largest M the folded tensor-core decode kernel accepts (int4_gemv_fold.cu): 8.
 int64_t awq_int4_fold_max_m(void);
 

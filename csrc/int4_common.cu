@@ -108,6 +108,6 @@ bool pdl_enabled(const DeviceSmem& d, int m) {
 }  // namespace awq
 
 extern "C" {
-int awq_int4_abi_version(void) { return 12; }  // 2: +awq_int4_gemm_simt; 3: +_tc; 4: +_pc; 5: +_sm90; 6: +_simt_multi; 7: +_fold; 8: +_fold_glu; 9: +_simt_partials; 10: +awq_rope_cache; 11: +_fold_rope; 12: norm argument of _fold_glu and _fold_rope
+int awq_int4_abi_version(void) { return 13; }  // 2: +awq_int4_gemm_simt; 3: +_tc; 4: +_pc; 5: +_sm90; 6: +_simt_multi; 7: +_fold; 8: +_fold_glu; 9: +_simt_partials; 10: +awq_rope_cache; 11: +_fold_rope; 12: norm argument of _fold_glu and _fold_rope; 13: +awq_decode_attention
 const char* awq_int4_last_error(void) { return awq::error_buffer(); }
 }

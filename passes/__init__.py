@@ -6,12 +6,12 @@ The order of the pipeline lives here, in one list, and nowhere else:
     -> search_scales -> fold_scales -> search_clip -> swap_linear_int4
 
 The compile backend also runs `fuse_gated_mlp`, `fuse_sibling_linears`, `fuse_rope_cache`,
-`defer_split_k` and `fuse_add_rms_norm` on each graph it serves (after the quantization: one
+`defer_split_k`, `fuse_add_rms_norm` and `swap_decode_attention` on each graph it serves (after the quantization: one
 `int4_linear_glu` call for a SwiGLU MLP's gate and up projections and their activation, one
 `int4_linear_multi` call for the INT4 linears that read one input, one `int4_linear_rope_cache`
 call for q/k/v with their rotary embedding and KV-cache write, then the K-slice sum of a split-K
 decode linear left to the graph, then a residual add and RMSNorm taken into the gated-MLP or
-q/k/v call that reads it).
+q/k/v call that reads it, and a decode step's attention as one `decode_attention` call).
 
 Analysis passes write frozen dataclasses into `node.meta["awq"]`; the rewriting passes read only
 those. `awq_compile.api` drives the pipeline for `quantize`, the compile backend for dynamo graphs.
@@ -27,6 +27,7 @@ from .fuse_sibling_linears import fuse_sibling_linears
 from .insert_observers import GroupObserver, insert_observers, remove_observers
 from .search_clip import search_clip
 from .search_scales import search_scales
+from .swap_decode_attention import swap_decode_attention
 from .swap_linear_int4 import quantize_linear, swap_linear_int4
 
 PIPELINE = (
@@ -58,6 +59,7 @@ __all__ = [
     "defer_split_k",
     "fuse_rope_cache",
     "fuse_add_rms_norm",
+    "swap_decode_attention",
     "quantize_linear",
     "linear_infos",
     "scale_groups",
