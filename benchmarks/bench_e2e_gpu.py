@@ -109,6 +109,13 @@ def decode(args) -> list[dict]:
         r = _decode(model, b, args.prompt, args.new, {"mode": "reduce-overhead", "fullgraph": True})
         rows.append({"model": "bf16 inductor", **r})
         print(rows[-1], flush=True)
+    if args.bf16_attention and args.models in ("both", "bf16"):
+        torch._dynamo.reset()
+        for b in args.batch:  # the bf16 side with the same attention as the INT4 side
+            r = _decode(model, b, args.prompt, args.new, {"backend": _bf16_decode_attention, "fullgraph": True})
+            rows.append({"model": "bf16 inductor + decode_attention", **r})
+            print(rows[-1], flush=True)
+        torch._dynamo.reset()
     if args.models == "bf16":
         return rows
     # Decode speed does not depend on the weights' values: round-to-nearest gives the same
@@ -131,6 +138,16 @@ def decode(args) -> list[dict]:
         rows.append({"model": f"int4 awq, {option}=False", **r})
         print(rows[-1], flush=True)
     return rows
+
+
+def _bf16_decode_attention(gm, example_inputs):
+    """A torch.compile backend: the bf16 graph with awq_compile's decode attention
+    (passes.swap_decode_attention), then inductor with CUDA graphs, as mode="reduce-overhead"."""
+    from awq_compile import passes
+    from torch._inductor.compile_fx import compile_fx
+
+    passes.swap_decode_attention(gm)
+    return compile_fx(gm, example_inputs, config_patches=dict(torch._inductor.list_mode_options("reduce-overhead")))
 
 
 def _without_pdl(q, batch: int, args) -> dict:
@@ -188,6 +205,9 @@ def main() -> None:
                          "'pdl': the kernels without programmatic dependent launch ($AWQ_PDL=0)")
     ap.add_argument("--models", choices=["both", "bf16", "int4"], default="both",
                     help="decode: which side(s) to run (an A/B of two kernel libraries needs bf16 once)")
+    ap.add_argument("--bf16-attention", action="store_true",
+                    help="decode: also the bf16 model with awq_compile's decode attention (the share of "
+                         "the INT4 side's speed-up that attention alone gives)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--n-samples", type=int, default=128)

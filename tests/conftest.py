@@ -118,6 +118,23 @@ def static_cache_decode(model, cfg, step, steps: int = 4):
     return torch.stack(logits), cache
 
 
+def attention_reference(q, k, v, mask, scale):
+    """float64 softmax(scale q k^T + mask) v for [B, H, S, D] tensors, k and v repeated for grouped
+    heads; a row with every position masked is 0, and k, v at masked positions (NaN in the tests)
+    do not count. The reference of awq::decode_attention's tests."""
+    import math
+
+    g = q.shape[1] // k.shape[1]
+    k64, v64 = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    s = q.double() @ k64.transpose(-1, -2) * scale
+    if mask is not None:
+        allowed = mask if mask.dtype == torch.bool else torch.isfinite(mask)
+        add = 0.0 if mask.dtype == torch.bool else torch.where(allowed, mask.double(), 0.0)
+        s = torch.where(allowed.expand_as(s), s + add, -math.inf)
+    w = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)
+    return w @ torch.nan_to_num(v64, nan=0.0)
+
+
 def llama_7b_widths_decode(device: str):
     """(cfg, decode): a 2-layer Llama of 7B's widths in bf16, RTN INT4 (group size 128), on
     `device`, and decode(batch, options) -> (logits of each step, the StaticCache): an eager 8-token
