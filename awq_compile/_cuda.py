@@ -37,7 +37,7 @@ __all__ = ["library_path", "load_library", "available", "gemm_mma", "gemm_pc", "
            "dequantize_cuda", "int4_linear_cuda", "int4_linear_multi_cuda", "mma_max_m", "pc_max_m", "simt_max_m",
            "tc_max_m", "use_fold", "gemm_fold", "split_k_slices", "int4_linear_partials_cuda", "gemm_sm90", "sm90_config", "sm90_operands", "sm90_pick", "sm90_splits", "ENV_VAR",
            "fused_norm_applies", "NORM_MAX_M", "int4_linear_glu_norm_cuda", "int4_linear_rope_cache_norm_cuda",
-           "decode_attention_applies", "decode_attention_cuda"]
+           "decode_attention_applies", "decode_attention_cuda", "ATTENTION_MAX_ROUNDS"]
 
 ENV_VAR = "AWQ_COMPILE_CUDA_LIB"
 _ABI_VERSION = 13
@@ -235,6 +235,8 @@ def load_library() -> ctypes.CDLL | None:
                                          ctypes.c_float, i32, i32, p]
     lib.awq_decode_attention.restype = i32
     lib.awq_decode_attention_max_rows.restype = i64
+    lib.awq_decode_attention_rounds.argtypes = [i64] * 6
+    lib.awq_decode_attention_rounds.restype = i64
     lib.awq_int4_gemm_tc.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i32, i32, p]
     lib.awq_int4_gemm_tc.restype = i32
     lib.awq_int4_tc_max_m.restype = i64
@@ -867,11 +869,20 @@ def int4_linear_rope_cache_norm_cuda(residual, delta, delta_bias, norm_weight, e
                                        k_cache, v_cache), h
 
 
+ATTENTION_MAX_ROUNDS = 6
+"""Most rounds of loads a block of the decode attention kernel may have to make (its plan, the
+library's awq_decode_attention_rounds) for the op to take it. Each round waits for memory once:
+on an H200 (benchmarks/RESULTS.md, section 3, session 15) 6 rounds (7B's heads at batch 8, one
+block a head over 384 positions) took 15-20 us against torch's 22, 16 rounds (32 query heads on
+8 KV heads at batch 1 over 4096 positions) 40 us against 17."""
+
+
 def decode_attention_applies(q, k, v, attn_mask) -> bool:
     """Whether the CUDA kernel of `awq::decode_attention` serves tensors of these shapes, dtypes and
     devices (they may be fake tensors: strides and alignment are checked per call): q, k, v of
     fp16 or bf16 on a GPU, head dim 64 or 128, at most DECODE_ATTENTION_MAX_ROWS query rows a KV
-    head, a bool mask, an additive one of q's dtype or fp32, or none. The pass
+    head, a bool mask, an additive one of q's dtype or fp32, or none, and a plan of at most
+    ATTENTION_MAX_ROUNDS rounds a block (short caches, or many heads). The pass
     swap_decode_attention asks this."""
     if load_library() is None or any(not isinstance(t, torch.Tensor) or t.dim() != 4 for t in (q, k, v)):
         return False
@@ -882,7 +893,11 @@ def decode_attention_applies(q, k, v, attn_mask) -> bool:
         return False
     if (hq // hkv) * q.shape[2] > DECODE_ATTENTION_MAX_ROWS or k.shape[2] < 1 or q.shape[0] < 1:
         return False
-    return attn_mask is None or attn_mask.dtype in (torch.bool, q.dtype, torch.float32)
+    if attn_mask is not None and attn_mask.dtype not in (torch.bool, q.dtype, torch.float32):
+        return False
+    with torch.cuda.device(q.device):
+        rounds = load_library().awq_decode_attention_rounds(q.shape[0], hq, hkv, q.shape[2], k.shape[2], d)
+    return 0 < rounds <= ATTENTION_MAX_ROUNDS
 
 
 def _attn_strides(t: torch.Tensor, dims: int) -> ctypes.Array | None:
@@ -914,6 +929,10 @@ def decode_attention_cuda(q, k, v, attn_mask, scale, enable_gqa) -> torch.Tensor
                 q.data_ptr(), k.data_ptr(), v.data_ptr(), mptr, out.data_ptr(), qs, ks, vs, ms, kind, b, hq, hkv, s,
                 length, d, d ** -0.5 if scale is None else scale, 0, _DTYPES[q.dtype], _raw_stream(q.device)))
             return out
+    # torch's fused attention kernels fault on rows that are not 16-byte aligned (seen on an H200,
+    # torch 2.11): those get a contiguous copy.
+    q, k, v = (t if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(x % 8 == 0 for x in t.stride()[:-1])
+               else t.contiguous() for t in (q, k, v))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa).contiguous()
 
 

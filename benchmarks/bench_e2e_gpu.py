@@ -66,6 +66,7 @@ def _decode(model, batch: int, prompt: int, new: int, compile_kwargs: dict) -> d
 
     cfg = model.config
     cache = StaticCache(config=cfg, max_cache_len=prompt + new)
+    torch._dynamo.utils.counters["awq"].clear()
     step = torch.compile(model, **compile_kwargs)
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device=DEV)
     positions = torch.arange(prompt, prompt + new, device=DEV)
@@ -92,8 +93,9 @@ def _decode(model, batch: int, prompt: int, new: int, compile_kwargs: dict) -> d
         torch.cuda.reset_peak_memory_stats()
     ttft, dec = run(ids)
     peak = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else float("nan")
+    counts = dict(torch._dynamo.utils.counters["awq"])  # what the backend's passes did, all graphs so far
     return {"batch": batch, "ttft_ms": ttft * 1e3, "decode_tok_s": batch * (new - 1) / dec,
-            "peak_gib": peak}
+            "peak_gib": peak, "awq_counters": counts}
 
 
 def decode(args) -> list[dict]:

@@ -129,6 +129,9 @@ int awq_rope_cache(void* q, const void* k, const void* v, const void* cos, const
 // position masked is 0. splits: 0 lets the library choose how many blocks (a cluster, sm_90)
 // share one (b, kv head)'s positions, 1..8 forces it. T = dtype for q, k, v and out. fp32 math.
 int64_t awq_decode_attention_max_rows(void);
+// Rounds of loads (positions a block over positions a round) the launch's plan gives one block on
+// the current device, at splits = 0; -1 for bad sizes. The op serves only plans of few rounds.
+int64_t awq_decode_attention_rounds(int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t L, int64_t D);
 int awq_decode_attention(const void* q, const void* k, const void* v, const void* mask, void* out,
                          const int64_t* q_strides, const int64_t* k_strides, const int64_t* v_strides,
                          const int64_t* mask_strides, int mask_kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,

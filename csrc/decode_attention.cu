@@ -250,6 +250,14 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
 #endif
 }
 
+// Rows of a block's round (every load in flight at once) and positions a round, by head dim and rows.
+constexpr int ni_for(int R) { return R <= 2 ? 8 : R == 4 ? 4 : 2; }
+constexpr int round_positions(int D, int R) { return (32 / (D / 8)) * (kAttnThreads / 32) * ni_for(R); }
+int rows_template(int64_t rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8; }
+
+// Blocks a (batch, KV head): about 2 a SM in all (H200: at batch 8 of 7B's 32 heads one block a
+// head was faster than 2 or 3, at batch 1 a cluster of 8 the fastest; benchmarks/RESULTS.md,
+// section 3, session 15), no more than rounds of positions, at most a portable cluster (8).
 int splits_for(const DeviceSmem& d, int64_t bh, int64_t L, int rp) {
   if (d.major < 9) return 1;  // clusters are sm_90's
   const char* e = getenv("AWQ_ATTN_SPLITS");  // experiments: a fixed number (1..8)
@@ -257,15 +265,13 @@ int splits_for(const DeviceSmem& d, int64_t bh, int64_t L, int rp) {
     const long v = strtol(e, nullptr, 10);
     if (v >= 1 && v <= 8) return (int)v;
   }
-  // Enough blocks for ~4 a SM, at least one round of loads a block, at most a portable cluster.
-  const int64_t by_len = (L + rp - 1) / rp, by_sms = (4LL * d.sms + bh - 1) / bh;
+  const int64_t by_len = (L + rp - 1) / rp, by_sms = 2LL * d.sms / bh;
   return (int)std::max<int64_t>(1, std::min<int64_t>(8, std::min(by_len, by_sms)));
 }
 
 template <typename T, int D, int R>
 int launch(AttnArgs a, int64_t B, int splits, cudaStream_t stream) {
-  constexpr int NI = R <= 2 ? 8 : R == 4 ? 4 : 2;
-  constexpr int RP = (32 / (D / 8)) * (kAttnThreads / 32) * NI;
+  constexpr int NI = ni_for(R), RP = round_positions(D, R);
   const DeviceSmem* d = nullptr;
   if (int rc = device_smem(d)) return rc;
   const int64_t bh = B * a.Hkv;
@@ -294,6 +300,18 @@ int launch_dim(const AttnArgs& a, int64_t B, int64_t D, int splits, cudaStream_t
 }  // namespace awq
 
 extern "C" int64_t awq_decode_attention_max_rows(void) { return awq::kAttnMaxRows; }
+
+extern "C" int64_t awq_decode_attention_rounds(int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t L, int64_t D) {
+  using namespace awq;
+  if (B < 1 || Hkv < 1 || Hq % Hkv || S < 1 || (Hq / Hkv) * S > kAttnMaxRows || L < 1 || (D != 64 && D != 128))
+    return -(int64_t)fail(AWQ_ERR_ARG, "awq_decode_attention_rounds: bad sizes");
+  const DeviceSmem* d = nullptr;
+  if (device_smem(d)) return -1;
+  const int R = rows_template((Hq / Hkv) * S), rp = D == 64 ? round_positions(64, R) : round_positions(128, R);
+  const int n = splits_for(*d, B * Hkv, L, rp);
+  const int64_t chunk = (L + n - 1) / n;
+  return (chunk + rp - 1) / rp;
+}
 
 extern "C" int awq_decode_attention(const void* q, const void* k, const void* v, const void* mask, void* out,
                                     const int64_t* q_strides, const int64_t* k_strides, const int64_t* v_strides,
