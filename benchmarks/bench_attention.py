@@ -131,11 +131,15 @@ def table(card: str, bw: float, rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--quick", action="store_true", help="7B at batch 1 and 8 only, the op against torch")
     args = ap.parse_args()
     if not _cuda.available():
         raise SystemExit("bench_attention: needs a CUDA GPU and the built library")
     card, bw = torch.cuda.get_device_name(), copy_bandwidth()
-    rows = [bench_case(n, b, hq, hkv, length, v, bw) for n, b, hq, hkv, length, vs in CASES for v in vs]
+    cases = [c for c in CASES if c[0] == "7B" and c[4] == 384] if args.quick else CASES
+    if args.quick:
+        VARIANTS[:] = [v for v in VARIANTS if v[0] in ("op", "torch sdpa")]
+    rows = [bench_case(n, b, hq, hkv, length, v, bw) for n, b, hq, hkv, length, vs in cases for v in vs]
     print(table(card, bw, rows))
     if args.out:
         tmp = args.out.with_suffix(".tmp")

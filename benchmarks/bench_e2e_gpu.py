@@ -133,11 +133,14 @@ def decode(args) -> list[dict]:
     ablations = [("fuse_siblings", b) for b in args.unfused] + [(o, b) for o in args.ablate for b in args.batch]
     for option, b in ablations:  # the INT4 model with one backend option off
         if option == "pdl":  # not a backend option: the kernel library's $AWQ_PDL, read at capture
-            r = _without_pdl(q, b, args)
+            r = _with_env(q, b, args, "AWQ_PDL", "0")
+        elif option.startswith("env:"):  # env:NAME=VALUE, a kernel library switch read at capture
+            name, _, value = option[4:].partition("=")
+            r = _with_env(q, b, args, name, value)
         else:
             r = _decode(q, b, args.prompt, args.new, {"backend": "awq", "fullgraph": True, "options": {
                 "mode": "reduce-overhead", option: False}})
-        rows.append({"model": f"int4 awq, {option}=False", **r})
+        rows.append({"model": f"int4 awq, {option}" if option.startswith("env:") else f"int4 awq, {option}=False", **r})
         print(rows[-1], flush=True)
     return rows
 
@@ -152,22 +155,23 @@ def _bf16_decode_attention(gm, example_inputs):
     return compile_fx(gm, example_inputs, config_patches=dict(torch._inductor.list_mode_options("reduce-overhead")))
 
 
-def _without_pdl(q, batch: int, args) -> dict:
-    """The INT4 decode with the kernels launched without programmatic dependent launch
-    ($AWQ_PDL=0 while the graphs are captured; dynamo's caches are dropped so that they are)."""
+def _with_env(q, batch: int, args, name: str, value: str) -> dict:
+    """The INT4 decode with $name=value while the graphs are captured (dynamo's caches are
+    dropped so that they are): "pdl" is $AWQ_PDL=0, the kernels without programmatic dependent
+    launch."""
     import os
 
-    old = os.environ.get("AWQ_PDL")
-    os.environ["AWQ_PDL"] = "0"
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         torch._dynamo.reset()
         return _decode(q, batch, args.prompt, args.new, {"backend": "awq", "mode": "reduce-overhead",
                                                           "fullgraph": True})
     finally:
         if old is None:
-            del os.environ["AWQ_PDL"]
+            del os.environ[name]
         else:
-            os.environ["AWQ_PDL"] = old
+            os.environ[name] = old
         torch._dynamo.reset()
 
 
@@ -204,7 +208,8 @@ def main() -> None:
                     help="batch sizes to also decode with fuse_siblings=False (ablation)")
     ap.add_argument("--ablate", nargs="*", default=[], metavar="OPTION",
                     help="backend options to turn off one at a time, at each --batch (ablation); "
-                         "'pdl': the kernels without programmatic dependent launch ($AWQ_PDL=0)")
+                         "'pdl': the kernels without programmatic dependent launch ($AWQ_PDL=0); "
+                         "'env:NAME=VALUE': a kernel library switch set while the graphs are captured")
     ap.add_argument("--models", choices=["both", "bf16", "int4"], default="both",
                     help="decode: which side(s) to run (an A/B of two kernel libraries needs bf16 once)")
     ap.add_argument("--bf16-attention", action="store_true",
