@@ -880,13 +880,15 @@ block a head over 384 positions) took 15-20 us against torch's 22, 16 rounds (32
 def decode_attention_applies(q, k, v, attn_mask) -> bool:
     """Whether the CUDA kernel of `awq::decode_attention` serves tensors of these shapes, dtypes and
     devices (they may be fake tensors: strides and alignment are checked per call): q, k, v of
-    fp16 or bf16 on a GPU, head dim 64 or 128, at most DECODE_ATTENTION_MAX_ROWS query rows a KV
-    head, a bool mask, an additive one of q's dtype or fp32, or none, and a plan of at most
-    ATTENTION_MAX_ROUNDS rounds a block (short caches, or many heads). The pass
+    fp16 or bf16 on a GPU, static sizes, head dim 64 or 128, at most DECODE_ATTENTION_MAX_ROWS
+    query rows a KV head, a bool mask, an additive one of q's dtype or fp32, or none, and a plan
+    of at most ATTENTION_MAX_ROUNDS rounds a block (short caches, or many heads). The pass
     swap_decode_attention asks this."""
     if load_library() is None or any(not isinstance(t, torch.Tensor) or t.dim() != 4 for t in (q, k, v)):
         return False
     if q.device.type != "cuda" or q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    if not all(type(x) is int for t in (q, k, v) for x in t.shape):  # a symbolic size: a dynamic-shape graph
         return False
     d, hq, hkv = q.shape[3], q.shape[1], k.shape[1]
     if d not in (64, 128) or k.shape[3] != d or v.shape[3] != d or hkv < 1 or hq % hkv:
@@ -895,18 +897,28 @@ def decode_attention_applies(q, k, v, attn_mask) -> bool:
         return False
     if attn_mask is not None and attn_mask.dtype not in (torch.bool, q.dtype, torch.float32):
         return False
-    with torch.cuda.device(q.device):
-        rounds = load_library().awq_decode_attention_rounds(q.shape[0], hq, hkv, q.shape[2], k.shape[2], d)
+    rounds = _attention_rounds(q.device.index, q.shape[0], hq, hkv, q.shape[2], k.shape[2], d)
     return 0 < rounds <= ATTENTION_MAX_ROUNDS
 
 
-def _attn_strides(t: torch.Tensor, dims: int) -> ctypes.Array | None:
-    """The element strides of t's first `dims` dimensions for the kernel (0 along a dimension of
-    size 1), or None where a 16-byte row load cannot read t (dims == 3: q, k, v)."""
-    st = [0 if t.shape[i] == 1 else t.stride(i) for i in range(dims)]
-    if dims == 3 and (t.stride(3) != 1 or t.data_ptr() % 16 or any(x % 8 for x in st)):
-        return None
-    return (ctypes.c_int64 * dims)(*st)
+@functools.lru_cache(maxsize=256)
+def _attention_rounds(device: int, b: int, hq: int, hkv: int, s: int, length: int, d: int) -> int:
+    """The library's plan for these sizes on that device: rounds of loads a block (-1: refused).
+    Cached: an eager decode step asks it once a layer."""
+    with torch.cuda.device(device):
+        return load_library().awq_decode_attention_rounds(b, hq, hkv, s, length, d)
+
+
+def _rows_16b(t: torch.Tensor) -> bool:
+    """Whether every row (the last dimension) of t starts on 16 bytes and is contiguous."""
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(
+        t.shape[i] == 1 or (t.stride(i) * t.element_size()) % 16 == 0 for i in range(t.dim() - 1))
+
+
+def _strides(t: torch.Tensor, dims: int) -> ctypes.Array:
+    """The element strides of t's first `dims` dimensions for the kernel, 0 along a dimension of
+    size 1."""
+    return (ctypes.c_int64 * dims)(*[0 if t.shape[i] == 1 else t.stride(i) for i in range(dims)])
 
 
 def decode_attention_cuda(q, k, v, attn_mask, scale, enable_gqa) -> torch.Tensor:
@@ -914,25 +926,25 @@ def decode_attention_cuda(q, k, v, attn_mask, scale, enable_gqa) -> torch.Tensor
     rows of q, k and v are 16-byte loads, one launch of csrc/decode_attention.cu; else torch's
     attention."""
     check_decode_attention_args(q, k, v, attn_mask, scale, enable_gqa)
-    if q.device.index == torch.cuda.current_device() and decode_attention_applies(q, k, v, attn_mask):
+    aligned = [_rows_16b(t) for t in (q, k, v)]
+    if (all(aligned) and q.device.index == torch.cuda.current_device()
+            and decode_attention_applies(q, k, v, attn_mask)):
         b, hq, s, d = q.shape
         hkv, length = k.shape[1], k.shape[2]
-        qs, ks, vs = (_attn_strides(t, 3) for t in (q, k, v))
-        if qs is not None and ks is not None and vs is not None:
-            kind, mptr, ms = 0, None, None
-            if attn_mask is not None:
-                m = attn_mask.expand(b, hq, s, length)
-                kind = 1 if m.dtype == torch.bool else 2 if m.dtype == q.dtype else 3
-                mptr, ms = m.data_ptr(), _attn_strides(m, 4)
-            out = torch.empty((b, hq, s, d), dtype=q.dtype, device=q.device)
-            _check(load_library().awq_decode_attention(
-                q.data_ptr(), k.data_ptr(), v.data_ptr(), mptr, out.data_ptr(), qs, ks, vs, ms, kind, b, hq, hkv, s,
-                length, d, d ** -0.5 if scale is None else scale, 0, _DTYPES[q.dtype], _raw_stream(q.device)))
-            return out
+        kind, mptr, ms = 0, None, None
+        if attn_mask is not None:
+            m = attn_mask.expand(b, hq, s, length)
+            kind = 1 if m.dtype == torch.bool else 2 if m.dtype == q.dtype else 3
+            mptr, ms = m.data_ptr(), _strides(m, 4)
+        out = torch.empty((b, hq, s, d), dtype=q.dtype, device=q.device)
+        _check(load_library().awq_decode_attention(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), mptr, out.data_ptr(), _strides(q, 3), _strides(k, 3),
+            _strides(v, 3), ms, kind, b, hq, hkv, s, length, d, d ** -0.5 if scale is None else scale, 0,
+            _DTYPES[q.dtype], _raw_stream(q.device)))
+        return out
     # torch's fused attention kernels fault on rows that are not 16-byte aligned (seen on an H200,
     # torch 2.11): those get a contiguous copy.
-    q, k, v = (t if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(x % 8 == 0 for x in t.stride()[:-1])
-               else t.contiguous() for t in (q, k, v))
+    q, k, v = (t if ok else t.contiguous() for t, ok in zip((q, k, v), aligned))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa).contiguous()
 
 
