@@ -172,6 +172,27 @@ def llama_7b_widths_decode(device: str):
     return cfg, decode
 
 
+def decode_option_ab(decode, batch: int, option: str, counter: str) -> tuple[int, int, float]:
+    """A/B of one backend option with llama_7b_widths_decode's `decode`: the decode with `option`
+    off, then on. Returns (the backend counter `counter` after the off run, after the on run, the
+    largest relative Frobenius error between the two of the logits and of each layer's cached
+    keys and values). The CUDA fusion tests assert the counts and bound the error."""
+    from torch._dynamo.utils import counters
+
+    runs = []
+    for on in (False, True):
+        logits, cache = decode(batch, {option: on})
+        runs.append((logits, cache, counters["awq"][counter]))
+    (want, want_cache, off), (got, got_cache, on) = runs
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    errs = [rel(got, want)] + [rel(getattr(a, name), getattr(b, name))
+                               for a, b in zip(got_cache.layers, want_cache.layers) for name in ("keys", "values")]
+    return off, on, max(errs)
+
+
 @pytest.fixture(scope="session")
 def cuda_llama_decode():
     """llama_7b_widths_decode("cuda"), built once a session; skips as cuda_library does (a

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from awq_compile import ops
 from awq_compile.quant import dequantize
+from conftest import decode_option_ab
 
 cuda_mod = pytest.importorskip("awq_compile._cuda")
 pytestmark = [
@@ -209,18 +210,7 @@ def test_cuda_backend_decode_with_norm_fusion(batch, cuda_library, cuda_llama_de
     + RMSNorm fused into the gate/up and q/k/v launches against the same model without that
     fusion (teacher-forced tokens): at batch 1, 3 norms fused (layer 0's input norm has no add
     before it), at batch 8 none (NORM_MAX_M); logits and caches within bf16 rounding."""
-    from torch._dynamo.utils import counters
-
     cfg, run = cuda_llama_decode
-
-    def decode(fuse):
-        logits, cache = run(batch, {"fuse_norm": fuse})
-        return logits, cache, counters["awq"]["norms_fused"]
-
-    want, want_cache, off = decode(False)
-    got, got_cache, on = decode(True)
+    off, on, err = decode_option_ab(run, batch, "fuse_norm", "norms_fused")
     assert off == 0 and on == (2 * cfg.num_hidden_layers - 1 if batch <= cuda_mod.NORM_MAX_M else 0)
-    assert _rel(got.float(), want.float()) < 2e-2
-    for a, b in zip(got_cache.layers, want_cache.layers):
-        assert _rel(a.keys.float(), b.keys.float()) < 2e-2
-        assert _rel(a.values.float(), b.values.float()) < 2e-2
+    assert err < 2e-2
