@@ -1,6 +1,6 @@
 """CPU-machine checks of the CUDA kernels: the sources compile with nvcc for sm_90a and sm_80, and
 the package imports and runs without the library; the multi-weight launchers' shared argument
-checks refuse bad input before any CUDA call.
+checks and the decode attention's refuse bad input before any CUDA call.
 
 Compiling all of csrc/ takes about 2 minutes per target on 2 cores, most of it the CUTLASS GEMM
 (int4_gemm_sm90.cu).
@@ -83,6 +83,43 @@ def test_multi_weight_argument_checks(tmp_path):
     assert err().startswith("awq_int4_gemm_simt: bad sizes M=9 N=64")
     assert lib.awq_int4_gemm_simt_partials(256, 520, 512, 512, 1024, 2048, 1, 64, 512, 512, 64, 1, None) == 1
     assert err() == "awq_int4_gemm_simt_partials: weight 0: null pointer or qweight not 16-byte aligned"
+
+
+@pytest.mark.skipif(build_kernels.find_nvcc() is None, reason="nvcc not installed")
+def test_decode_attention_argument_checks(tmp_path):
+    """awq_decode_attention and its plan query refuse bad sizes, null pointers and rows that are not
+    16-byte loads before any CUDA call (a library of its source, sm_80, linked here)."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(build_kernels.build(tmp_path / "libattn.so", archs=("80",),
+                                               sources=("int4_common.cu", "decode_attention.cu"))))
+    p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    lib.awq_int4_last_error.restype = ctypes.c_char_p
+    lib.awq_decode_attention_max_rows.restype = i64
+    lib.awq_decode_attention_rounds.argtypes = [i64] * 6
+    lib.awq_decode_attention_rounds.restype = i64
+    lib.awq_decode_attention.argtypes = [p, p, p, p, p, p, p, p, p, i32, i64, i64, i64, i64, i64, i64, ctypes.c_float,
+                                         i32, i32, p]
+    strides, odd = (i64 * 3)(4096, 128, 128), (i64 * 3)(4096, 132, 128)
+    mstrides = (i64 * 4)(384, 0, 0, 1)
+
+    def call(q=256, k=512, v=768, mask=1024, qs=strides, ms=mstrides, kind=1, b=1, hq=32, hkv=32, s=1, length=384,
+             d=128, splits=0, dtype=1):
+        rc = lib.awq_decode_attention(q, k, v, mask, 2048, qs, strides, strides, ms, kind, b, hq, hkv, s, length, d,
+                                      0.088, splits, dtype, None)
+        return rc, lib.awq_int4_last_error().decode()
+
+    assert lib.awq_decode_attention_max_rows() == 8
+    assert call(d=96)[0] == 1 and call(d=96)[1].startswith("awq_decode_attention: bad sizes B=1 Hq=32 Hkv=32 S=1 L=384 D=96")
+    assert call(hq=16, hkv=1)[1].startswith("awq_decode_attention: bad sizes B=1 Hq=16 Hkv=1")  # 16 rows a KV head
+    assert call(hq=12, hkv=8)[1].startswith("awq_decode_attention: bad sizes")
+    assert call(kind=4)[1].startswith("awq_decode_attention: bad sizes") and call(dtype=2)[0] == 1
+    assert call(v=None) == (1, "awq_decode_attention: null pointer")
+    assert call(mask=None) == (1, "awq_decode_attention: null pointer")
+    assert call(q=264) == (1, "awq_decode_attention: q, k or v not 16-byte aligned (pointer or stride)")
+    assert call(qs=odd) == (1, "awq_decode_attention: q, k or v not 16-byte aligned (pointer or stride)")
+    assert lib.awq_decode_attention_rounds(1, 32, 32, 1, 384, 96) < 0
+    assert lib.awq_int4_last_error().decode() == "awq_decode_attention_rounds: bad sizes"
 
 
 def test_import_without_library(tmp_path):
