@@ -66,6 +66,25 @@ __device__ __forceinline__ float mask_at(const AttnArgs& a, int b, int h, int s,
   return m * kLog2e;
 }
 
+// Merges n partial softmax sums of one output, part(k) = {max, sum, accumulator} (log2 domain):
+// returns the max and leaves the merged sum and accumulator in sum and v (0 where every partial
+// is empty, max -inf). Serves the block's lane groups and the cluster's blocks alike.
+template <typename Part>
+__device__ __forceinline__ float merge_partials(int n, Part part, float& sum, float& v) {
+  float mx = -INFINITY;
+  for (int k = 0; k < n; ++k) mx = fmaxf(mx, part(k).x);
+  sum = 0.f;
+  v = 0.f;
+  if (mx == -INFINITY) return mx;
+  for (int k = 0; k < n; ++k) {
+    const float3 pk = part(k);
+    const float c = exp2f(pk.x - mx);
+    sum += c * pk.y;
+    v += c * pk.z;
+  }
+  return mx;
+}
+
 template <typename T, int D, int R, int NI>
 __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const AttnArgs a) {
   constexpr int LPP = D / 8;             // lanes a position
@@ -199,16 +218,9 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
   __syncthreads();
   for (int i = tid; i < R * D; i += kAttnThreads) {
     const int r = i / D, d = i - r * D;
-    float mx = -INFINITY;
-    for (int g = 0; g < PP; ++g) mx = fmaxf(mx, part_ml[g][r][0]);
-    float sum = 0.f, v = 0.f;
-    if (mx != -INFINITY) {
-      for (int g = 0; g < PP; ++g) {
-        const float c = exp2f(part_ml[g][r][0] - mx);
-        sum += c * part_ml[g][r][1];
-        v += c * part_acc[g][r][d];
-      }
-    }
+    float sum, v;
+    const float mx = merge_partials(
+        PP, [&](int g) { return make_float3(part_ml[g][r][0], part_ml[g][r][1], part_acc[g][r][d]); }, sum, v);
     res[r][d] = v;
     if (d == 0) {
       res[r][D] = mx;
@@ -230,17 +242,11 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
   for (int i = c * kAttnThreads + tid; i < R * D; i += n * kAttnThreads) {
     const int r = i / D, d = i - r * D;
     if (r >= a.rows) continue;
-    float mx = -INFINITY;
-    for (int k = 0; k < n; ++k) mx = fmaxf(mx, block_res(k)[r * (D + 2) + D]);
-    float sum = 0.f, v = 0.f;
-    if (mx != -INFINITY) {
-      for (int k = 0; k < n; ++k) {
-        const float* rk = block_res(k) + r * (D + 2);
-        const float f = exp2f(rk[D] - mx);
-        sum += f * rk[D + 1];
-        v += f * rk[d];
-      }
-    }
+    float sum, v;
+    merge_partials(n, [&](int k) {
+      const float* rk = block_res(k) + r * (D + 2);
+      return make_float3(rk[D], rk[D + 1], rk[d]);
+    }, sum, v);
     const int h = hk * G + r / a.S, s = r % a.S;
     static_cast<T*>(a.out)[(((int64_t)b * a.Hq + h) * a.S + s) * D + d] =
         Half2Traits<T>::from_float(sum > 0.f ? v / sum : 0.f);
@@ -250,17 +256,19 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
 #endif
 }
 
-// Rows of a block's round (every load in flight at once) and positions a round, by head dim and rows.
+// Loads in flight a thread (a round), positions a round, and the kernel's R for a count of rows.
 constexpr int ni_for(int R) { return R <= 2 ? 8 : R == 4 ? 4 : 2; }
 constexpr int round_positions(int D, int R) { return (32 / (D / 8)) * (kAttnThreads / 32) * ni_for(R); }
 int rows_template(int64_t rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8; }
 
-// Blocks a (batch, KV head): about 2 a SM in all (H200: at batch 8 of 7B's 32 heads one block a
-// head was faster than 2 or 3, at batch 1 a cluster of 8 the fastest; benchmarks/RESULTS.md,
-// section 3, session 15), no more than rounds of positions, at most a portable cluster (8).
-int splits_for(const DeviceSmem& d, int64_t bh, int64_t L, int rp) {
+// Blocks a (batch, KV head): `forced` (1..8) where the caller asks, else $AWQ_ATTN_SPLITS
+// (experiments), else about 2 a SM in all (H200: at batch 8 of 7B's 32 heads one block a head was
+// faster than 2 or 3, at batch 1 a cluster of 8 the fastest; benchmarks/RESULTS.md, section 3,
+// session 15), no more than rounds of positions, at most a portable cluster (8). 1 below sm_90.
+int splits_for(const DeviceSmem& d, int64_t bh, int64_t L, int rp, int forced) {
   if (d.major < 9) return 1;  // clusters are sm_90's
-  const char* e = getenv("AWQ_ATTN_SPLITS");  // experiments: a fixed number (1..8)
+  if (forced > 0) return std::min(forced, 8);
+  const char* e = getenv("AWQ_ATTN_SPLITS");
   if (e && *e) {
     const long v = strtol(e, nullptr, 10);
     if (v >= 1 && v <= 8) return (int)v;
@@ -275,7 +283,7 @@ int launch(AttnArgs a, int64_t B, int splits, cudaStream_t stream) {
   const DeviceSmem* d = nullptr;
   if (int rc = device_smem(d)) return rc;
   const int64_t bh = B * a.Hkv;
-  const int n = d->major < 9 ? 1 : splits > 0 ? std::min(splits, 8) : splits_for(*d, bh, a.L, RP);
+  const int n = splits_for(*d, bh, a.L, RP, splits);
   a.chunk = (a.L + n - 1) / n;
   const bool pdl = n == 1 && pdl_enabled(*d, (int)(B * a.S));  // clusters never wait early (session 14)
   LaunchCfg l(dim3((unsigned)bh, (unsigned)n), dim3(kAttnThreads), 0, stream, n, pdl);
@@ -285,10 +293,12 @@ int launch(AttnArgs a, int64_t B, int splits, cudaStream_t stream) {
 
 template <typename T, int D>
 int launch_rows(const AttnArgs& a, int64_t B, int splits, cudaStream_t s) {
-  if (a.rows <= 1) return launch<T, D, 1>(a, B, splits, s);
-  if (a.rows <= 2) return launch<T, D, 2>(a, B, splits, s);
-  if (a.rows <= 4) return launch<T, D, 4>(a, B, splits, s);
-  return launch<T, D, 8>(a, B, splits, s);
+  switch (rows_template(a.rows)) {
+    case 1: return launch<T, D, 1>(a, B, splits, s);
+    case 2: return launch<T, D, 2>(a, B, splits, s);
+    case 4: return launch<T, D, 4>(a, B, splits, s);
+    default: return launch<T, D, 8>(a, B, splits, s);
+  }
 }
 
 template <typename T>
@@ -308,7 +318,7 @@ extern "C" int64_t awq_decode_attention_rounds(int64_t B, int64_t Hq, int64_t Hk
   const DeviceSmem* d = nullptr;
   if (device_smem(d)) return -1;
   const int R = rows_template((Hq / Hkv) * S), rp = D == 64 ? round_positions(64, R) : round_positions(128, R);
-  const int n = splits_for(*d, B * Hkv, L, rp);
+  const int n = splits_for(*d, B * Hkv, L, rp, 0);
   const int64_t chunk = (L + n - 1) / n;
   return (chunk + rp - 1) / rp;
 }
