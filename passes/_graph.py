@@ -77,6 +77,16 @@ def real_users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if u.target not in _CHECK_OPS]
 
 
+def copy_source_meta(src: fx.Node, *dsts: fx.Node) -> None:
+    """Give each of `dsts` (nodes a rewrite made in place of `src`) src's source location
+    (`stack_trace`, `nn_module_stack`) where src has it, so that what is reported about the new
+    nodes points at the model's code. Shared by the backend's rewriting passes."""
+    for k in ("stack_trace", "nn_module_stack"):
+        if k in src.meta:
+            for dst in dsts:
+                dst.meta[k] = src.meta[k]
+
+
 def node_val(node: object) -> torch.Tensor | None:
     if isinstance(node, fx.Node):
         v = node.meta.get("val")

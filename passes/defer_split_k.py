@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 from torch import fx
 
+from ._graph import copy_source_meta
 from .fuse_sibling_linears import _VAL_KEYS, _Call, _match_call, _operands, _rows, _val
 
 __all__ = ["defer_split_k"]
@@ -96,8 +97,6 @@ def _rewrite(graph: fx.Graph, call: _Call, slices: int, x_val: torch.Tensor) -> 
             parts.meta[key] = _PARTIALS(x_val, *operands, call.group_size, slices)
         if key in call.node.meta:
             y.meta[key] = call.node.meta[key]
-    for k in ("stack_trace", "nn_module_stack"):
-        if k in call.node.meta:
-            parts.meta[k] = call.node.meta[k]
+    copy_source_meta(call.node, parts)
     call.node.replace_all_uses_with(y)
     graph.erase_node(call.node)

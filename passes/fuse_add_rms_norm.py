@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 from torch import fx
 
-from ._graph import fetch_attr
+from ._graph import copy_source_meta, fetch_attr
 from .fuse_rope_cache import _ADD, _MUL, _is, _moves_safely, _only_user
 from .fuse_sibling_linears import _VAL_KEYS, _dtype, _val
 
@@ -268,10 +268,8 @@ def _rewrite(graph: fx.Graph, m: dict) -> None:
         out = graph.call_function(operator.getitem, (fused, 0))
         h_new = graph.call_function(operator.getitem, (fused, 1))
     fused.meta[key], out.meta[key], h_new.meta[key] = (out_val, h_val), out_val, h_val
-    for k in ("stack_trace", "nn_module_stack"):
-        for src, dst in ((call, fused), (call, out), (h, h_new)):
-            if k in src.meta:
-                dst.meta[k] = src.meta[k]
+    copy_source_meta(call, fused, out)
+    copy_source_meta(h, h_new)
     call.replace_all_uses_with(out)
     graph.erase_node(call)
     for n in reversed(m["chain"]):

@@ -34,6 +34,7 @@ import operator
 import torch
 from torch import fx
 
+from ._graph import copy_source_meta
 from .fuse_sibling_linears import _VAL_KEYS, _barrier, _val
 
 __all__ = ["fuse_rope_cache"]
@@ -247,9 +248,7 @@ def _rewrite(graph: fx.Graph, m: dict) -> None:
         tr = graph.call_method("transpose", (view, 1, 2))
     key, out = m["val"]
     call.meta[key] = out
-    for k in ("stack_trace", "nn_module_stack"):
-        if k in multi.meta:
-            call.meta[k] = multi.meta[k]
+    copy_source_meta(multi, call)
     mode = out.fake_mode
     with mode:
         view.meta[key] = out.view(*_shape(q_view))

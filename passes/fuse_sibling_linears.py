@@ -47,7 +47,7 @@ from torch import fx
 from awq_compile import ops as _ops
 from awq_compile.nn import Int4Linear
 
-from ._graph import hint
+from ._graph import copy_source_meta, hint
 
 __all__ = ["fuse_sibling_linears"]
 
@@ -227,8 +227,7 @@ def _rewrite(graph: fx.Graph, calls: list[_Call], where: fx.Node) -> None:
                                              lists[3]))
         outs = [graph.call_function(operator.getitem, (multi, i)) for i in range(len(calls))]
     first = calls[0].node
-    multi.meta.update({k: first.meta[k] for k in ("stack_trace", "nn_module_stack")
-                       if k in first.meta})
+    copy_source_meta(first, multi)
     for key in _VAL_KEYS:
         if all(key in c.node.meta for c in calls):
             multi.meta[key] = [c.node.meta[key] for c in calls]

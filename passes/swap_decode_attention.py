@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 from torch import fx
 
+from ._graph import copy_source_meta
 from .fuse_sibling_linears import _VAL_KEYS, _barrier, _val
 
 __all__ = ["swap_decode_attention"]
@@ -120,9 +121,7 @@ def _swap(graph: fx.Graph, node: fx.Node, only_if) -> int:
     with graph.inserting_before(node):
         call = graph.call_function(torch.ops.awq.decode_attention.default, (q, k, v, mask, scale, gqa))
     call.meta[key] = out
-    for m in ("stack_trace", "nn_module_stack"):
-        if m in node.meta:
-            call.meta[m] = node.meta[m]
+    copy_source_meta(node, call)
     node.replace_all_uses_with(call)
     graph.erase_node(node)
     for n in repeats:
