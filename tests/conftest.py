@@ -118,6 +118,11 @@ def static_cache_decode(model, cfg, step, steps: int = 4):
     return torch.stack(logits), cache
 
 
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Relative Frobenius error of got against want, in float64: the tests' measure of closeness."""
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
 def attention_reference(q, k, v, mask, scale):
     """float64 softmax(scale q k^T + mask) v for [B, H, S, D] tensors, k and v repeated for grouped
     heads; a row with every position masked is 0, and k, v at masked positions (NaN in the tests)
@@ -184,11 +189,7 @@ def decode_option_ab(decode, batch: int, option: str, counter: str) -> tuple[int
         logits, cache = decode(batch, {option: on})
         runs.append((logits, cache, counters["awq"][counter]))
     (want, want_cache, off), (got, got_cache, on) = runs
-
-    def rel(a, b):
-        return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-    errs = [rel(got, want)] + [rel(getattr(a, name), getattr(b, name))
+    errs = [rel_err(got, want)] + [rel_err(getattr(a, name), getattr(b, name))
                                for a, b in zip(got_cache.layers, want_cache.layers) for name in ("keys", "values")]
     return off, on, max(errs)
 

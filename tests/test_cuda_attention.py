@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from awq_compile import ops  # noqa: F401  (registers the ops)
-from conftest import attention_reference as reference, decode_option_ab
+from conftest import attention_reference as reference, decode_option_ab, rel_err as _rel
 
 cuda_mod = pytest.importorskip("awq_compile._cuda")
 pytestmark = [
@@ -26,10 +26,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
     pytest.mark.skipif(not cuda_mod.REGISTERED, reason="libawq_int4.so not built/loadable"),
 ]
-
-
-def _rel(got, want):
-    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
 def _poisoned_call(q, k, v, mask, scale, gqa):

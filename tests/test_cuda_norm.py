@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from awq_compile import ops
 from awq_compile.quant import dequantize
-from conftest import decode_option_ab
+from conftest import decode_option_ab, rel_err as _rel
 
 cuda_mod = pytest.importorskip("awq_compile._cuda")
 pytestmark = [
@@ -65,10 +65,6 @@ def _x64(h, weight):
 def _lin64(x64, qw, s, z, b):
     y = x64 @ dequantize(qw, s, z, 128, x64.shape[-1], dtype=torch.float64).T
     return y if b is None else y + b.double()
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.mark.parametrize("dtype,k,n", [(torch.bfloat16, 4096, 11008), (torch.float16, 1024, 6144)],

@@ -18,7 +18,7 @@ from awq_compile import AWQConfig
 from awq_compile.backend import parse_options
 from awq_compile.quant import dequantize, quantize
 from passes import defer_split_k, fuse_add_rms_norm, fuse_gated_mlp, fuse_rope_cache, fuse_sibling_linears
-from conftest import static_cache_decode
+from conftest import rel_err as _rel, static_cache_decode
 from test_fuse_rope_cache import _block, _cos_sin, _reference64
 
 GLU_NORM = torch.ops.awq.int4_linear_glu_norm.default
@@ -47,10 +47,6 @@ def _norm64(residual, delta, bias, weight):
     d = delta.double() if delta.dim() == residual.dim() else delta.double().sum(0)
     h = residual.double() + d + (0 if bias is None else bias.double())
     return h, weight.double() * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _glu_weights(n=48, g=32, dtype=torch.float32, bias=False):
