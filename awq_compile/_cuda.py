@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 import torch.utils.weak
 
-from .ops import (DECODE_ATTENTION_MAX_ROWS, add_rms_norm, check_add_rms_norm_args, check_decode_attention_args,
-                  check_int4_linear_args, check_int4_linear_glu_args, check_int4_linear_multi_args,
-                  check_int4_linear_rope_cache_args, rotate_heads)
+from .ops import (DECODE_ATTENTION_MAX_ROWS, add_rms_norm, cache_positions, check_add_rms_norm_args,
+                  check_decode_attention_args, check_int4_linear_args, check_int4_linear_glu_args,
+                  check_int4_linear_multi_args, check_int4_linear_rope_cache_args, rotate_heads)
 
 __all__ = ["library_path", "load_library", "available", "gemm_mma", "gemm_pc", "gemm_simt", "gemm_simt_multi", "gemm_tc",
            "dequantize_cuda", "int4_linear_cuda", "int4_linear_multi_cuda", "mma_max_m", "pc_max_m", "simt_max_m",
@@ -727,6 +727,15 @@ def _rope_kernels_take(x, cos, sin, k_cache, v_cache) -> bool:
             and 0 < b * s <= 65535 and x.device.index == torch.cuda.current_device())
 
 
+def _kernel_positions(cache_position: torch.Tensor, tokens: int) -> torch.Tensor:
+    """int64 positions the rope kernels read as pos[s], s < tokens: a 0-d cache_position (the first
+    position) is read in place at one token (pos[0] is it: a decode step reads the cache's counter
+    itself, no kernel makes positions), else made into cache_position + arange(tokens)."""
+    if cache_position.dim() == 0 and tokens == 1:
+        return cache_position
+    return cache_positions(cache_position, tokens).contiguous()
+
+
 def int4_linear_rope_cache_cuda(x, qweights, scales, zeros, group_size, biases, cos, sin, cache_position,
                                 k_cache, v_cache) -> torch.Tensor:
     """The CUDA implementation of awq::int4_linear_rope_cache: where the folded GEMV takes q/k/v
@@ -742,8 +751,9 @@ def int4_linear_rope_cache_cuda(x, qweights, scales, zeros, group_size, biases, 
     b, s = x.shape[0], x.shape[1]
     kernels = _rope_kernels_take(x, cos, sin, k_cache, v_cache)
     bstride = cos.stride(0) if cos.shape[0] > 1 else 0
+    pos = _kernel_positions(cache_position, s)
     if kernels and _fold_rope_applies(x, qweights, group_size, d):
-        return _gemm_fold_rope(x, qweights, scales, zeros, group_size, biases, cos, sin, bstride, cache_position,
+        return _gemm_fold_rope(x, qweights, scales, zeros, group_size, biases, cos, sin, bstride, pos,
                                k_cache, v_cache, d).view(b, s, hq * d)
     q, k, v = int4_linear_multi_cuda(x, qweights, scales, zeros, group_size, biases)
     if b * s == 0:
@@ -752,7 +762,7 @@ def int4_linear_rope_cache_cuda(x, qweights, scales, zeros, group_size, biases, 
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         _check(load_library().awq_rope_cache(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), bstride,
-            cache_position.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), b, s, hq, hkv, d, length,
+            pos.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), b, s, hq, hkv, d, length,
             _DTYPES[x.dtype], _raw_stream(x.device)))
         return q
     cf, sf = cos.float(), sin.float()
@@ -760,8 +770,9 @@ def int4_linear_rope_cache_cuda(x, qweights, scales, zeros, group_size, biases, 
     def rotate(t: torch.Tensor, heads: int) -> torch.Tensor:  # in fp32, rounded once, as the kernels
         return rotate_heads(t.view(b, s, heads, d).transpose(1, 2).float(), cf, sf).to(x.dtype)
 
-    k_cache.index_copy_(2, cache_position, rotate(k, hkv))
-    v_cache.index_copy_(2, cache_position, v.view(b, s, hkv, d).transpose(1, 2))
+    pos = cache_positions(cache_position, s)
+    k_cache.index_copy_(2, pos, rotate(k, hkv))
+    v_cache.index_copy_(2, pos, v.view(b, s, hkv, d).transpose(1, 2))
     return rotate(q, hq).transpose(1, 2).reshape(b, s, hq * d)
 
 
@@ -862,7 +873,7 @@ def int4_linear_rope_cache_norm_cuda(residual, delta, delta_bias, norm_weight, e
             nm, h = packed
             bstride = cos.stride(0) if cos.shape[0] > 1 else 0
             q = _gemm_fold_rope(residual, qweights, scales, zeros, group_size, biases, cos, sin, bstride,
-                                cache_position, k_cache, v_cache, d, ctypes.byref(nm))
+                                _kernel_positions(cache_position, s), k_cache, v_cache, d, ctypes.byref(nm))
             return q.view(b, s, hq * d), h
     h, x = add_rms_norm(residual, delta, delta_bias, norm_weight, eps)
     return int4_linear_rope_cache_cuda(x, qweights, scales, zeros, group_size, biases, cos, sin, cache_position,

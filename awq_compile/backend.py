@@ -30,7 +30,9 @@ works without importing awq_compile. Per graph dynamo hands over, the backend
    decode step's attention (scaled_dot_product_attention of a few query rows a KV head, on a
    GPU) becomes one `awq::decode_attention` call, whose CUDA kernel reads only the cache
    positions the mask leaves (`passes.swap_decode_attention`; `options={"decode_attention":
-   False}` keeps torch's);
+   False}` keeps torch's); and the q/k/v calls read a static cache's position counters
+   themselves, whose increments become one call at the end of the graph
+   (`passes.defer_cache_counters`; `options={"defer_counters": False}` leaves them);
 6. compiles the result with inductor (`mode` passed on: "reduce-overhead" is CUDA graphs), or
    runs it eagerly with `options={"inductor": False}`.
 
@@ -39,7 +41,8 @@ works without importing awq_compile. Per graph dynamo hands over, the backend
 "siblings_fused" (int4_linear_multi calls made), "mlps_fused" (int4_linear_glu calls made),
 "rope_fused" (int4_linear_rope_cache calls made), "split_k_deferred" (int4_linear_partials
 calls made), "norms_fused" (int4_linear_glu_norm and int4_linear_rope_cache_norm calls made),
-"attention_swapped" (decode_attention calls made).
+"attention_swapped" (decode_attention calls made), "counters_deferred" (cache counters read by
+the q/k/v calls and incremented at the end).
 """
 
 from __future__ import annotations
@@ -84,6 +87,9 @@ _OWN = {
     "decode_attention": "True (default): a decode step's attention (a few query rows a KV head, "
                         "on a GPU) as one awq::decode_attention call, whose kernel reads only the "
                         "cache positions the mask leaves; False: torch's attention",
+    "defer_counters": "True (default): a static KV cache's position counters read by the "
+                      "awq::int4_linear_rope_cache calls themselves and incremented once at the end "
+                      "of the graph; False: left as they are",
     "mode": "inductor's mode, e.g. 'reduce-overhead' (CUDA graphs): torch.compile refuses "
             "mode= together with options=",
 }
@@ -107,6 +113,7 @@ class BackendOptions:
     fuse_rope: bool = True
     fuse_norm: bool = True
     decode_attention: bool = True
+    defer_counters: bool = True
 
 
 def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
@@ -129,7 +136,7 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
         )
     fields = {k: v for k, v in options.items() if k in _CONFIG_FIELDS}
     flags = {k: options.get(k, True) for k in ("inductor", "fuse_siblings", "fuse_activation", "defer_split_k",
-                                                 "fuse_rope", "fuse_norm", "decode_attention")}
+                                                 "fuse_rope", "fuse_norm", "decode_attention", "defer_counters")}
     for key, value in flags.items():
         if not isinstance(value, bool):
             raise ValueError(f"awq backend: option {key}={value!r} must be True or False")
@@ -147,7 +154,8 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
         _mode_patches(mode)  # raises for an unknown mode
     return BackendOptions(_config(options, fields), None if checkpoint is None else Path(checkpoint),
                           flags["inductor"], mode, flags["fuse_siblings"], flags["fuse_activation"],
-                          flags["defer_split_k"], flags["fuse_rope"], flags["fuse_norm"], flags["decode_attention"])
+                          flags["defer_split_k"], flags["fuse_rope"], flags["fuse_norm"], flags["decode_attention"],
+                          flags["defer_counters"])
 
 
 def _config(options: Mapping[str, Any], fields: dict[str, Any]) -> AWQConfig:
@@ -200,7 +208,7 @@ def awq_backend(
     return serve_graph(state, gm, example_inputs, opts.inductor, patches, plan, opts.config,
                        fuse_siblings=opts.fuse_siblings, fuse_activation=opts.fuse_activation,
                        defer_split_k=opts.defer_split_k, fuse_rope=opts.fuse_rope, fuse_norm=opts.fuse_norm,
-                       decode_attention=opts.decode_attention)
+                       decode_attention=opts.decode_attention, defer_counters=opts.defer_counters)
 
 
 def serve_graph(
@@ -217,6 +225,7 @@ def serve_graph(
     fuse_rope: bool = True,
     fuse_norm: bool = True,
     decode_attention: bool = True,
+    defer_counters: bool = True,
 ):
     """Rewrite `gm` with the model's quantization (or `plan`), fuse gated MLPs, sibling INT4
     linears, rotary embeddings and norms into them, swap decode attention, and compile it."""
@@ -255,6 +264,8 @@ def serve_graph(
         torch._dynamo.utils.counters["awq"]["norms_fused"] += passes.fuse_add_rms_norm(gm)
     if decode_attention:
         torch._dynamo.utils.counters["awq"]["attention_swapped"] += passes.swap_decode_attention(gm)
+    if defer_counters:
+        torch._dynamo.utils.counters["awq"]["counters_deferred"] += passes.defer_cache_counters(gm)
     torch._dynamo.utils.counters["awq"]["serve_graphs"] += 1
     if not inductor:
         return _inference_only(gm.forward)

@@ -51,7 +51,7 @@ from .quant import dequantize
 
 __all__ = ["int4_linear", "int4_linear_multi", "int4_linear_glu", "int4_linear_partials", "check_int4_linear_args",
            "check_int4_linear_multi_args", "check_int4_linear_glu_args", "int4_linear_rope_cache",
-           "check_int4_linear_rope_cache_args", "rotate_heads", "MAX_SEGMENTS", "add_rms_norm",
+           "check_int4_linear_rope_cache_args", "rotate_heads", "cache_positions", "MAX_SEGMENTS", "add_rms_norm",
            "check_add_rms_norm_args", "int4_linear_glu_norm", "int4_linear_rope_cache_norm", "decode_attention",
            "check_decode_attention_args", "DECODE_ATTENTION_MAX_ROWS"]
 
@@ -306,11 +306,20 @@ def check_int4_linear_rope_cache_args(
     for name, t in (("cos", cos), ("sin", sin)):
         if t.dtype != x.dtype or t.dim() != 4 or t.shape[0] not in (1, b) or tuple(t.shape[1:]) != (1, s, d):
             raise bad(f"{name} must be [batch or 1, 1, tokens, head dim] of x's dtype")
-    if cache_position.dtype != torch.int64 or tuple(cache_position.shape) != (s,):
-        raise bad("cache_position must be int64 [tokens]")
+    if cache_position.dtype != torch.int64 or tuple(cache_position.shape) not in ((s,), ()):
+        raise bad("cache_position must be int64 [tokens] (the positions) or [] (the first position)")
     if len({t.device for t in (x, cos, sin, cache_position, k_cache, v_cache)}) != 1:
         raise bad("all tensors must be on one device")
     return nq // d, hkv, d, length
+
+
+def cache_positions(cache_position: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The [tokens] cache positions `int4_linear_rope_cache` writes at: cache_position itself, or,
+    where it is a 0-d tensor (a static cache's length so far, as the pass `defer_cache_counters`
+    passes it), cache_position + arange(tokens)."""
+    if cache_position.dim():
+        return cache_position
+    return cache_position + torch.arange(tokens, device=cache_position.device)
 
 
 def rotate_heads(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -341,16 +350,19 @@ def int4_linear_rope_cache(
         k_cache.index_copy_(2, cache_position, k); v_cache.index_copy_(2, cache_position, heads(v))
         return q, as [B, S, heads of q * D]
 
-    with heads(t) = t.view(B, S, -1, D).transpose(1, 2) and cos, sin [B or 1, 1, S, D], each step
+    with heads(t) = t.view(B, S, -1, D).transpose(1, 2), cos, sin [B or 1, 1, S, D] and
+    cache_position int64 [S], or a 0-d int64 tensor p standing for p + arange(S) (a static cache's
+    length so far: the kernel then reads the cache's own counter, no positions tensor). Each step
     in x's dtype as the unfused graph computes it eagerly (the CUDA kernels round once, after
     the rotation in fp32, as inductor's fused kernel does)."""
     hq, hkv, d, _ = check_int4_linear_rope_cache_args(x, qweights, scales, zeros, group_size, biases, cos, sin,
                                                       cache_position, k_cache, v_cache)
     q, k, v = torch.ops.awq.int4_linear_multi.default(x, qweights, scales, zeros, group_size, biases)
     b, s = x.shape[0], x.shape[1]
+    pos = cache_positions(cache_position, s)
     q = rotate_heads(q.view(b, s, hq, d).transpose(1, 2), cos, sin)
-    k_cache.index_copy_(2, cache_position, rotate_heads(k.view(b, s, hkv, d).transpose(1, 2), cos, sin))
-    v_cache.index_copy_(2, cache_position, v.view(b, s, hkv, d).transpose(1, 2))
+    k_cache.index_copy_(2, pos, rotate_heads(k.view(b, s, hkv, d).transpose(1, 2), cos, sin))
+    v_cache.index_copy_(2, pos, v.view(b, s, hkv, d).transpose(1, 2))
     return q.transpose(1, 2).reshape(b, s, hq * d)
 
 

@@ -6,18 +6,21 @@ The order of the pipeline lives here, in one list, and nowhere else:
     -> search_scales -> fold_scales -> search_clip -> swap_linear_int4
 
 The compile backend also runs `fuse_gated_mlp`, `fuse_sibling_linears`, `fuse_rope_cache`,
-`defer_split_k`, `fuse_add_rms_norm` and `swap_decode_attention` on each graph it serves (after the quantization: one
+`defer_split_k`, `fuse_add_rms_norm`, `swap_decode_attention` and `defer_cache_counters` on each graph it serves (after
+the quantization: one
 `int4_linear_glu` call for a SwiGLU MLP's gate and up projections and their activation, one
 `int4_linear_multi` call for the INT4 linears that read one input, one `int4_linear_rope_cache`
 call for q/k/v with their rotary embedding and KV-cache write, then the K-slice sum of a split-K
 decode linear left to the graph, then a residual add and RMSNorm taken into the gated-MLP or
-q/k/v call that reads it, and a decode step's attention as one `decode_attention` call).
+q/k/v call that reads it, a decode step's attention as one `decode_attention` call, and a static
+cache's position counters read by the q/k/v calls, their increments made once at the end).
 
 Analysis passes write frozen dataclasses into `node.meta["awq"]`; the rewriting passes read only
 those. `awq_compile.api` drives the pipeline for `quantize`, the compile backend for dynamo graphs.
 """
 
 from .annotate_scale_groups import LinearInfo, ScaleGroup, annotate_scale_groups, linear_infos, scale_groups
+from .defer_cache_counters import defer_cache_counters
 from .defer_split_k import defer_split_k
 from .fold_scales import fold_scales
 from .fuse_add_rms_norm import fuse_add_rms_norm
@@ -60,6 +63,7 @@ __all__ = [
     "fuse_rope_cache",
     "fuse_add_rms_norm",
     "swap_decode_attention",
+    "defer_cache_counters",
     "quantize_linear",
     "linear_infos",
     "scale_groups",
