@@ -18,11 +18,13 @@ Only where `only_if(q, k, v, attn_mask)` accepts the example tensors (by default
 `awq_compile._cuda.decode_attention_applies`: the CUDA kernel serves them, so graphs on the CPU
 and prefill graphs are left alone), dropout is 0, there is no causal flag (torch's is aligned to
 the top left, which a decode step does not want), and, to see through repeat_kv, nothing between
-the copy and the attention may write in place. The call stands where the attention stood.
+the copy and the attention may write in place. The call stands where the attention stood. The calls that read one mask (a decoder's layers)
+read one copy of it with fixed strides, which inductor makes once (`_share_masks`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from typing import Callable
 
@@ -49,6 +51,7 @@ def swap_decode_attention(gm: fx.GraphModule, only_if: Callable[..., bool] | Non
         if node.op == "call_function" and node.target in _SDPA:
             done += _swap(gm.graph, node, only_if)
     if done:
+        _share_masks(gm.graph)
         gm.graph.lint()
         gm.recompile()
     return done
@@ -128,3 +131,39 @@ def _swap(graph: fx.Graph, node: fx.Node, only_if) -> int:
         if not n.users:
             graph.erase_node(n)
     return 1
+
+
+def _share_masks(graph: fx.Graph) -> None:
+    """Give the decode_attention calls that read one mask node one contiguous copy of it, made
+    before the first of them. A decoder's layers all read the model's mask, usually computed
+    from the cache's counter and expanded; inductor recomputes a cheap pointwise input into a
+    buffer of the strides each extern call was traced with, so every layer had its own mask
+    kernel and launch gap (H200 7B: ~0.8-1.2 us and a gap a layer). A forced-strides copy is
+    lowered to one buffer that every call reads as it is. Not where something between
+    the first and the last call may write the mask in place."""
+    import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
+
+    # A copy with the given strides unless the tensor has them (eagerly too); inductor lowers it
+    # to one realized buffer, which every reader then takes as it is.
+    force_strides = torch.ops.prims.inductor_force_stride_order.default
+    calls: dict[fx.Node, list[fx.Node]] = {}
+    for n in graph.nodes:
+        if (n.op == "call_function" and n.target is torch.ops.awq.decode_attention.default
+                and isinstance(n.args[3], fx.Node)):
+            calls.setdefault(n.args[3], []).append(n)
+    for mask, readers in calls.items():
+        first, last = readers[0], readers[-1]
+        n, written = first, False
+        while n is not last and not written:
+            written = _barrier(n) and mask in n.all_input_nodes
+            n = n.next
+        val = _val(mask)
+        if written or not isinstance(val, torch.Tensor) or len(readers) < 2:
+            continue
+        with getattr(val, "fake_mode", None) or contextlib.nullcontext():
+            dense = val.contiguous()
+        with graph.inserting_before(first):
+            shared = graph.call_function(force_strides, (mask, list(dense.stride())))
+        shared.meta[next(k for k in _VAL_KEYS if k in mask.meta)] = dense
+        for r in readers:
+            r.args = (*r.args[:3], shared, *r.args[4:])

@@ -4,6 +4,7 @@ swap_decode_attention, on the CPU. The CUDA kernel's tests are in test_cuda_atte
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -12,11 +13,13 @@ from torch import fx, nn
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import awq_compile
+import torch._inductor.inductor_prims  # noqa: F401  (prims.inductor_force_stride_order)
 from awq_compile import passes
 from awq_compile.backend import VALID_OPTIONS, parse_options
 from conftest import attention_reference, static_cache_decode
 
 OP = torch.ops.awq.decode_attention.default
+FORCE_STRIDES = torch.ops.prims.inductor_force_stride_order.default
 
 
 def _qkv(b, hq, hkv, s, length, d, dtype=torch.float32, seed=0):
@@ -117,6 +120,8 @@ def test_pass_swaps_each_layers_attention_in_a_llama_decode(hkv):
         q, k, v, mask, scale, gqa = call.args
         assert k.op == "placeholder" and v.op == "placeholder"  # the StaticCache's tensors
         assert gqa is (hkv != 4) and scale == 16 ** -0.5 and mask is not None
+    masks = {call.args[3] for call in ops[0]}  # both layers read one fixed-strides copy of the mask
+    assert len(masks) == 1 and masks.pop().target is FORCE_STRIDES
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -170,6 +175,60 @@ def test_pass_keeps_repeat_kv_when_the_cache_is_written_in_between():
     assert call.args[1].target == "reshape" and call.args[5] is False  # still the copy made before mul_
     want = _RepeatThenWrite()(q, cache.clone())
     torch.testing.assert_close(gm(q, cache.clone()), want)
+
+
+class _TwoLayers(nn.Module):
+    """Two attentions reading one mask; `write` changes the mask in place between them."""
+
+    def __init__(self, write: bool):
+        super().__init__()
+        self.write = write
+
+    def forward(self, q, k, v, mask):
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.write:
+            mask.mul_(2)
+        return a + F.scaled_dot_product_attention(a, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("write", [False, True])
+def test_pass_shares_a_mask_unless_it_is_written_between(write):
+    q, k, v = _qkv(2, 4, 4, 1, 8, 16)
+    mask = torch.randn(1, 1, 1, 8).expand(2, 1, 1, 8)  # a broadcast view, as transformers' masks are
+    gm = fx.symbolic_trace(_TwoLayers(write))
+    FakeTensorProp(gm).propagate(q, k, v, mask.clone())
+    assert passes.swap_decode_attention(gm, only_if=lambda *a: True) == 2
+    masks = [n.args[3] for n in gm.graph.nodes if n.target is OP]
+    if write:
+        assert masks[0].op == "placeholder" and masks[1].op == "placeholder"
+    else:
+        assert masks[0] is masks[1] and masks[0].target is FORCE_STRIDES
+    torch.testing.assert_close(gm(q, k, v, mask.clone()), _TwoLayers(write)(q, k, v, mask.clone()))
+
+
+def test_inductor_makes_the_shared_mask_once(monkeypatch):
+    """Through the backend with inductor (CPU; the pass told the kernel serves the tensors): every
+    layer's decode_attention call reads one mask buffer, and the logits are the eager model's."""
+    from torch._inductor.utils import run_and_get_code
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from awq_compile import AWQConfig, _cuda
+
+    monkeypatch.setattr(_cuda, "decode_attention_applies", lambda *a: True)
+    awq_compile.backend.register()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=3, vocab_size=128, max_position_embeddings=64)
+    model = awq_compile.quantize_rtn(LlamaForCausalLM(cfg).eval(), AWQConfig(group_size=32))
+    want, _ = static_cache_decode(model, cfg, model, steps=1)
+    torch._dynamo.reset()
+    step = torch.compile(model, backend="awq", fullgraph=True)
+    (got, _), codes = run_and_get_code(lambda: static_cache_decode(model, cfg, step, steps=1))
+    calls = re.findall(r"torch\.ops\.awq\.decode_attention\.default\((.*)\)", "\n".join(codes))
+    assert len(calls) == cfg.num_hidden_layers
+    masks = {re.findall(r"\b(?:buf|arg)\d+(?:_\d+)?\b", call)[-1] for call in calls}  # the last tensor argument
+    assert len(masks) == 1, calls
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_backend_option():
