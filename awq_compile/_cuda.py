@@ -891,25 +891,37 @@ block a head over 384 positions) took 15-20 us against torch's 22, 16 rounds (32
 def decode_attention_applies(q, k, v, attn_mask) -> bool:
     """Whether the CUDA kernel of `awq::decode_attention` serves tensors of these shapes, dtypes and
     devices (they may be fake tensors: strides and alignment are checked per call): q, k, v of
-    fp16 or bf16 on a GPU, static sizes, head dim 64 or 128, at most DECODE_ATTENTION_MAX_ROWS
-    query rows a KV head, a bool mask, an additive one of q's dtype or fp32, or none, and a plan
-    of at most ATTENTION_MAX_ROUNDS rounds a block (short caches, or many heads). The pass
-    swap_decode_attention asks this."""
+    fp16 or bf16 on a GPU, head dim 64 or 128, at most DECODE_ATTENTION_MAX_ROWS query rows a KV
+    head, a bool mask, an additive one of q's dtype or fp32, or none, and a plan of at most
+    ATTENTION_MAX_ROUNDS rounds a block (short caches, or many heads). The pass
+    swap_decode_attention asks this. A symbolic size (a graph dynamo made dynamic, e.g. in batch
+    after a second batch size) counts at its hint, without a guard: the op asks again with the
+    real tensors on every call and runs torch's attention where the kernel does not serve them."""
     if load_library() is None or any(not isinstance(t, torch.Tensor) or t.dim() != 4 for t in (q, k, v)):
         return False
     if q.device.type != "cuda" or q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
-    if not all(type(x) is int for t in (q, k, v) for x in t.shape):  # a symbolic size: a dynamic-shape graph
+    (b, hq, s, d), (_, hkv, length, dk), (_, _, _, dv) = (_sizes_or_hints(t.shape) for t in (q, k, v))
+    if None in (b, hq, s, d, hkv, length, dk, dv):
         return False
-    d, hq, hkv = q.shape[3], q.shape[1], k.shape[1]
-    if d not in (64, 128) or k.shape[3] != d or v.shape[3] != d or hkv < 1 or hq % hkv:
+    if d not in (64, 128) or dk != d or dv != d or hkv < 1 or hq % hkv:
         return False
-    if (hq // hkv) * q.shape[2] > DECODE_ATTENTION_MAX_ROWS or k.shape[2] < 1 or q.shape[0] < 1:
+    if (hq // hkv) * s > DECODE_ATTENTION_MAX_ROWS or length < 1 or b < 1:
         return False
     if attn_mask is not None and attn_mask.dtype not in (torch.bool, q.dtype, torch.float32):
         return False
-    rounds = _attention_rounds(q.device.index, q.shape[0], hq, hkv, q.shape[2], k.shape[2], d)
+    rounds = _attention_rounds(q.device.index, b, hq, hkv, s, length, d)
     return 0 < rounds <= ATTENTION_MAX_ROUNDS
+
+
+def _sizes_or_hints(shape) -> tuple:
+    """Each size as an int: itself, or a symbolic size's hint (None where it has none, an
+    unbacked size). Reading the hint installs no guard."""
+    out = []
+    for x in shape:
+        hint = x if type(x) is int else getattr(getattr(x, "node", None), "hint", None)
+        out.append(None if hint is None else int(hint))
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=256)

@@ -162,6 +162,8 @@ def _share_masks(graph: fx.Graph) -> None:
             continue
         with getattr(val, "fake_mode", None) or contextlib.nullcontext():
             dense = val.contiguous()
+        if not all(type(x) is int for x in dense.stride()):  # symbolic strides: no node holds them
+            continue
         with graph.inserting_before(first):
             shared = graph.call_function(force_strides, (mask, list(dense.stride())))
         shared.meta[next(k for k in _VAL_KEYS if k in mask.meta)] = dense

@@ -145,7 +145,8 @@ def llama_7b_widths_decode(device: str):
     `device`, and decode(batch, options) -> (logits of each step, the StaticCache): an eager 8-token
     prefill into a 32-token static cache, then 6 teacher-forced one-token steps of the model
     compiled with backend="awq", options={"mode": "reduce-overhead", **options} (CUDA graphs on a
-    GPU), with dynamo reset and the counters cleared first. The CUDA fusion tests compare the same
+    GPU), with dynamo reset (unless reset=False: a new batch size then makes dynamo trace the
+    batch as a symbolic size) and the counters cleared first. The CUDA fusion tests compare the same
     decode with an option on and off."""
     import awq_compile
     from awq_compile import AWQConfig
@@ -159,10 +160,11 @@ def llama_7b_widths_decode(device: str):
     model = awq_compile.quantize_rtn(LlamaForCausalLM(cfg).to(torch.bfloat16).to(device).eval(),
                                      AWQConfig(group_size=128, compute_dtype="bfloat16"))
 
-    def decode(batch: int, options: dict):
+    def decode(batch: int, options: dict, reset: bool = True):
         ids = torch.randint(0, 512, (batch, 8), device=device, generator=torch.Generator(device).manual_seed(1))
         feed = torch.randint(0, 512, (6, batch, 1), device=device, generator=torch.Generator(device).manual_seed(2))
-        torch._dynamo.reset()
+        if reset:
+            torch._dynamo.reset()
         counters.clear()
         step = torch.compile(model, backend="awq", fullgraph=True, options={"mode": "reduce-overhead", **options})
         cache = StaticCache(config=cfg, max_cache_len=32)

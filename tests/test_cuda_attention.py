@@ -202,6 +202,32 @@ def test_in_a_cuda_graph_between_int4_launches(m, monkeypatch):
                 assert torch.equal(got, ref), f"splits={splits or 'auto'}: a replay differs from eager"
 
 
+def test_cuda_backend_swaps_attention_in_a_dynamic_batch_graph(cuda_library, cuda_llama_decode, monkeypatch):
+    """Batch 1, then batch 8 without resetting dynamo: dynamo traces the second graph with a
+    symbolic batch, and the pass still swaps every layer's attention (sizes at their hints; the
+    op checks the real ones per call). Logits and caches as a fresh static batch-8 decode's."""
+    from torch._dynamo.utils import counters
+
+    from awq_compile import _cuda
+
+    cfg, run = cuda_llama_decode
+    want, want_cache = run(8, {})
+    run(1, {})
+    symbolic, applies = [], _cuda.decode_attention_applies
+
+    def spy(q, k, v, mask):
+        symbolic.append(any(type(x) is not int for x in q.shape))
+        return applies(q, k, v, mask)
+
+    monkeypatch.setattr(_cuda, "decode_attention_applies", spy)
+    got, got_cache = run(8, {}, reset=False)
+    assert any(symbolic)  # the pass saw a dynamic-shape graph
+    assert counters["awq"]["attention_swapped"] == cfg.num_hidden_layers
+    errs = [_rel(got, want)] + [_rel(getattr(a, n), getattr(b, n)) for a, b in zip(got_cache.layers, want_cache.layers)
+                                for n in ("keys", "values")]
+    assert max(errs) < 2e-2
+
+
 @pytest.mark.parametrize("batch", [1, 8])
 def test_cuda_backend_decode_with_decode_attention(batch, cuda_library, cuda_llama_decode):
     """A 2-layer Llama of 7B's widths on CUDA, bf16, CUDA graphs: the decode with the attention

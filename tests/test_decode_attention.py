@@ -238,3 +238,29 @@ def test_backend_option():
     with pytest.raises(ValueError, match="decode_attention=1 must be True or False"):
         parse_options({"decode_attention": 1})
     assert awq_compile.ops.DECODE_ATTENTION_MAX_ROWS == 8
+
+
+def test_kernel_check_reads_symbolic_sizes_at_their_hints(monkeypatch):
+    """decode_attention_applies on fake CUDA tensors with a symbolic batch (a dynamic-shape graph):
+    the plan is asked at the size's hint, and no guard is installed; a size without a hint
+    (unbacked) is refused."""
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from awq_compile import _cuda
+
+    asked = []
+    monkeypatch.setattr(_cuda, "load_library", lambda: object())
+    monkeypatch.setattr(_cuda, "_attention_rounds", lambda *a: asked.append(a[1:]) or 2)
+    env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=env)
+    b = env.create_symintnode(env.create_symbol(8, ConstantSource("batch")), hint=8)
+    with mode:
+        q = torch.empty(b, 32, 1, 128, dtype=torch.bfloat16, device="cuda")
+        kv = torch.empty(b, 32, 384, 128, dtype=torch.bfloat16, device="cuda")
+        assert _cuda.decode_attention_applies(q, kv, kv, None)
+        u = env.create_unbacked_symint()
+        assert not _cuda.decode_attention_applies(torch.empty(u, 32, 1, 128, dtype=torch.bfloat16, device="cuda"),
+                                                  kv, kv, None)
+    assert asked == [(8, 32, 32, 1, 384, 128)] and not env.guards
