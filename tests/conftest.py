@@ -49,6 +49,21 @@ def smollm2_decode(smollm2):
     return q, decode
 
 
+def smollm2_option_ab(decode, option: str, counter: str, steps: int = 3):
+    """A/B of one backend option with smollm2_decode's `decode`: the decode with `option` off, then
+    on, whose logits and every layer's cached keys and values must be bit for bit equal. Returns
+    (the backend counter `counter` after the off run, after the on run, the on run's cache)."""
+    from torch._dynamo.utils import counters
+
+    want, want_cache = decode({option: False}, steps)
+    off = counters["awq"][counter]
+    got, got_cache = decode({option: True}, steps)
+    assert torch.equal(got, want)
+    for a, b in zip(got_cache.layers, want_cache.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    return off, counters["awq"][counter], got_cache
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A word-level Hugging Face tokenizer (512 ids) over the calibration text; needs no files.

@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 from awq_compile.backend import parse_options
 from awq_compile.ops import rotate_heads
 from awq_compile.quant import dequantize, quantize
-from conftest import decode_option_ab, static_cache_decode
+from conftest import decode_option_ab, smollm2_option_ab, static_cache_decode
 from passes import fuse_rope_cache
 
 ROPE = torch.ops.awq.int4_linear_rope_cache.default
@@ -198,7 +198,8 @@ def test_pass_leaves_a_cache_read_between_the_writes():
 @pytest.mark.parametrize("inductor", [False, True])
 def test_backend_fuses_a_llama_decoding_with_a_static_cache(inductor):
     """A 2-layer Llama, RTN-quantized: 4 decode steps after a prefill, compiled with the rope fusion
-    on, against the model run eagerly: logits and every layer's caches."""
+    on (and, by default, the cache counters deferred: defer_cache_counters), against the model run
+    eagerly: logits, every layer's caches and counters."""
     import awq_compile
     from awq_compile import AWQConfig
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -215,8 +216,10 @@ def test_backend_fuses_a_llama_decoding_with_a_static_cache(inductor):
     step = torch.compile(model, backend="awq", fullgraph=True, options={"inductor": inductor})
     got, got_cache = static_cache_decode(model, cfg, step)
     assert counters["awq"]["rope_fused"] >= cfg.num_hidden_layers
+    assert counters["awq"]["counters_deferred"] >= cfg.num_hidden_layers
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     for a, b in zip(got_cache.layers, want_cache.layers):
+        assert a.cumulative_length.item() == b.cumulative_length.item() == 8
         torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-5)
 
@@ -227,14 +230,8 @@ def test_backend_fuses_smollm2_bit_for_bit(smollm2_decode):
     cache writes fused, and the logits and caches bit for bit those of the same graphs with the
     fusion off (the op's reference is the unfused graph, step by step)."""
     q, decode = smollm2_decode
-    want, want_cache = decode({"fuse_rope": False}, 3)
-    off = counters["awq"]["rope_fused"]
-    got, got_cache = decode({"fuse_rope": True}, 3)
-    on = counters["awq"]["rope_fused"]
+    off, on, got_cache = smollm2_option_ab(decode, "fuse_rope", "rope_fused")
     assert off == 0 and on >= q.config.num_hidden_layers
-    assert torch.equal(got, want)
-    for a, b in zip(got_cache.layers, want_cache.layers):
-        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
     assert got_cache.layers[0].keys[:, :, 12:15].abs().sum() > 0
 
 
