@@ -105,6 +105,14 @@ bool pdl_enabled(const DeviceSmem& d, int m) {
   return m <= max_m;
 }
 
+bool pdl_cluster_enabled(int size) {
+  const char* e = getenv("AWQ_PDL_CLUSTER");
+  if (!e || !*e) return false;
+  char* end = nullptr;
+  const long v = strtol(e, &end, 10);
+  return *end == '\0' && size <= v;
+}
+
 }  // namespace awq
 
 extern "C" {

@@ -103,6 +103,14 @@ __device__ __forceinline__ void pdl_trigger() {
 constexpr int kPdlMaxM = 1;
 bool pdl_enabled(const DeviceSmem& d, int m);
 
+// Whether a thread-block cluster of `size` blocks may launch with programmatic dependent launch
+// (where pdl_enabled allows it at all): only where $AWQ_PDL_CLUSTER=n and size <= n (experiments;
+// read on every call). Off by default, as measured: launched early, a cluster waits for `size`
+// free SMs of one GPC while the kernel before it drains (7B's down projection at batch 8, clusters
+// of 5: 22.4 us instead of 15.6; csrc/NOTES.md, session 14). Smaller clusters at one token (q/k/v:
+// 2, attention: 8) were not measured.
+bool pdl_cluster_enabled(int size);
+
 // Under programmatic dependent launch a grid's blocks are placed as the kernel before it frees its
 // SMs, so a grid of fewer blocks than the SMs hold would crowd onto the SMs freed first (3 a SM
 // where 1.5 was the plan: csrc/NOTES.md, session 14). Returns the dynamic shared memory (>= smem)

@@ -159,11 +159,15 @@ def test_opcheck_on_cuda():
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
+@pytest.mark.parametrize("clusters", ["", "8"], ids=["default", "pdl_clusters"])
 @pytest.mark.parametrize("m", [1, 8])
-def test_in_a_cuda_graph_between_int4_launches(m, monkeypatch):
+def test_in_a_cuda_graph_between_int4_launches(m, clusters, monkeypatch):
     """projection -> attention -> projection captured in a CUDA graph, the attention launched
     plainly and (one block a head, M = 1) with programmatic dependent launch, its input and output
-    filled with NaN before each replay: each replay equals the chain run eagerly without PDL."""
+    filled with NaN before each replay: each replay equals the chain run eagerly without PDL.
+    clusters: $AWQ_PDL_CLUSTER=8, which launches the attention's clusters with it as well."""
+    if clusters:
+        monkeypatch.setenv("AWQ_PDL_CLUSTER", clusters)
     g, hidden = 128, 4096
     gen = torch.Generator(device="cuda").manual_seed(10)
     w = (torch.randint(0, 256, (hidden, hidden // 2), dtype=torch.uint8, device="cuda", generator=gen),

@@ -64,13 +64,17 @@ def _chain(x, w):
     return outs
 
 
-@pytest.mark.parametrize("pdl", ["", "8"], ids=["default", "pdl_to_m8"])
+@pytest.mark.parametrize("pdl,clusters", [("", ""), ("8", ""), ("8", "8")],
+                         ids=["default", "pdl_to_m8", "pdl_to_m8_and_clusters"])
 @pytest.mark.parametrize("m", [1, 2, 4, 8])
-def test_chain_in_cuda_graph_matches_eager_without_pdl(m, pdl, weights, monkeypatch):
-    if pdl:
-        monkeypatch.setenv("AWQ_PDL", pdl)
-    else:
-        monkeypatch.delenv("AWQ_PDL", raising=False)
+def test_chain_in_cuda_graph_matches_eager_without_pdl(m, pdl, clusters, weights, monkeypatch):
+    """clusters: $AWQ_PDL_CLUSTER, which also launches the folded GEMV's K-split clusters (M = 2..8
+    here) with PDL."""
+    for name, value in (("AWQ_PDL", pdl), ("AWQ_PDL_CLUSTER", clusters)):
+        if value:
+            monkeypatch.setenv(name, value)
+        else:
+            monkeypatch.delenv(name, raising=False)
     x = torch.randn(m, HIDDEN, device="cuda").to(torch.bfloat16)
     with monkeypatch.context() as mp:
         mp.setenv("AWQ_PDL", "0")
