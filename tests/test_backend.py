@@ -111,6 +111,20 @@ def test_options_accept_config_fields():
     assert parse_options({"mode": "reduce-overhead"}).mode == "reduce-overhead"
 
 
+@pytest.mark.parametrize("flag, bad", [
+    ("inductor", "yes"), ("fuse_siblings", "no"), ("fuse_activation", 1), ("defer_split_k", 1), ("fuse_rope", 1),
+    ("fuse_norm", "yes"), ("decode_attention", 1), ("defer_counters", 0),
+])
+def test_boolean_options(flag, bad):
+    """Every on/off option of the backend: listed, on by default, False turns it off, anything
+    but a bool raises."""
+    assert flag in VALID_OPTIONS
+    assert getattr(parse_options(None), flag) is True and getattr(parse_options({}), flag) is True
+    assert getattr(parse_options({flag: False}), flag) is False
+    with pytest.raises(ValueError, match=rf"option {flag}={bad!r} must be True or False"):
+        parse_options({flag: bad})
+
+
 @pytest.mark.parametrize("options, match", [
     ({"grup_size": 64}, r"unknown option\(s\) \['grup_size'\]; valid options are \[.*'group_size'"),
     ({"group_size": 48}, r"invalid option: AWQConfig.group_size=48"),

@@ -15,7 +15,6 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 import awq_compile
 import torch._inductor.inductor_prims  # noqa: F401  (prims.inductor_force_stride_order)
 from awq_compile import passes
-from awq_compile.backend import VALID_OPTIONS, parse_options
 from conftest import attention_reference, static_cache_decode
 
 OP = torch.ops.awq.decode_attention.default
@@ -231,12 +230,7 @@ def test_inductor_makes_the_shared_mask_once(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_backend_option():
-    assert "decode_attention" in VALID_OPTIONS
-    assert parse_options({"decode_attention": False}).decode_attention is False
-    assert parse_options({}).decode_attention is True
-    with pytest.raises(ValueError, match="decode_attention=1 must be True or False"):
-        parse_options({"decode_attention": 1})
+def test_max_rows():
     assert awq_compile.ops.DECODE_ATTENTION_MAX_ROWS == 8
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from awq_compile.backend import parse_options
 from awq_compile.ops import cache_positions
 from conftest import decode_option_ab, smollm2_option_ab
 from passes import defer_cache_counters
@@ -137,13 +136,6 @@ def test_backend_defers_smollm2_bit_for_bit(smollm2_decode):
     off, on, got_cache = smollm2_option_ab(decode, "defer_counters", "counters_deferred")
     assert off == 0 and on >= q.config.num_hidden_layers
     assert all(layer.cumulative_length.item() == 15 for layer in got_cache.layers)
-
-
-def test_defer_counters_option():
-    assert parse_options({}).defer_counters is True
-    assert parse_options({"defer_counters": False}).defer_counters is False
-    with pytest.raises(ValueError, match=r"option defer_counters=0 must be True or False"):
-        parse_options({"defer_counters": 0})
 
 
 # ----------------------------------------------------------------------------- CUDA

@@ -14,7 +14,6 @@ from torch._dynamo.utils import counters
 
 import awq_compile
 from awq_compile import AWQConfig
-from awq_compile.backend import parse_options
 from awq_compile.nn import Int4Linear
 from awq_compile.quant import dequantize, quantize
 from passes import defer_split_k
@@ -140,13 +139,6 @@ def test_backend_defers_the_split_k_sums(tiny_llama, defer, monkeypatch):
         want = tiny_llama(ids, use_cache=False).logits
     torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
     assert counters["awq"]["split_k_deferred"] == (4 if defer else 0)
-
-
-def test_defer_split_k_option():
-    assert parse_options(None).defer_split_k is True
-    assert parse_options({"defer_split_k": False}).defer_split_k is False
-    with pytest.raises(ValueError, match=r"defer_split_k=1 must be True or False"):
-        parse_options({"defer_split_k": 1})
 
 
 # ----------------------------------------------------------------------------- CUDA

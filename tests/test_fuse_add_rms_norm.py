@@ -15,7 +15,6 @@ from torch._dynamo.utils import counters
 
 import awq_compile
 from awq_compile import AWQConfig
-from awq_compile.backend import parse_options
 from awq_compile.quant import dequantize, quantize
 from passes import defer_split_k, fuse_add_rms_norm, fuse_gated_mlp, fuse_rope_cache, fuse_sibling_linears
 from conftest import rel_err as _rel, static_cache_decode
@@ -418,10 +417,3 @@ def test_backend_fuses_smollm2_bit_for_bit(smollm2_decode, spy):
     on, graphs = counters["awq"]["norms_fused"], len(spy)
     assert off == 0 and on == (2 * q.config.num_hidden_layers - 1) * graphs == 59 * graphs
     assert torch.equal(got, want) and _same_caches(got_cache, want_cache)
-
-
-def test_fuse_norm_option():
-    assert parse_options({}).fuse_norm is True
-    assert parse_options({"fuse_norm": False}).fuse_norm is False
-    with pytest.raises(ValueError, match=r"option fuse_norm='yes' must be True or False"):
-        parse_options({"fuse_norm": "yes"})

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import fx
 from torch._dynamo.utils import counters
 
-from awq_compile.backend import parse_options
 from awq_compile.nn import Int4Linear
 from awq_compile.quant import dequantize, quantize
 from passes import fuse_gated_mlp
@@ -173,10 +172,3 @@ def test_backend_fuses_the_gated_mlp(tiny_llama, inductor, fuse, atol):
     torch.testing.assert_close(y, want, rtol=0 if atol == 0 else 1e-5, atol=atol)
     assert counters["awq"]["mlps_fused"] == (2 if fuse else 0)
     assert counters["awq"]["siblings_fused"] == (2 if fuse else 4)  # q/k/v, and gate/up when not a GLU
-
-
-def test_fuse_activation_option():
-    assert parse_options(None).fuse_activation is True
-    assert parse_options({"fuse_activation": False}).fuse_activation is False
-    with pytest.raises(ValueError, match=r"fuse_activation=1 must be True or False"):
-        parse_options({"fuse_activation": 1})

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from awq_compile.backend import parse_options
 from awq_compile.ops import rotate_heads
 from awq_compile.quant import dequantize, quantize
 from conftest import decode_option_ab, smollm2_option_ab, static_cache_decode
@@ -233,13 +232,6 @@ def test_backend_fuses_smollm2_bit_for_bit(smollm2_decode):
     off, on, got_cache = smollm2_option_ab(decode, "fuse_rope", "rope_fused")
     assert off == 0 and on >= q.config.num_hidden_layers
     assert got_cache.layers[0].keys[:, :, 12:15].abs().sum() > 0
-
-
-def test_fuse_rope_option():
-    assert parse_options({}).fuse_rope is True
-    assert parse_options({"fuse_rope": False}).fuse_rope is False
-    with pytest.raises(ValueError, match=r"option fuse_rope=1 must be True or False"):
-        parse_options({"fuse_rope": 1})
 
 
 # ----------------------------------------------------------------------------- CUDA

@@ -16,7 +16,6 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 import awq_compile
 from awq_compile import AWQConfig, Int4Linear
 from awq_compile._calibration import model_state
-from awq_compile.backend import parse_options
 from awq_compile.passes import fuse_sibling_linears
 from awq_compile.quant import quantize
 
@@ -380,10 +379,3 @@ def test_backend_fuses_the_int4_modules_it_swaps_in(calibrated_llama, inductor, 
     assert ys[True, True].dtype == torch.float32
     for key in ((True, False), (True, True)):
         torch.testing.assert_close(ys[key], ys[False, False], rtol=0 if atol == 0 else 1e-5, atol=atol)
-
-
-def test_fuse_siblings_option():
-    assert parse_options(None).fuse_siblings is True
-    assert parse_options({"fuse_siblings": False}).fuse_siblings is False
-    with pytest.raises(ValueError, match=r"fuse_siblings='no' must be True or False"):
-        parse_options({"fuse_siblings": "no"})
