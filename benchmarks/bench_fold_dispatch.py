@@ -1,6 +1,6 @@
 """The decode kernels' dispatch with and without the folded tensor-core GEMV, under CUDA graphs.
 
-    python benchmarks/bench_fold_dispatch.py [--m 1 2 4 8]
+    python benchmarks/bench_fold_dispatch.py [--m 1 2 4 8] [--env NAME=VALUE ...] [--dispatch-only]
 
 For 7B's q/k/v (3 x 4096x4096, one multi-weight call), o (4096x4096), gate/up (2 x 4096x11008),
 down (11008x4096), and 8192x8192, 8192x28672, 28672x8192, at each M: the op's dispatch with the
@@ -33,13 +33,22 @@ CASES = [(4096, (4096,) * 3), (4096, (4096,)), (4096, (11008,) * 2), (11008, (40
          (8192, (28672,)), (28672, (8192,))]
 
 
-def _op(fold: str):
+def _op(fold: str, env: str = ""):
+    """The op's dispatch; env: "NAME=VALUE" set for the call (a CUDA graph keeps what its capture read)."""
+    name, _, value = env.partition("=")
+
     def run(x, w, outs):
         os.environ["AWQ_FOLD"] = fold
         os.environ.pop("AWQ_FOLD_CFG", None)
-        if len(w) == 1:
-            return [torch.ops.awq.int4_linear(x, *w[0], 128, None)]
-        return torch.ops.awq.int4_linear_multi(x, *([t[i] for t in w] for i in range(3)), 128, [None] * len(w))
+        if name:
+            os.environ[name] = value
+        try:
+            if len(w) == 1:
+                return [torch.ops.awq.int4_linear(x, *w[0], 128, None)]
+            return torch.ops.awq.int4_linear_multi(x, *([t[i] for t in w] for i in range(3)), 128, [None] * len(w))
+        finally:
+            if name:
+                os.environ.pop(name)
     return run
 
 
@@ -57,11 +66,19 @@ def _rel_err(ys, x, w64) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE",
+                    help="more columns: the dispatch with this environment variable set (the kernels read "
+                         "$AWQ_PDL, $AWQ_PDL_CLUSTER, $AWQ_L2_PREFETCH at each launch)")
+    ap.add_argument("--dispatch-only", action="store_true",
+                    help="leave out the AWQ_FOLD=0 and forced-configuration columns")
     args = ap.parse_args()
     bf16: dict[int, list[torch.Tensor]] = {}
     variants = [("AWQ_FOLD=0", _op("0")), ("fold <16,3,1>", _fold("0")), ("dispatch", _op("1")),
-                ("fold <8,3,2>", _fold("1")), ("cuBLAS bf16", lambda x, w, outs: [torch.nn.functional.linear(x, b)
-                                                                                    for b in bf16[id(w)]])]
+                ("fold <8,3,2>", _fold("1"))]
+    if args.dispatch_only:
+        variants = variants[2:3]
+    variants += [(f"dispatch, {e}", _op("1", e)) for e in args.env]
+    variants.append(("cuBLAS bf16", lambda x, w, outs: [torch.nn.functional.linear(x, b) for b in bf16[id(w)]]))
     print(torch.cuda.get_device_name())
     print("| weights | M | " + " | ".join(v[0] for v in variants) + " | error AWQ_FOLD=0 / dispatch |")
     print("|---" * (len(variants) + 3) + "|")
@@ -84,7 +101,7 @@ def main() -> None:
                     times[name].append(graph_us(lambda: fn(x, next(cycle), outs)))
             cells = " | ".join(f"{sorted(t)[1]:.1f}" for t in times.values())
             print(f"| {' + '.join(f'{k}x{n}' for n in ns)} | {m} | {cells} | "
-                  f"{errs['AWQ_FOLD=0']:.1e} / {errs['dispatch']:.1e} |", flush=True)
+                  f"{errs.get('AWQ_FOLD=0', float('nan')):.1e} / {errs['dispatch']:.1e} |", flush=True)
         del sets, w64
         bf16.clear()
         torch.cuda.empty_cache()

@@ -285,7 +285,7 @@ int launch(AttnArgs a, int64_t B, int splits, cudaStream_t stream) {
   const int64_t bh = B * a.Hkv;
   const int n = splits_for(*d, bh, a.L, RP, splits);
   a.chunk = (a.L + n - 1) / n;
-  // clusters launch early only where pdl_cluster_enabled (experiments; session 14)
+  // clusters launch early only where pdl_cluster_enabled (by default up to 2 blocks; session 17)
   const bool pdl = (n == 1 || pdl_cluster_enabled(n)) && pdl_enabled(*d, (int)(B * a.S));
   LaunchCfg l(dim3((unsigned)bh, (unsigned)n), dim3(kAttnThreads), 0, stream, n, pdl);
   cudaLaunchKernelEx(&l.cfg, decode_attention_kernel<T, D, R, NI>, a);

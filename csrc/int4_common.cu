@@ -93,25 +93,18 @@ size_t spread_smem(const DeviceSmem& d, long long blocks, size_t smem) {
   return (size_t)s;
 }
 
-bool pdl_enabled(const DeviceSmem& d, int m) {
-  if (d.major < 9) return false;
-  const char* e = getenv("AWQ_PDL");
-  long max_m = kPdlMaxM;
-  if (e && *e) {  // a number: the largest M launched with it (0: none); anything else: the default
-    char* end = nullptr;
-    const long v = strtol(e, &end, 10);
-    if (*end == '\0') max_m = v;
-  }
-  return m <= max_m;
-}
-
-bool pdl_cluster_enabled(int size) {
-  const char* e = getenv("AWQ_PDL_CLUSTER");
-  if (!e || !*e) return false;
+// A decimal environment variable, or `dflt` where it is unset, empty or not a number.
+static long env_long(const char* name, long dflt) {
+  const char* e = getenv(name);
+  if (!e || !*e) return dflt;
   char* end = nullptr;
   const long v = strtol(e, &end, 10);
-  return *end == '\0' && size <= v;
+  return *end == '\0' ? v : dflt;
 }
+
+bool pdl_enabled(const DeviceSmem& d, int m) { return d.major >= 9 && m <= env_long("AWQ_PDL", kPdlMaxM); }
+
+bool pdl_cluster_enabled(int size) { return size <= env_long("AWQ_PDL_CLUSTER", kPdlMaxCluster); }
 
 }  // namespace awq
 

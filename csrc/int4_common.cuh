@@ -104,11 +104,13 @@ constexpr int kPdlMaxM = 1;
 bool pdl_enabled(const DeviceSmem& d, int m);
 
 // Whether a thread-block cluster of `size` blocks may launch with programmatic dependent launch
-// (where pdl_enabled allows it at all): only where $AWQ_PDL_CLUSTER=n and size <= n (experiments;
-// read on every call). Off by default, as measured: launched early, a cluster waits for `size`
-// free SMs of one GPC while the kernel before it drains (7B's down projection at batch 8, clusters
-// of 5: 22.4 us instead of 15.6; csrc/NOTES.md, session 14). Smaller clusters at one token (q/k/v:
-// 2, attention: 8) were not measured.
+// (where pdl_enabled allows it at all): size <= kPdlMaxCluster, or size <= n where
+// $AWQ_PDL_CLUSTER=n (0: never; experiments; read on every call). Measured on an H200 (7B decode,
+// RESULTS.md section 3, session 17): clusters of 2 (q/k/v at one token, whose plan is 2 K slices)
+// gain 1.8-3.1% at batch 1 (two calls); up to 8 (the attention's too): -0.3% against none. Launched early, a
+// larger cluster waits for `size` free SMs of one GPC while the kernel before it drains (7B's down
+// projection at batch 8, clusters of 5: 22.4 us instead of 15.6; csrc/NOTES.md, session 14).
+constexpr int kPdlMaxCluster = 2;
 bool pdl_cluster_enabled(int size);
 
 // Under programmatic dependent launch a grid's blocks are placed as the kernel before it frees its

@@ -858,10 +858,10 @@ int64_t ws_need(const FoldArgs& a, const Plan& p) {
   return p.n_ks > 1 && !p.cluster ? (int64_t)p.n_ks * a.M * p.tiles * kTileRows : 0;
 }
 
-// Programmatic dependent launch only without a cluster (unless pdl_cluster_enabled, experiments): a
-// K-split cluster launched while the kernel before it drains waits for n_ks SMs of one GPC to be
-// free at once, and 7B's down projection at batch 8 (clusters of 5) took 22.4 us instead of 15.6
-// (csrc/NOTES.md, session 14).
+// Programmatic dependent launch for clusters only where pdl_cluster_enabled (up to 2 K slices by
+// default: q/k/v at one token): a larger K-split cluster launched while the kernel before it drains
+// waits for n_ks SMs of one GPC to be free at once, and 7B's down projection at batch 8 (clusters of
+// 5) took 22.4 us instead of 15.6 (csrc/NOTES.md, sessions 14 and 17).
 template <typename T, class C>
 void launch_cfg(const FoldArgs& a, const Plan& p, cudaStream_t stream, bool pdl) {
   const bool early = pdl && (!p.cluster || pdl_cluster_enabled(p.n_ks));

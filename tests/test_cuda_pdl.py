@@ -64,12 +64,12 @@ def _chain(x, w):
     return outs
 
 
-@pytest.mark.parametrize("pdl,clusters", [("", ""), ("8", ""), ("8", "8")],
-                         ids=["default", "pdl_to_m8", "pdl_to_m8_and_clusters"])
+@pytest.mark.parametrize("pdl,clusters", [("", ""), ("8", ""), ("8", "8"), ("", "0")],
+                         ids=["default", "pdl_to_m8", "pdl_to_m8_and_clusters", "no_clusters"])
 @pytest.mark.parametrize("m", [1, 2, 4, 8])
 def test_chain_in_cuda_graph_matches_eager_without_pdl(m, pdl, clusters, weights, monkeypatch):
-    """clusters: $AWQ_PDL_CLUSTER, which also launches the folded GEMV's K-split clusters (M = 2..8
-    here) with PDL."""
+    """clusters: $AWQ_PDL_CLUSTER (default 2: the folded GEMV's K-split clusters of 2 launch with
+    PDL), 8 (its clusters up to 8 too, M = 2..8 here), 0 (no cluster)."""
     for name, value in (("AWQ_PDL", pdl), ("AWQ_PDL_CLUSTER", clusters)):
         if value:
             monkeypatch.setenv(name, value)
