@@ -85,11 +85,11 @@ __device__ __forceinline__ float merge_partials(int n, Part part, float& sum, fl
   return mx;
 }
 
-template <typename T, int D, int R, int NI>
-__global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const AttnArgs a) {
+template <typename T, int D, int R, int NI, int THREADS>
+__global__ void __launch_bounds__(THREADS) decode_attention_kernel(const AttnArgs a) {
   constexpr int LPP = D / 8;             // lanes a position
   constexpr int PPW = 32 / LPP;          // positions a warp
-  constexpr int PP = PPW * (kAttnThreads / 32);  // positions a block, a step
+  constexpr int PP = PPW * (THREADS / 32);  // positions a block, a step
   constexpr int RP = PP * NI;            // positions a round (every load in flight at once)
   constexpr int TP = RP * 4;             // positions a tile (the mask staged in shared memory)
   __shared__ float mb[R][TP];            // the tile's mask, log2 domain
@@ -133,7 +133,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
 
   for (int tile0 = start; tile0 < end; tile0 += TP) {
     bool any = false;
-    for (int i = tid; i < R * TP; i += kAttnThreads) {
+    for (int i = tid; i < R * TP; i += THREADS) {
       const int r = i / TP, tp = i - r * TP, p = tile0 + tp;
       float v = -INFINITY;
       if (r < a.rows && p < end) v = mask_at<T>(a, b, hk * G + r / a.S, r % a.S, p);
@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
     for (int e = 0; e < 8; ++e) part_acc[grp][r][8 * j + e] = acc[r][e];
   }
   __syncthreads();
-  for (int i = tid; i < R * D; i += kAttnThreads) {
+  for (int i = tid; i < R * D; i += THREADS) {
     const int r = i / D, d = i - r * D;
     float sum, v;
     const float mx = merge_partials(
@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
   __syncthreads();  // below sm_90 the launcher never splits (n == 1)
   auto block_res = [&](int) -> const float* { return &res[0][0]; };
 #endif
-  for (int i = c * kAttnThreads + tid; i < R * D; i += n * kAttnThreads) {
+  for (int i = c * THREADS + tid; i < R * D; i += n * THREADS) {
     const int r = i / D, d = i - r * D;
     if (r >= a.rows) continue;
     float sum, v;
@@ -258,7 +258,19 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
 
 // Loads in flight a thread (a round), positions a round, and the kernel's R for a count of rows.
 constexpr int ni_for(int R) { return R <= 2 ? 8 : R == 4 ? 4 : 2; }
-constexpr int round_positions(int D, int R) { return (32 / (D / 8)) * (kAttnThreads / 32) * ni_for(R); }
+constexpr int round_positions(int D, int R, int threads = kAttnThreads) {
+  return (32 / (D / 8)) * (threads / 32) * ni_for(R);
+}
+
+// Threads a block: kAttnThreads (4 warps), or 8 warps where R <= 2 and $AWQ_ATTN_THREADS=256
+// (experiments; read on every call): twice a block's loads in flight, half its rounds. H200,
+// graph-timed (csrc/NOTES.md, session 17): 7B batch 1 -0.6 to -0.8 us; batch 8 +0.4 / -0.1 / -2.7
+// us at 129 / 256 / 384 positions filled. Off until measured end to end; 128 registers a thread
+// fit 2 such blocks a SM, so 13B's 320 (batch, head) pairs at batch 8 would take two waves.
+int threads_for(int R) {
+  const char* e = getenv("AWQ_ATTN_THREADS");
+  return R <= 2 && e && strtol(e, nullptr, 10) == 256 ? 256 : kAttnThreads;
+}
 int rows_template(int64_t rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8; }
 
 // Blocks a (batch, KV head): `forced` (1..8) where the caller asks, else $AWQ_ATTN_SPLITS
@@ -277,9 +289,9 @@ int splits_for(const DeviceSmem& d, int64_t bh, int64_t L, int rp, int forced) {
   return (int)std::max<int64_t>(1, std::min<int64_t>(8, std::min(by_len, by_sms)));
 }
 
-template <typename T, int D, int R>
-int launch(AttnArgs a, int64_t B, int splits, cudaStream_t stream) {
-  constexpr int NI = ni_for(R), RP = round_positions(D, R);
+template <typename T, int D, int R, int TH>
+int launch_threads(AttnArgs a, int64_t B, int splits, cudaStream_t stream) {
+  constexpr int NI = ni_for(R), RP = round_positions(D, R, TH);
   const DeviceSmem* d = nullptr;
   if (int rc = device_smem(d)) return rc;
   const int64_t bh = B * a.Hkv;
@@ -287,9 +299,16 @@ int launch(AttnArgs a, int64_t B, int splits, cudaStream_t stream) {
   a.chunk = (a.L + n - 1) / n;
   // clusters launch early only where pdl_cluster_enabled (by default up to 2 blocks; session 17)
   const bool pdl = (n == 1 || pdl_cluster_enabled(n)) && pdl_enabled(*d, (int)(B * a.S));
-  LaunchCfg l(dim3((unsigned)bh, (unsigned)n), dim3(kAttnThreads), 0, stream, n, pdl);
-  cudaLaunchKernelEx(&l.cfg, decode_attention_kernel<T, D, R, NI>, a);
+  LaunchCfg l(dim3((unsigned)bh, (unsigned)n), dim3(TH), 0, stream, n, pdl);
+  cudaLaunchKernelEx(&l.cfg, decode_attention_kernel<T, D, R, NI, TH>, a);
   return check_launch("decode_attention_kernel");
+}
+
+template <typename T, int D, int R>
+int launch(const AttnArgs& a, int64_t B, int splits, cudaStream_t stream) {
+  if constexpr (R <= 2)
+    if (threads_for(R) == 256) return launch_threads<T, D, R, 256>(a, B, splits, stream);
+  return launch_threads<T, D, R, kAttnThreads>(a, B, splits, stream);
 }
 
 template <typename T, int D>

@@ -109,6 +109,23 @@ def test_every_cluster_split(splits, monkeypatch):
     assert _rel(got, reference(q, k, v, keep, 128 ** -0.5)) < 8e-3
 
 
+@pytest.mark.parametrize("splits", ["", "1", "3", "8"])
+@pytest.mark.parametrize("shape", [(8, 32, 32, 1, 384, 128), (2, 8, 4, 1, 1000, 64), (3, 16, 16, 2, 300, 128)],
+                         ids=["b8_7b", "gqa2_d64", "s2"])
+def test_eight_warp_blocks(shape, splits, monkeypatch):
+    """$AWQ_ATTN_THREADS=256: blocks of 8 warps where a block has at most 2 query rows (1 or 2
+    here), with the library's split and forced ones: the reference, masked positions unread."""
+    monkeypatch.setenv("AWQ_ATTN_THREADS", "256")
+    if splits:
+        monkeypatch.setenv("AWQ_ATTN_SPLITS", splits)
+    b, hq, hkv, s, length, d = shape
+    q, k, v, keep = _case(b, hq, hkv, s, length, d, torch.bfloat16, seed=7)
+    _poison_masked(k, v, keep)
+    got = _poisoned_call(q, k, v, keep, d ** -0.5, hq != hkv)
+    assert torch.isfinite(got).all()
+    assert _rel(got, reference(q, k, v, keep, d ** -0.5)) < 8e-3
+
+
 def test_fully_masked_row_is_zero():
     q, k, v, keep = _case(2, 4, 4, 1, 50, 128, torch.float16, seed=6)
     keep = keep.clone()
