@@ -40,7 +40,7 @@ __all__ = ["library_path", "load_library", "available", "gemm_mma", "gemm_pc", "
            "decode_attention_applies", "decode_attention_cuda", "ATTENTION_MAX_ROUNDS"]
 
 ENV_VAR = "AWQ_COMPILE_CUDA_LIB"
-_ABI_VERSION = 13
+_ABI_VERSION = 14
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 
 # Largest M served by the weight-streaming kernel; above it, dequantize + cuBLAS. Measured on an
@@ -202,8 +202,10 @@ def load_library() -> ctypes.CDLL | None:
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.awq_int4_last_error.restype = ctypes.c_char_p
-    lib.awq_int4_gemm_mma.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i32, i32, p]
+    lib.awq_int4_gemm_mma.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i32, i32, p]
     lib.awq_int4_gemm_mma.restype = i32
+    lib.awq_int4_gemm_mma_workspace.argtypes = [i64, i64, i64, i64, i32, i32]
+    lib.awq_int4_gemm_mma_workspace.restype = i64
     lib.awq_int4_dequant.argtypes = [p, p, p, p, i64, i64, i64, i32, i32, p]
     lib.awq_int4_dequant.restype = i32
     lib.awq_int4_gemm_simt.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i32, i32, p]
@@ -315,13 +317,6 @@ def _raw_stream(device: torch.device) -> int:
     return torch._C._cuda_getCurrentRawStream(device.index)
 
 
-def _workspace(numel: int, device: torch.device) -> torch.Tensor:
-    """A zeroed float32 split-K buffer, allocated per call (one memset): a cached buffer first
-    allocated during torch.compile's CUDA-graph warm-up would sit in the graph's private pool
-    untracked, which mode="reduce-overhead" refuses."""
-    return torch.zeros(max(numel, 1), dtype=torch.float32, device=device)
-
-
 # The experiment variables a kernel reads on every call and which change its K split: part of the
 # workspace-size cache keys, so that a change of them is a new entry.
 _SIMT_ENV = ("AWQ_SIMT_CFG",)
@@ -382,9 +377,10 @@ def _multi_arrays(name: str, x2d, qweights, scales, zeros, biases, outs):
 def _launch_multi(kernel: str, name: str, env_vars: tuple[str, ...], x2d, qweights, scales, zeros, group_size,
                   biases, outs) -> list[torch.Tensor]:
     """One launch of awq_int4_gemm_<kernel> (simt_multi, fold) for 1..4 weights that share x, with
-    the split-K workspace it asks for allocated per call (for the reason _workspace gives); its
-    contents on entry do not matter. name: the caller, for error messages; env_vars: what the
-    kernel's K split depends on."""
+    the split-K workspace it asks for allocated per call: a cached buffer first allocated during
+    torch.compile's CUDA-graph warm-up would sit in the graph's private pool untracked, which
+    mode="reduce-overhead" refuses. Its contents on entry do not matter. name: the caller, for
+    error messages; env_vars: what the kernel's K split depends on."""
     ptrs, (m, k, kp) = _multi_arrays(name, x2d, qweights, scales, zeros, biases, outs)
     dev = x2d.device
     dt = _DTYPES[x2d.dtype]
@@ -400,7 +396,7 @@ def _launch_multi(kernel: str, name: str, env_vars: tuple[str, ...], x2d, qweigh
 def gemm_simt_multi(x2d, qweights, scales, zeros, group_size, biases, outs) -> list[torch.Tensor]:
     """outs[i][M, N_i] = x2d[M, K] @ W_i^T + biases[i] for 1..4 weights that share x, in one launch
     of the CUDA-core GEMV (M <= 8); lists as gemm_pc's. Its split-K workspace (only when x
-    outgrows shared memory) may hold anything, so it is not the mma kernel's."""
+    outgrows shared memory) may hold anything on entry."""
     return _launch_multi("simt_multi", "gemm_simt", _SIMT_ENV, x2d, qweights, scales, zeros, group_size, biases,
                          outs)
 
@@ -437,14 +433,16 @@ def gemm_pc(x2d, qweights, scales, zeros, group_size, biases, outs) -> list[torc
 
 def gemm_mma(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T + bias via the weight-streaming kernel; arguments as the op's,
-    x2d contiguous, out preallocated (tests poison it first)."""
+    x2d contiguous, out preallocated (tests poison it first). Its split-K workspace is allocated per
+    call (for the reason _launch_multi gives) and may hold anything on entry."""
     m, n, k, kp = _sizes("gemm_mma", x2d, qweight, out)
-    ws = _workspace(m * n, x2d.device)
-    stream = _raw_stream(x2d.device)
+    dev, dt = x2d.device, _DTYPES[x2d.dtype]
+    need = _workspace_floats("awq_int4_gemm_mma_workspace", dev.index, (m, n, k, kp, group_size, dt), ())
+    ws = torch.empty(need, dtype=torch.float32, device=dev) if need > 0 else None
     _check(load_library().awq_int4_gemm_mma(
         x2d.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
-        None if bias is None else bias.data_ptr(), out.data_ptr(), ws.data_ptr(),
-        m, n, k, kp, group_size, _DTYPES[x2d.dtype], stream))
+        None if bias is None else bias.data_ptr(), out.data_ptr(), None if ws is None else ws.data_ptr(),
+        0 if ws is None else ws.numel(), m, n, k, kp, group_size, dt, _raw_stream(dev)))
     return out
 
 

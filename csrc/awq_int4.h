@@ -31,13 +31,19 @@ const char* awq_int4_last_error(void);
 // is a sanity bound, not a performance threshold: the dispatcher lives in _cuda.py).
 int64_t awq_int4_mma_max_m(void);
 
+// Floats of workspace awq_int4_gemm_mma needs for these sizes on the current device (0 when it
+// does not split K), or -1 for bad sizes (the message is in awq_int4_last_error()).
+int64_t awq_int4_gemm_mma_workspace(int64_t M, int64_t N, int64_t K, int64_t Kp, int group_size, int dtype);
+
 // y = x @ W^T + bias through the weight-streaming tensor-core kernel (int4_gemv_mma.cu).
-// workspace: float32 [M*N], all zero on entry; left all zero on return (it is only touched when
-// the launcher splits K across blocks). stream: a cudaStream_t (NULL = legacy default stream).
+// workspace: float32, at least awq_int4_gemm_mma_workspace(...) floats (may be NULL when that is
+// 0); its contents on entry do not matter and are left undefined. Deterministic: the K chunks'
+// partials are summed in chunk order, no atomics. stream: a cudaStream_t (NULL = legacy default
+// stream).
 int awq_int4_gemm_mma(const void* x, const uint8_t* qweight, const void* scales,
                       const uint8_t* zeros, const void* bias, void* y, float* workspace,
-                      int64_t M, int64_t N, int64_t K, int64_t Kp, int group_size, int dtype,
-                      void* stream);
+                      int64_t workspace_floats, int64_t M, int64_t N, int64_t K, int64_t Kp, int group_size,
+                      int dtype, void* stream);
 
 // Largest M the CUDA-core decode kernel accepts (int4_gemv_simt.cu): 8.
 int64_t awq_int4_simt_max_m(void);

@@ -262,14 +262,15 @@ constexpr int round_positions(int D, int R, int threads = kAttnThreads) {
   return (32 / (D / 8)) * (threads / 32) * ni_for(R);
 }
 
-// Threads a block: kAttnThreads (4 warps), or 8 warps where R <= 2 and $AWQ_ATTN_THREADS=256
-// (experiments; read on every call): twice a block's loads in flight, half its rounds. H200,
-// graph-timed (csrc/NOTES.md, session 17): 7B batch 1 -0.6 to -0.8 us; batch 8 +0.4 / -0.1 / -2.7
-// us at 129 / 256 / 384 positions filled. Off until measured end to end; 128 registers a thread
-// fit 2 such blocks a SM, so 13B's 320 (batch, head) pairs at batch 8 would take two waves.
-int threads_for(int R) {
+// Whether $AWQ_ATTN_THREADS=256 asks for blocks of 8 warps instead of kAttnThreads' 4 (experiments;
+// read on every call): twice a block's loads in flight, half its rounds. Taken where R <= 2 and
+// the grid fits in one wave at 2 such blocks a SM (128 registers a thread): not 13B's 320
+// (batch, head) pairs at batch 8. H200, graph-timed (csrc/NOTES.md, session 17): 7B batch 1 -0.6
+// to -0.8 us; batch 8 +0.4 / -0.1 / -2.7 us at 129 / 256 / 384 positions filled. Off until
+// measured end to end.
+bool eight_warps_asked() {
   const char* e = getenv("AWQ_ATTN_THREADS");
-  return R <= 2 && e && strtol(e, nullptr, 10) == 256 ? 256 : kAttnThreads;
+  return e && strtol(e, nullptr, 10) == 256;
 }
 int rows_template(int64_t rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8; }
 
@@ -306,8 +307,14 @@ int launch_threads(AttnArgs a, int64_t B, int splits, cudaStream_t stream) {
 
 template <typename T, int D, int R>
 int launch(const AttnArgs& a, int64_t B, int splits, cudaStream_t stream) {
-  if constexpr (R <= 2)
-    if (threads_for(R) == 256) return launch_threads<T, D, R, 256>(a, B, splits, stream);
+  if constexpr (R <= 2) {
+    if (eight_warps_asked()) {
+      const DeviceSmem* d = nullptr;
+      if (int rc = device_smem(d)) return rc;
+      const int64_t bh = B * a.Hkv, n = splits_for(*d, bh, a.L, round_positions(D, R, 256), splits);
+      if (bh * n <= 2LL * d->sms) return launch_threads<T, D, R, 256>(a, B, splits, stream);
+    }
+  }
   return launch_threads<T, D, R, kAttnThreads>(a, B, splits, stream);
 }
 

@@ -109,6 +109,6 @@ bool pdl_cluster_enabled(int size) { return size <= env_long("AWQ_PDL_CLUSTER", 
 }  // namespace awq
 
 extern "C" {
-int awq_int4_abi_version(void) { return 13; }  // 2: +awq_int4_gemm_simt; 3: +_tc; 4: +_pc; 5: +_sm90; 6: +_simt_multi; 7: +_fold; 8: +_fold_glu; 9: +_simt_partials; 10: +awq_rope_cache; 11: +_fold_rope; 12: norm argument of _fold_glu and _fold_rope; 13: +awq_decode_attention
+int awq_int4_abi_version(void) { return 14; }  // 2: +awq_int4_gemm_simt; 3: +_tc; 4: +_pc; 5: +_sm90; 6: +_simt_multi; 7: +_fold; 8: +_fold_glu; 9: +_simt_partials; 10: +awq_rope_cache; 11: +_fold_rope; 12: norm argument of _fold_glu and _fold_rope; 13: +awq_decode_attention; 14: awq_int4_gemm_mma's workspace size (+_mma_workspace), deterministic
 const char* awq_int4_last_error(void) { return awq::error_buffer(); }
 }

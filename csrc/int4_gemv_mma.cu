@@ -22,8 +22,9 @@
 //   * Work items = (token tile of 8*NT, row block, K chunk of up to 16 k-blocks), handed to a
 //     persistent grid (one or two blocks per SM) round-robin; a block stages the item's x chunk in
 //     shared memory, and each warp's cp.async ring runs ahead across item boundaries.
-//   * Items that split K add fp32 partial sums into a zeroed workspace (red.add); a second kernel
-//     adds the bias, rounds to T and re-zeroes the workspace. With one chunk along K the epilogue
+//   * Items that split K store their fp32 partial sums in a workspace, one [M, N] plane a chunk;
+//     a second kernel sums the planes in chunk order, adds the bias and rounds to T: no atomics,
+//     so results are bit-for-bit reproducible run to run. With one chunk along K the epilogue
 //     writes y directly.
 //
 // Limitations:
@@ -36,8 +37,8 @@
 //   3. N need not be a multiple of 16 (out-of-range rows are zero-filled and not stored).
 //   4. qweight's base pointer must be 16-byte aligned; x is read with 16-byte loads only if K % 8
 //      == 0 and x is 16-byte aligned, else element by element.
-//   5. The split-K workspace is shared state: two launches on different streams must not use the
-//      same one at once (_cuda.py keys it by stream). Split-K sums in a nondeterministic order.
+//   5. The split-K workspace's size depends on the plan the launch picks (the device's SM count
+//      and occupancy): awq_int4_gemm_mma_workspace says it.
 //   6. sm_80/86/89 get the <8, 2> block (96 KB of shared memory); only sm_90 was run here.
 //
 // Tuning notes (H200, csrc/NOTES.md): register-prefetch versions (64-byte runs, 2 blocks/SM) and
@@ -85,7 +86,8 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
 }
 
 struct Args : Int4Operands {
-  float* ws;
+  float* ws;       // [nchunks, M, N] fp32 partials when nchunks > 1
+  int64_t ws_floats;
   int M, N, K, Kp, log2g, groups;
   int nkb;         // k-blocks in Kp (the last may be partial)
   int ck;          // k-blocks per work item (multiple of kV)
@@ -222,7 +224,7 @@ __device__ __forceinline__ void compute_stage(float (&acc)[NT][4], const uint8_t
 }
 
 template <typename T, int NT>
-__device__ __forceinline__ void epilogue(float (&acc)[NT][4], const Args& a, int row0, int tok0,
+__device__ __forceinline__ void epilogue(float (&acc)[NT][4], const Args& a, int row0, int tok0, int chunk,
                                          int lane) {
   const int g = lane >> 2, t = lane & 3;
   const bool split = a.nchunks > 1;
@@ -240,7 +242,7 @@ __device__ __forceinline__ void epilogue(float (&acc)[NT][4], const Args& a, int
         float& v = acc[nt][h * 2 + c];
         if (tok < a.M && row < a.N) {
           const size_t o = (size_t)tok * a.N + row;
-          if (split) atomicAdd(a.ws + o, v);
+          if (split) a.ws[(size_t)chunk * a.M * a.N + o] = v;
           else y[o] = Half2Traits<T>::from_float(v + b);
         }
         v = 0.f;
@@ -298,20 +300,20 @@ __global__ void __launch_bounds__(WARPS * 32, 1) gemv_mma_kernel(const Args a) {
       if (kbl + kV < it.nkb) load_sz(sz, a, row0, it.kb0 + kbl + kV, lane);
       compute_stage<T, NT>(acc, wring + (c % kP) * kStageBytes, cur, smx, kbl, it.nkb - kbl, lane);
     }
-    epilogue<T, NT>(acc, a, row0, it.tok0, lane);
+    epilogue<T, NT>(acc, a, row0, it.tok0, it.kb0 / a.ck, lane);
   }
   cp_async_wait<0>();
 }
 
-// y = ws + bias rounded to T, and ws back to zero for the next launch.
+// y = the chunks' partials summed in chunk order + bias, rounded to T.
 template <typename T>
-__global__ void finalize_kernel(float* ws, const T* bias, T* y, int64_t total, int N) {
+__global__ void finalize_kernel(const float* ws, int nchunks, const T* bias, T* y, int64_t total, int N) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
        i += (int64_t)gridDim.x * blockDim.x) {
     float v = ws[i];
+    for (int c = 1; c < nchunks; ++c) v += ws[c * total + i];
     if (bias) v += Half2Traits<T>::to_float(bias[i % N]);
     y[i] = Half2Traits<T>::from_float(v);
-    ws[i] = 0.f;
   }
 }
 
@@ -336,8 +338,10 @@ bool force_small_cfg() {
   return small;
 }
 
+// Plans a launch of one configuration (items along K, grid) into a and grid; with `need`, only
+// stores the workspace floats the plan asks for there and launches nothing.
 template <typename T, int NT, int WARPS, int P>
-int launch(const Args& a0, DeviceInfo& di, int slot, cudaStream_t stream) {
+int launch(const Args& a0, DeviceInfo& di, int slot, cudaStream_t stream, int64_t* need) {
   using C = Cfg<WARPS, P>;
   Args a = a0;
   constexpr int TOK = 8 * NT;
@@ -360,14 +364,20 @@ int launch(const Args& a0, DeviceInfo& di, int slot, cudaStream_t stream) {
   const long long items = items_for(a.ck);
   if (items > (1LL << 31) - 1) return fail(AWQ_ERR_ARG, "awq_int4_gemm_mma: too many work items");
   a.items = (int)items;
-  if (a.nchunks > 1 && a.ws == nullptr) return fail(AWQ_ERR_ARG, "awq_int4_gemm_mma: split-K needs a workspace");
+  const int64_t total = (int64_t)a.M * a.N, ws_need = a.nchunks > 1 ? a.nchunks * total : 0;
+  if (need) {
+    *need = ws_need;
+    return AWQ_OK;
+  }
+  if (ws_need > 0 && (a.ws == nullptr || a.ws_floats < ws_need))
+    return fail(AWQ_ERR_ARG, "awq_int4_gemm_mma: %d K chunks need a workspace of %lld floats, got %lld", a.nchunks,
+                (long long)ws_need, (long long)a.ws_floats);
   const int grid = (int)std::min<long long>(items, resident);
   kernel<<<grid, C::kThreads, C::kSmem, stream>>>(a);
   if (int e = check_launch("gemv_mma_kernel")) return e;
   if (a.nchunks > 1) {
-    const int64_t total = (int64_t)a.M * a.N;
     const int blocks = (int)std::min<int64_t>((total + 255) / 256, (int64_t)di.sms * 8);
-    finalize_kernel<T><<<blocks, 256, 0, stream>>>(a.ws, static_cast<const T*>(a.bias),
+    finalize_kernel<T><<<blocks, 256, 0, stream>>>(a.ws, a.nchunks, static_cast<const T*>(a.bias),
                                                    static_cast<T*>(a.y), total, a.N);
     return check_launch("finalize_kernel");
   }
@@ -378,16 +388,16 @@ int launch(const Args& a0, DeviceInfo& di, int slot, cudaStream_t stream) {
 // <16, 3> block (66 vs 70 us at 8192 x 28672); from M = 9 on the deeper ring wins (M = 64: 237 vs
 // 407 us).
 template <typename T, int NT>
-int launch_cfg(const Args& a, DeviceInfo& di, int slot, cudaStream_t stream) {
+int launch_cfg(const Args& a, DeviceInfo& di, int slot, cudaStream_t stream, int64_t* need) {
   const bool big_fits = di.smem_optin >= Cfg<16, 3>::kSmem;
-  if (big_fits && NT > 1 && !force_small_cfg()) return launch<T, NT, 16, 3>(a, di, slot * 2 + 1, stream);
-  if (di.smem_optin >= Cfg<8, 2>::kSmem) return launch<T, NT, 8, 2>(a, di, slot * 2, stream);
+  if (big_fits && NT > 1 && !force_small_cfg()) return launch<T, NT, 16, 3>(a, di, slot * 2 + 1, stream, need);
+  if (di.smem_optin >= Cfg<8, 2>::kSmem) return launch<T, NT, 8, 2>(a, di, slot * 2, stream, need);
   return fail(AWQ_ERR_ARG, "awq_int4_gemm_mma: the device grants %d bytes of shared memory per block, "
               "the kernel needs %d", di.smem_optin, Cfg<8, 2>::kSmem);
 }
 
 template <typename T>
-int dispatch_nt(const Args& a, int dtype, cudaStream_t stream) {
+int dispatch_nt(const Args& a, int dtype, cudaStream_t stream, int64_t* need) {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return check_launch("cudaGetDevice");
   DeviceInfo& di = device_info(dev);
@@ -398,9 +408,9 @@ int dispatch_nt(const Args& a, int dtype, cudaStream_t stream) {
     di.init = true;
   }
   // slot = (dtype * 3 + NT index) * 2 + config
-  if (a.M <= 8) return launch_cfg<T, 1>(a, di, dtype * 3 + 0, stream);
-  if (a.M <= 16) return launch_cfg<T, 2>(a, di, dtype * 3 + 1, stream);
-  return launch_cfg<T, 4>(a, di, dtype * 3 + 2, stream);
+  if (a.M <= 8) return launch_cfg<T, 1>(a, di, dtype * 3 + 0, stream, need);
+  if (a.M <= 16) return launch_cfg<T, 2>(a, di, dtype * 3 + 1, stream, need);
+  return launch_cfg<T, 4>(a, di, dtype * 3 + 2, stream, need);
 }
 
 }  // namespace
@@ -408,27 +418,46 @@ int dispatch_nt(const Args& a, int dtype, cudaStream_t stream) {
 
 extern "C" int64_t awq_int4_mma_max_m(void) { return 65535LL * 32; }
 
-extern "C" int awq_int4_gemm_mma(const void* x, const uint8_t* qweight, const void* scales,
-                                 const uint8_t* zeros, const void* bias, void* y, float* workspace,
-                                 int64_t M, int64_t N, int64_t K, int64_t Kp, int group_size,
-                                 int dtype, void* stream) {
+// The sizes' checks and the fields of Args they set (pointers aside); AWQ_OK or AWQ_ERR_ARG.
+static int mma_sizes(const char* who, awq::Args& a, int64_t M, int64_t N, int64_t K, int64_t Kp, int group_size,
+                     int dtype) {
   using namespace awq;
   const int log2g = group_size == 32 ? 5 : group_size == 64 ? 6 : group_size == 128 ? 7 : -1;
   if (log2g < 0 || M < 1 || N < 1 || Kp % group_size || K <= Kp - group_size || K > Kp ||
       M > awq_int4_mma_max_m() || N > (1 << 30) || Kp > (1 << 30) || (dtype != AWQ_DTYPE_F16 && dtype != AWQ_DTYPE_BF16))
-    return fail(AWQ_ERR_ARG,
-                "awq_int4_gemm_mma: bad sizes M=%lld N=%lld K=%lld Kp=%lld group_size=%d dtype=%d",
+    return fail(AWQ_ERR_ARG, "%s: bad sizes M=%lld N=%lld K=%lld Kp=%lld group_size=%d dtype=%d", who,
                 (long long)M, (long long)N, (long long)K, (long long)Kp, group_size, dtype);
-  if (!x || !qweight || !scales || !zeros || !y || ((uintptr_t)qweight & 15))
-    return fail(AWQ_ERR_ARG, "awq_int4_gemm_mma: null pointer or qweight not 16-byte aligned");
-  Args a{};
-  a.x = x; a.qweight = qweight; a.scales = scales; a.zeros = zeros; a.bias = bias; a.y = y;
-  a.ws = workspace;
   a.M = (int)M; a.N = (int)N; a.K = (int)K; a.Kp = (int)Kp; a.log2g = log2g;
   a.groups = (int)(Kp / group_size);
   a.nkb = (int)((Kp + kKB - 1) / kKB);
+  return AWQ_OK;
+}
+
+extern "C" int64_t awq_int4_gemm_mma_workspace(int64_t M, int64_t N, int64_t K, int64_t Kp, int group_size,
+                                               int dtype) {
+  using namespace awq;
+  Args a{};
+  if (mma_sizes("awq_int4_gemm_mma_workspace", a, M, N, K, Kp, group_size, dtype)) return -1;
+  int64_t need = 0;
+  const int rc = dtype == AWQ_DTYPE_BF16 ? dispatch_nt<__nv_bfloat16>(a, dtype, nullptr, &need)
+                                         : dispatch_nt<__half>(a, dtype, nullptr, &need);
+  return rc ? -1 : need;
+}
+
+extern "C" int awq_int4_gemm_mma(const void* x, const uint8_t* qweight, const void* scales,
+                                 const uint8_t* zeros, const void* bias, void* y, float* workspace,
+                                 int64_t workspace_floats, int64_t M, int64_t N, int64_t K, int64_t Kp,
+                                 int group_size, int dtype, void* stream) {
+  using namespace awq;
+  Args a{};
+  if (int e = mma_sizes("awq_int4_gemm_mma", a, M, N, K, Kp, group_size, dtype)) return e;
+  if (!x || !qweight || !scales || !zeros || !y || ((uintptr_t)qweight & 15))
+    return fail(AWQ_ERR_ARG, "awq_int4_gemm_mma: null pointer or qweight not 16-byte aligned");
+  a.x = x; a.qweight = qweight; a.scales = scales; a.zeros = zeros; a.bias = bias; a.y = y;
+  a.ws = workspace;
+  a.ws_floats = workspace_floats;
   a.x_vec = (K % 8 == 0) && (((uintptr_t)x & 15) == 0);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return dtype == AWQ_DTYPE_BF16 ? dispatch_nt<__nv_bfloat16>(a, dtype, s)
-                                 : dispatch_nt<__half>(a, dtype, s);
+  return dtype == AWQ_DTYPE_BF16 ? dispatch_nt<__nv_bfloat16>(a, dtype, s, nullptr)
+                                 : dispatch_nt<__half>(a, dtype, s, nullptr);
 }

@@ -109,12 +109,18 @@ def test_every_cluster_split(splits, monkeypatch):
     assert _rel(got, reference(q, k, v, keep, 128 ** -0.5)) < 8e-3
 
 
-@pytest.mark.parametrize("splits", ["", "1", "3", "8"])
-@pytest.mark.parametrize("shape", [(8, 32, 32, 1, 384, 128), (2, 8, 4, 1, 1000, 64), (3, 16, 16, 2, 300, 128)],
-                         ids=["b8_7b", "gqa2_d64", "s2"])
+EIGHT_WARP_CASES = [  # (B, Hq, Hkv, S, L, D), $AWQ_ATTN_SPLITS: every grid fits in one wave at 2 blocks a SM
+    ((8, 32, 32, 1, 384, 128), ""), ((1, 32, 32, 1, 384, 128), ""), ((1, 32, 32, 1, 384, 128), "8"),
+    ((2, 8, 4, 1, 1000, 64), ""), ((2, 8, 4, 1, 1000, 64), "3"), ((3, 16, 16, 2, 300, 128), "5"),
+]
+
+
+@pytest.mark.parametrize("shape,splits", EIGHT_WARP_CASES,
+                         ids=["b8_7b", "b1_7b", "b1_7b_split8", "gqa2_d64", "gqa2_d64_split3", "s2_split5"])
 def test_eight_warp_blocks(shape, splits, monkeypatch):
     """$AWQ_ATTN_THREADS=256: blocks of 8 warps where a block has at most 2 query rows (1 or 2
-    here), with the library's split and forced ones: the reference, masked positions unread."""
+    here) and the grid fits in one wave, with the library's split and forced ones: the
+    reference, masked positions unread."""
     monkeypatch.setenv("AWQ_ATTN_THREADS", "256")
     if splits:
         monkeypatch.setenv("AWQ_ATTN_SPLITS", splits)

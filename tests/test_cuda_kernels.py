@@ -472,7 +472,37 @@ def test_errors_name_the_shapes():
     with pytest.raises(ValueError, match="K=400"):
         torch.ops.awq.int4_linear(x[:, :400], qw, s, z, g, None)
     rc = cuda_mod.load_library().awq_int4_gemm_mma(
-        x.data_ptr(), qw.data_ptr(), s.data_ptr(), z.data_ptr(), None, x.data_ptr(), None,
+        x.data_ptr(), qw.data_ptr(), s.data_ptr(), z.data_ptr(), None, x.data_ptr(), None, 0,
         2, n, k, k, 48, 1, None)  # group size 48: the launcher itself must refuse
     with pytest.raises(RuntimeError, match="bad sizes.*group_size=48"):
+        cuda_mod._check(rc)
+    assert cuda_mod.load_library().awq_int4_gemm_mma_workspace(2, n, k, k, 48, 1) == -1
+
+
+def test_mma_split_k_is_reproducible():
+    """The mma kernel's K chunks leave their partials in a workspace of one [M, N] plane a chunk,
+    summed in chunk order by the second kernel (no atomics): two calls give the same bits, whatever
+    the workspace held before, and the float64 result. 7B's gate projection at M = 8 (N = 11008 >
+    TC_MAX_N, M < SM90_MIN_M: what an eager 8-token prefill runs here) splits K on every card
+    with >= 8 SMs. A workspace smaller than the query says is refused."""
+    k, n, g, m = 4096, 11008, 128, 8
+    qw, s, z, b = _random_weight(k, n, g, torch.bfloat16, seed=11)
+    w64 = dequantize(qw, s, z, g, k, dtype=torch.float64)
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    lib = cuda_mod.load_library()
+    need = lib.awq_int4_gemm_mma_workspace(m, n, k, k, g, 1)
+    assert need > 0 and need % (m * n) == 0 and need // (m * n) > 1
+    outs = []
+    for fill in (float("nan"), 0.0, 1e30):
+        ws = torch.full((need,), fill, dtype=torch.float32, device="cuda")
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        cuda_mod._check(lib.awq_int4_gemm_mma(x.data_ptr(), qw.data_ptr(), s.data_ptr(), z.data_ptr(), b.data_ptr(),
+                                              out.data_ptr(), ws.data_ptr(), need, m, n, k, k, g, 1, None))
+        outs.append(out)
+    outs.append(cuda_mod.gemm_mma(x, qw, s, z, g, b, torch.empty_like(outs[0])))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert _rel_err(outs[0], x.double() @ w64.T + b.double()) < TOL[torch.bfloat16]
+    rc = lib.awq_int4_gemm_mma(x.data_ptr(), qw.data_ptr(), s.data_ptr(), z.data_ptr(), None, outs[0].data_ptr(),
+                               ws.data_ptr(), need - 1, m, n, k, k, g, 1, None)
+    with pytest.raises(RuntimeError, match="K chunks need a workspace"):
         cuda_mod._check(rc)
