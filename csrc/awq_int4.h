@@ -37,9 +37,9 @@ int64_t awq_int4_gemm_mma_workspace(int64_t M, int64_t N, int64_t K, int64_t Kp,
 
 // y = x @ W^T + bias through the weight-streaming tensor-core kernel (int4_gemv_mma.cu).
 // workspace: float32, at least awq_int4_gemm_mma_workspace(...) floats (may be NULL when that is
-// 0); its contents on entry do not matter and are left undefined. Deterministic: the K chunks'
-// partials are summed in chunk order, no atomics. stream: a cudaStream_t (NULL = legacy default
-// stream).
+// 0); its contents on entry do not matter and are left undefined. Deterministic at M <= 8: the K
+// chunks' partials are summed in chunk order; above, they are added with atomics (the last bits
+// vary run to run). stream: a cudaStream_t (NULL = legacy default stream).
 int awq_int4_gemm_mma(const void* x, const uint8_t* qweight, const void* scales,
                       const uint8_t* zeros, const void* bias, void* y, float* workspace,
                       int64_t workspace_floats, int64_t M, int64_t N, int64_t K, int64_t Kp, int group_size,

@@ -22,10 +22,12 @@
 //   * Work items = (token tile of 8*NT, row block, K chunk of up to 16 k-blocks), handed to a
 //     persistent grid (one or two blocks per SM) round-robin; a block stages the item's x chunk in
 //     shared memory, and each warp's cp.async ring runs ahead across item boundaries.
-//   * Items that split K store their fp32 partial sums in a workspace, one [M, N] plane a chunk;
-//     a second kernel sums the planes in chunk order, adds the bias and rounds to T: no atomics,
-//     so results are bit-for-bit reproducible run to run. With one chunk along K the epilogue
-//     writes y directly.
+//   * Items that split K leave fp32 partial sums in a workspace; a second kernel adds the bias and
+//     rounds to T. At M <= 8 (one token tile) each chunk has its own [M, N] plane and the second
+//     kernel sums the planes in chunk order: no atomics, bit-for-bit reproducible run to run.
+//     Above, the planes would grow with M x K / 512 (117 MB at M = 64 on 8192 x 28672), so the
+//     chunks add into one [M, N] plane, zeroed by the launcher, with atomics (red.add), whose
+//     order varies. With one chunk along K the epilogue writes y directly.
 //
 // Limitations:
 //   1. Measured at 42-44% of the DRAM floor at M = 1 on an H200 (8192 x 28672), not the target
@@ -38,7 +40,8 @@
 //   4. qweight's base pointer must be 16-byte aligned; x is read with 16-byte loads only if K % 8
 //      == 0 and x is 16-byte aligned, else element by element.
 //   5. The split-K workspace's size depends on the plan the launch picks (the device's SM count
-//      and occupancy): awq_int4_gemm_mma_workspace says it.
+//      and occupancy): awq_int4_gemm_mma_workspace says it. At M > 8 (off sm_90, or group size
+//      32) the split-K sums are not reproducible in their last bits (atomics, above).
 //   6. sm_80/86/89 get the <8, 2> block (96 KB of shared memory); only sm_90 was run here.
 //
 // Tuning notes (H200, csrc/NOTES.md): register-prefetch versions (64-byte runs, 2 blocks/SM) and
@@ -86,7 +89,8 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
 }
 
 struct Args : Int4Operands {
-  float* ws;       // [nchunks, M, N] fp32 partials when nchunks > 1
+  float* ws;       // fp32 partials when nchunks > 1: [nchunks, M, N] if planes, else [M, N] (atomics)
+  bool planes;     // one plane a chunk (M <= 8), summed in order
   int64_t ws_floats;
   int M, N, K, Kp, log2g, groups;
   int nkb;         // k-blocks in Kp (the last may be partial)
@@ -242,7 +246,8 @@ __device__ __forceinline__ void epilogue(float (&acc)[NT][4], const Args& a, int
         float& v = acc[nt][h * 2 + c];
         if (tok < a.M && row < a.N) {
           const size_t o = (size_t)tok * a.N + row;
-          if (split) a.ws[(size_t)chunk * a.M * a.N + o] = v;
+          if (split && a.planes) a.ws[(size_t)chunk * a.M * a.N + o] = v;
+          else if (split) atomicAdd(a.ws + o, v);
           else y[o] = Half2Traits<T>::from_float(v + b);
         }
         v = 0.f;
@@ -305,7 +310,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1) gemv_mma_kernel(const Args a) {
   cp_async_wait<0>();
 }
 
-// y = the chunks' partials summed in chunk order + bias, rounded to T.
+// y = the planes' partials summed in plane order (one plane where the chunks added atomically) +
+// bias, rounded to T.
 template <typename T>
 __global__ void finalize_kernel(const float* ws, int nchunks, const T* bias, T* y, int64_t total, int N) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
@@ -364,7 +370,8 @@ int launch(const Args& a0, DeviceInfo& di, int slot, cudaStream_t stream, int64_
   const long long items = items_for(a.ck);
   if (items > (1LL << 31) - 1) return fail(AWQ_ERR_ARG, "awq_int4_gemm_mma: too many work items");
   a.items = (int)items;
-  const int64_t total = (int64_t)a.M * a.N, ws_need = a.nchunks > 1 ? a.nchunks * total : 0;
+  a.planes = NT == 1;
+  const int64_t total = (int64_t)a.M * a.N, ws_need = a.nchunks > 1 ? (a.planes ? a.nchunks : 1) * total : 0;
   if (need) {
     *need = ws_need;
     return AWQ_OK;
@@ -372,12 +379,14 @@ int launch(const Args& a0, DeviceInfo& di, int slot, cudaStream_t stream, int64_
   if (ws_need > 0 && (a.ws == nullptr || a.ws_floats < ws_need))
     return fail(AWQ_ERR_ARG, "awq_int4_gemm_mma: %d K chunks need a workspace of %lld floats, got %lld", a.nchunks,
                 (long long)ws_need, (long long)a.ws_floats);
+  if (ws_need > 0 && !a.planes && cudaMemsetAsync(a.ws, 0, total * sizeof(float), stream) != cudaSuccess)
+    return check_launch("gemv_mma workspace memset");
   const int grid = (int)std::min<long long>(items, resident);
   kernel<<<grid, C::kThreads, C::kSmem, stream>>>(a);
   if (int e = check_launch("gemv_mma_kernel")) return e;
   if (a.nchunks > 1) {
     const int blocks = (int)std::min<int64_t>((total + 255) / 256, (int64_t)di.sms * 8);
-    finalize_kernel<T><<<blocks, 256, 0, stream>>>(a.ws, a.nchunks, static_cast<const T*>(a.bias),
+    finalize_kernel<T><<<blocks, 256, 0, stream>>>(a.ws, a.planes ? a.nchunks : 1, static_cast<const T*>(a.bias),
                                                    static_cast<T*>(a.y), total, a.N);
     return check_launch("finalize_kernel");
   }

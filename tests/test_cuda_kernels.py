@@ -506,3 +506,21 @@ def test_mma_split_k_is_reproducible():
                                ws.data_ptr(), need - 1, m, n, k, k, g, 1, None)
     with pytest.raises(RuntimeError, match="K chunks need a workspace"):
         cuda_mod._check(rc)
+
+
+def test_mma_split_k_above_one_token_tile():
+    """At M > 8 the mma kernel's chunks add into one [M, N] plane with atomics (planes a chunk
+    would grow with M x K); the launcher zeroes it, so a NaN-filled workspace still gives the
+    float64 result."""
+    k, n, g, m = 8192, 8192, 128, 16
+    qw, s, z, b = _random_weight(k, n, g, torch.bfloat16, seed=12)
+    w64 = dequantize(qw, s, z, g, k, dtype=torch.float64)
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    lib = cuda_mod.load_library()
+    need = lib.awq_int4_gemm_mma_workspace(m, n, k, k, g, 1)
+    assert need in (0, m * n)
+    ws = torch.full((max(need, 1),), float("nan"), dtype=torch.float32, device="cuda")
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    cuda_mod._check(lib.awq_int4_gemm_mma(x.data_ptr(), qw.data_ptr(), s.data_ptr(), z.data_ptr(), None,
+                                          out.data_ptr(), ws.data_ptr(), need, m, n, k, k, g, 1, None))
+    assert _rel_err(out, x.double() @ w64.T) < TOL[torch.bfloat16]
