@@ -1,11 +1,30 @@
 #!/usr/bin/env bash
-# Device call for $AWQ_ATTN_THREADS=256 (decode attention blocks of 8 warps where a block has at
-# most 2 query rows), session 17. carry: awq_compile/_lib.
-#   bash benchmarks/gpu_attn_threads.sh   # the attention's float64 tests with it; the kernel
-#                                         # graph-timed at 7B batch 1 and 8 (bench_attention --quick)
+# Device calls for $AWQ_ATTN_THREADS=256 (decode attention blocks of 8 warps where a block has at
+# most 2 query rows and the grid fits in one wave), sessions 17-18. carry: awq_compile/_lib.
+#   bash benchmarks/gpu_attn_threads.sh a   # the attention's float64 tests with it; the kernel
+#                                           # graph-timed at 7B batch 1 and 8 (bench_attention --quick)
+#   bash benchmarks/gpu_attn_threads.sh b   # every CUDA test (the mma kernel's ordered split-K too);
+#                                           # 7B decode against it as an ablation
+#   bash benchmarks/gpu_attn_threads.sh c   # 13B decode against it (its batch 8 keeps 4 warps: two waves)
 set -u -o pipefail
 source benchmarks/device_env.sh /tmp/awq_attn_threads_out
-timeout 60 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda_attention.py \
-  -k "eight_warp or bool_mask or every_cluster" > "$OUT/t_attn.txt" 2>&1
-tail -1 "$OUT/t_attn.txt"; grep -E "^(FAILED|ERROR)" "$OUT/t_attn.txt" | head -10
-timeout 60 python3 benchmarks/bench_attention.py --quick --out "$OUT/attn.json" 2>/dev/null | tee "$OUT/attn.md" | grep -v "^$"
+decode() {  # shape, seconds
+  timeout "$2" python3 benchmarks/bench_e2e_gpu.py decode --shape "$1" --batch 1 8 --ablate env:AWQ_ATTN_THREADS=256 \
+    --out "$OUT/e2e_$1.json" 2>&1 | grep -E "^\{|Error|error" | tail -8
+}
+case "${1:-a}" in
+a)
+  timeout 60 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda_attention.py \
+    -k "eight_warp or bool_mask or every_cluster" > "$OUT/t_attn.txt" 2>&1
+  tail -1 "$OUT/t_attn.txt"; grep -E "^(FAILED|ERROR)" "$OUT/t_attn.txt" | head -10
+  timeout 60 python3 benchmarks/bench_attention.py --quick --out "$OUT/attn.json" 2>/dev/null | tee "$OUT/attn.md" | grep -v "^$"
+  ;;
+b)
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -m cuda tests > "$OUT/t.txt" 2>&1
+  tail -1 "$OUT/t.txt"; grep -E "^(FAILED|ERROR)" "$OUT/t.txt" | head -20
+  decode 7b 260
+  ;;
+c)
+  decode 13b 330
+  ;;
+esac
