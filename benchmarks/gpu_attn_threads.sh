@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Device calls for $AWQ_ATTN_THREADS=256 (decode attention blocks of 8 warps where a block has at
-# most 2 query rows and the grid fits in one wave), sessions 17-18. carry: awq_compile/_lib.
+# most 2 query rows and the grid fits in one wave) and $AWQ_PDL_TC=8 (the tc kernel, 7B's o
+# projection at batch 8, launched with PDL: its weights load during the attention), sessions
+# 17-18. carry: awq_compile/_lib.
 #   bash benchmarks/gpu_attn_threads.sh a   # the attention's float64 tests with it; the kernel
 #                                           # graph-timed at 7B batch 1 and 8 (bench_attention --quick)
 #   bash benchmarks/gpu_attn_threads.sh b   # every CUDA test (the mma kernel's ordered split-K too);
-#                                           # 7B decode against it as an ablation
-#   bash benchmarks/gpu_attn_threads.sh c   # 13B decode against it (its batch 8 keeps 4 warps: two waves)
+#                                           # 7B decode with each of the two as an ablation
+#   bash benchmarks/gpu_attn_threads.sh c   # 13B decode, the same (its batch 8 keeps 4 warps: two waves)
 set -u -o pipefail
 source benchmarks/device_env.sh /tmp/awq_attn_threads_out
 decode() {  # shape, seconds
-  timeout "$2" python3 benchmarks/bench_e2e_gpu.py decode --shape "$1" --batch 1 8 --ablate env:AWQ_ATTN_THREADS=256 \
+  timeout "$2" python3 benchmarks/bench_e2e_gpu.py decode --shape "$1" --batch 1 8 \
+    --ablate env:AWQ_ATTN_THREADS=256 env:AWQ_PDL_TC=8 \
     --out "$OUT/e2e_$1.json" 2>&1 | grep -E "^\{|Error|error" | tail -8
 }
 case "${1:-a}" in
@@ -22,9 +25,9 @@ a)
 b)
   timeout 240 python3 -m pytest -q -p no:cacheprovider -m cuda tests > "$OUT/t.txt" 2>&1
   tail -1 "$OUT/t.txt"; grep -E "^(FAILED|ERROR)" "$OUT/t.txt" | head -20
-  decode 7b 260
+  decode 7b 330
   ;;
 c)
-  decode 13b 330
+  decode 13b 480
   ;;
 esac

@@ -31,6 +31,8 @@
 // slower for N = 28672 and at M = 1 (the CUDA-core GEMV), so _cuda.py dispatches it only there.
 // Limitations: N * Kp / 2 < 2^31; qweight 16-byte aligned; x read with 16-byte loads only when
 // K % 8 == 0 and x is 16-byte aligned (else element by element). Only sm_90 was run.
+#include <stdlib.h>
+
 #include <algorithm>
 
 #include "int4_common.cuh"
@@ -108,6 +110,15 @@ __device__ __forceinline__ void compute_step(float (&c)[2][4], const uint4 (&w0)
 // Shared memory of a block: the K-split partial sums, [warp][e][lane].
 constexpr size_t kSmemBytes = (size_t)kWarps * 4 * 32 * sizeof(float);
 
+// Whether the launch of M tokens also takes programmatic dependent launch where pdl_enabled would
+// not: M <= n where $AWQ_PDL_TC=n (experiments, off by default; read on every call). The tc
+// kernel serves 7B's o projection at M = 2..8, which follows our decode attention (it lets its
+// dependents launch at once), so that launch can request its weights during the attention.
+bool tc_pdl_enabled(const DeviceSmem& d, int m) {
+  const char* e = getenv("AWQ_PDL_TC");
+  return d.major >= 9 && e && *e && m <= strtol(e, nullptr, 10);
+}
+
 template <typename T, int U, int MINB>
 __global__ void __launch_bounds__(kThreads, MINB) gemv_tc_kernel(const TcArgs a) {
   extern __shared__ float4 smem[];  // the K-split partials
@@ -121,22 +132,34 @@ __global__ void __launch_bounds__(kThreads, MINB) gemv_tc_kernel(const TcArgs a)
   const bool xv = g < a.M;  // the token of this lane's B fragment
   const T* xr = static_cast<const T*>(a.x) + (size_t)min(g, a.M - 1) * a.K;
   float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-  pdl_wait();  // programmatic dependent launch: x is the previous kernel's output
-  pdl_trigger();
-
   const int s0 = part * a.steps_warp, n = max(0, min(a.steps_warp, (a.nchunks + 4 * U - 1) / (4 * U) - s0));
-  for (int i = 0; i < n; ++i) {  // load, then compute: the other warps hide the latency
+  uint4 w0[U], w1[U];
+  ScaleZero<U> sz;
+  auto load = [&](int i) {  // step i's weights, scales and zeros (graph constants)
     const int chunk0 = 4 * U * (s0 + i) + t;
-    uint4 w0[U], w1[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int chunk = min(chunk0 + 4 * u, a.nchunks - 1);  // past Kp: x is 0 there
       w0[u] = ld_stream(q0 + chunk * 16);
       w1[u] = ld_stream(q1 + chunk * 16);
     }
-    ScaleZero<U> sz;
     load_sz<U>(sz, a, goff0, goff1, chunk0);
-    compute_step<T, U>(c, w0, w1, sz, a, xr, xv, chunk0);
+  };
+  // The first step's loads go out before the wait (pdl_wait() in step 0): with programmatic
+  // dependent launch, while the kernel before (whose output x is) still runs. At 7B's o
+  // projection and M = 8 a warp has two steps (8 K splits of 16 steps), so that is half of its
+  // weights.
+  if (n == 0) {
+    pdl_wait();
+    pdl_trigger();
+  }
+  for (int i = 0; i < n; ++i) {  // load, then compute: the other warps hide the latency
+    load(i);
+    if (i == 0) {
+      pdl_wait();
+      pdl_trigger();
+    }
+    compute_step<T, U>(c, w0, w1, sz, a, xr, xv, 4 * U * (s0 + i) + t);
   }
 
   float* red = reinterpret_cast<float*>(smem);
@@ -187,7 +210,7 @@ int launch_cfg(TcArgs a, cudaStream_t stream) {
   const DeviceSmem* d = nullptr;
   if (int e = device_smem(d)) return e;
   const int blocks = (tiles + tiles_block - 1) / tiles_block;
-  const bool pdl = pdl_enabled(*d, a.M);
+  const bool pdl = pdl_enabled(*d, a.M) || tc_pdl_enabled(*d, a.M);
   const LaunchCfg l(blocks, kThreads, pdl ? spread_smem(*d, blocks, smem) : smem, stream, 1, pdl);
   cudaLaunchKernelEx(&l.cfg, kernel, a);
   return check_launch("gemv_tc_kernel");

@@ -182,15 +182,16 @@ def test_opcheck_on_cuda():
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
-@pytest.mark.parametrize("clusters", ["", "8"], ids=["default", "pdl_clusters"])
+@pytest.mark.parametrize("env", ["", "AWQ_PDL_CLUSTER=8", "AWQ_PDL_TC=8"], ids=["default", "pdl_clusters", "tc_pdl"])
 @pytest.mark.parametrize("m", [1, 8])
-def test_in_a_cuda_graph_between_int4_launches(m, clusters, monkeypatch):
+def test_in_a_cuda_graph_between_int4_launches(m, env, monkeypatch):
     """projection -> attention -> projection captured in a CUDA graph, the attention launched
     plainly and (one block a head, M = 1) with programmatic dependent launch, its input and output
     filled with NaN before each replay: each replay equals the chain run eagerly without PDL.
-    clusters: $AWQ_PDL_CLUSTER=8, which launches the attention's clusters with it as well."""
-    if clusters:
-        monkeypatch.setenv("AWQ_PDL_CLUSTER", clusters)
+    $AWQ_PDL_CLUSTER=8 launches the attention's clusters with it as well; $AWQ_PDL_TC=8 the
+    projection after the attention at M = 8 (the tc kernel, whose weights load before its wait)."""
+    if env:
+        monkeypatch.setenv(*env.split("="))
     g, hidden = 128, 4096
     gen = torch.Generator(device="cuda").manual_seed(10)
     w = (torch.randint(0, 256, (hidden, hidden // 2), dtype=torch.uint8, device="cuda", generator=gen),

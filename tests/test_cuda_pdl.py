@@ -47,7 +47,7 @@ def weights():
 
 
 def _chain(x, w):
-    """o -> gated MLP -> down -> (o's K-slice partials at one token) -> q/k/v-like multi: the
+    """o -> gated MLP -> down -> (o's K-slice partials at one token) -> q/k/v-like multi -> o: the
     single-weight, pair, multi and partials launches and their split-K sums, one after another."""
     a = torch.ops.awq
     y1 = a.int4_linear(x, *w["o"], G, None)
@@ -61,16 +61,19 @@ def _chain(x, w):
         y3 = (outs[-1].sum(0) + y3).to(x.dtype)
         outs.append(y3)
     outs += list(a.int4_linear_multi(y3, [w["o"][0]] * 3, [w["o"][1]] * 3, [w["o"][2]] * 3, G, [None] * 3))
+    outs.append(a.int4_linear(outs[-1], *w["o"], G, None))  # the o-like launch again, on an intermediate
     return outs
 
 
-@pytest.mark.parametrize("pdl,clusters", [("", ""), ("8", ""), ("8", "8"), ("", "0")],
-                         ids=["default", "pdl_to_m8", "pdl_to_m8_and_clusters", "no_clusters"])
+@pytest.mark.parametrize("pdl,clusters,tc", [("", "", ""), ("8", "", ""), ("8", "8", ""), ("", "0", ""), ("", "", "8")],
+                         ids=["default", "pdl_to_m8", "pdl_to_m8_and_clusters", "no_clusters", "tc_to_m8"])
 @pytest.mark.parametrize("m", [1, 2, 4, 8])
-def test_chain_in_cuda_graph_matches_eager_without_pdl(m, pdl, clusters, weights, monkeypatch):
+def test_chain_in_cuda_graph_matches_eager_without_pdl(m, pdl, clusters, tc, weights, monkeypatch):
     """clusters: $AWQ_PDL_CLUSTER (default 2: the folded GEMV's K-split clusters of 2 launch with
-    PDL), 8 (its clusters up to 8 too, M = 2..8 here), 0 (no cluster)."""
-    for name, value in (("AWQ_PDL", pdl), ("AWQ_PDL_CLUSTER", clusters)):
+    PDL), 8 (its clusters up to 8 too, M = 2..8 here), 0 (no cluster). tc: $AWQ_PDL_TC, the tc
+    kernel (the o-like 4096 x 4096 weight at M = 2..8 here) with PDL, its first loads before the
+    wait."""
+    for name, value in (("AWQ_PDL", pdl), ("AWQ_PDL_CLUSTER", clusters), ("AWQ_PDL_TC", tc)):
         if value:
             monkeypatch.setenv(name, value)
         else:
