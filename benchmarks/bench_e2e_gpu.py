@@ -133,10 +133,9 @@ def decode(args) -> list[dict]:
     ablations = [("fuse_siblings", b) for b in args.unfused] + [(o, b) for o in args.ablate for b in args.batch]
     for option, b in ablations:  # the INT4 model with one backend option off
         if option == "pdl":  # not a backend option: the kernel library's $AWQ_PDL, read at capture
-            r = _with_env(q, b, args, "AWQ_PDL", "0")
-        elif option.startswith("env:"):  # env:NAME=VALUE, a kernel library switch read at capture
-            name, _, value = option[4:].partition("=")
-            r = _with_env(q, b, args, name, value)
+            r = _with_env(q, b, args, {"AWQ_PDL": "0"})
+        elif option.startswith("env:"):  # env:NAME=VALUE[,NAME=VALUE...]: kernel library switches read at capture
+            r = _with_env(q, b, args, dict(pair.partition("=")[::2] for pair in option[4:].split(",")))
         else:
             r = _decode(q, b, args.prompt, args.new, {"backend": "awq", "fullgraph": True, "options": {
                 "mode": "reduce-overhead", option: False}})
@@ -155,23 +154,24 @@ def _bf16_decode_attention(gm, example_inputs):
     return compile_fx(gm, example_inputs, config_patches=dict(torch._inductor.list_mode_options("reduce-overhead")))
 
 
-def _with_env(q, batch: int, args, name: str, value: str) -> dict:
-    """The INT4 decode with $name=value while the graphs are captured (dynamo's caches are
-    dropped so that they are): "pdl" is $AWQ_PDL=0, the kernels without programmatic dependent
-    launch."""
+def _with_env(q, batch: int, args, env: dict[str, str]) -> dict:
+    """The INT4 decode with the variables of env set while the graphs are captured (dynamo's
+    caches are dropped so that they are): "pdl" is {"AWQ_PDL": "0"}, the kernels without
+    programmatic dependent launch."""
     import os
 
-    old = os.environ.get(name)
-    os.environ[name] = value
+    old = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
     try:
         torch._dynamo.reset()
         return _decode(q, batch, args.prompt, args.new, {"backend": "awq", "mode": "reduce-overhead",
                                                           "fullgraph": True})
     finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
+        for name, value in old.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
         torch._dynamo.reset()
 
 
@@ -209,7 +209,8 @@ def main() -> None:
     ap.add_argument("--ablate", nargs="*", default=[], metavar="OPTION",
                     help="backend options to turn off one at a time, at each --batch (ablation); "
                          "'pdl': the kernels without programmatic dependent launch ($AWQ_PDL=0); "
-                         "'env:NAME=VALUE': a kernel library switch set while the graphs are captured")
+                         "'env:NAME=VALUE[,NAME=VALUE...]': kernel library switches set while the graphs are "
+                         "captured")
     ap.add_argument("--models", choices=["both", "bf16", "int4"], default="both",
                     help="decode: which side(s) to run (an A/B of two kernel libraries needs bf16 once)")
     ap.add_argument("--bf16-attention", action="store_true",
