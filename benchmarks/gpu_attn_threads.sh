@@ -13,7 +13,7 @@ source benchmarks/device_env.sh /tmp/awq_attn_threads_out
 decode() {  # shape, seconds
   timeout "$2" python3 benchmarks/bench_e2e_gpu.py decode --shape "$1" --batch 1 8 \
     --ablate env:AWQ_ATTN_THREADS=256 env:AWQ_PDL_TC=8 env:AWQ_ATTN_THREADS=256,AWQ_PDL_TC=8 \
-    --out "$OUT/e2e_$1.json" 2>&1 | grep -E "^\{|Error|error" | tail -8
+    --out "$OUT/e2e_$1.json" 2>&1 | grep -E "^\{|Error|error" | tail -14
 }
 case "${1:-a}" in
 a)
