@@ -268,10 +268,7 @@ constexpr int round_positions(int D, int R, int threads = kAttnThreads) {
 // (batch, head) pairs at batch 8. H200, graph-timed (csrc/NOTES.md, session 17): 7B batch 1 -0.6
 // to -0.8 us; batch 8 +0.4 / -0.1 / -2.7 us at 129 / 256 / 384 positions filled. Off until
 // measured end to end.
-bool eight_warps_asked() {
-  const char* e = getenv("AWQ_ATTN_THREADS");
-  return e && strtol(e, nullptr, 10) == 256;
-}
+bool eight_warps_asked() { return env_long("AWQ_ATTN_THREADS", kAttnThreads) == 256; }
 int rows_template(int64_t rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8; }
 
 // Blocks a (batch, KV head): `forced` (1..8) where the caller asks, else $AWQ_ATTN_SPLITS
@@ -290,32 +287,30 @@ int splits_for(const DeviceSmem& d, int64_t bh, int64_t L, int rp, int forced) {
   return (int)std::max<int64_t>(1, std::min<int64_t>(8, std::min(by_len, by_sms)));
 }
 
+// One launch of TH threads a block and n blocks a (batch, KV head).
 template <typename T, int D, int R, int TH>
-int launch_threads(AttnArgs a, int64_t B, int splits, cudaStream_t stream) {
-  constexpr int NI = ni_for(R), RP = round_positions(D, R, TH);
-  const DeviceSmem* d = nullptr;
-  if (int rc = device_smem(d)) return rc;
-  const int64_t bh = B * a.Hkv;
-  const int n = splits_for(*d, bh, a.L, RP, splits);
+int launch_threads(AttnArgs a, const DeviceSmem& d, int64_t B, int n, cudaStream_t stream) {
   a.chunk = (a.L + n - 1) / n;
   // clusters launch early only where pdl_cluster_enabled (by default up to 2 blocks; session 17)
-  const bool pdl = (n == 1 || pdl_cluster_enabled(n)) && pdl_enabled(*d, (int)(B * a.S));
-  LaunchCfg l(dim3((unsigned)bh, (unsigned)n), dim3(TH), 0, stream, n, pdl);
-  cudaLaunchKernelEx(&l.cfg, decode_attention_kernel<T, D, R, NI, TH>, a);
+  const bool pdl = (n == 1 || pdl_cluster_enabled(n)) && pdl_enabled(d, (int)(B * a.S));
+  LaunchCfg l(dim3((unsigned)(B * a.Hkv), (unsigned)n), dim3(TH), 0, stream, n, pdl);
+  cudaLaunchKernelEx(&l.cfg, decode_attention_kernel<T, D, R, ni_for(R), TH>, a);
   return check_launch("decode_attention_kernel");
 }
 
 template <typename T, int D, int R>
 int launch(const AttnArgs& a, int64_t B, int splits, cudaStream_t stream) {
+  const DeviceSmem* d = nullptr;
+  if (int rc = device_smem(d)) return rc;
+  const int64_t bh = B * a.Hkv;
   if constexpr (R <= 2) {
     if (eight_warps_asked()) {
-      const DeviceSmem* d = nullptr;
-      if (int rc = device_smem(d)) return rc;
-      const int64_t bh = B * a.Hkv, n = splits_for(*d, bh, a.L, round_positions(D, R, 256), splits);
-      if (bh * n <= 2LL * d->sms) return launch_threads<T, D, R, 256>(a, B, splits, stream);
+      const int n = splits_for(*d, bh, a.L, round_positions(D, R, 256), splits);
+      if (bh * n <= 2LL * d->sms) return launch_threads<T, D, R, 256>(a, *d, B, n, stream);
     }
   }
-  return launch_threads<T, D, R, kAttnThreads>(a, B, splits, stream);
+  return launch_threads<T, D, R, kAttnThreads>(a, *d, B, splits_for(*d, bh, a.L, round_positions(D, R), splits),
+                                               stream);
 }
 
 template <typename T, int D>

@@ -93,8 +93,7 @@ size_t spread_smem(const DeviceSmem& d, long long blocks, size_t smem) {
   return (size_t)s;
 }
 
-// A decimal environment variable, or `dflt` where it is unset, empty or not a number.
-static long env_long(const char* name, long dflt) {
+long env_long(const char* name, long dflt) {
   const char* e = getenv(name);
   if (!e || !*e) return dflt;
   char* end = nullptr;

@@ -103,6 +103,10 @@ __device__ __forceinline__ void pdl_trigger() {
 constexpr int kPdlMaxM = 1;
 bool pdl_enabled(const DeviceSmem& d, int m);
 
+// A decimal environment variable ($AWQ_* experiment switches, read on every call), or `dflt` where
+// it is unset, empty or not a number.
+long env_long(const char* name, long dflt);
+
 // Whether a thread-block cluster of `size` blocks may launch with programmatic dependent launch
 // (where pdl_enabled allows it at all): size <= kPdlMaxCluster, or size <= n where
 // $AWQ_PDL_CLUSTER=n (0: never; experiments; read on every call). Measured on an H200 (7B decode,

@@ -89,8 +89,7 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
 }
 
 struct Args : Int4Operands {
-  float* ws;       // fp32 partials when nchunks > 1: [nchunks, M, N] if planes, else [M, N] (atomics)
-  bool planes;     // one plane a chunk (M <= 8), summed in order
+  float* ws;       // fp32 partials when nchunks > 1: [nchunks, M, N] at NT = 1, else [M, N] (atomics)
   int64_t ws_floats;
   int M, N, K, Kp, log2g, groups;
   int nkb;         // k-blocks in Kp (the last may be partial)
@@ -246,7 +245,7 @@ __device__ __forceinline__ void epilogue(float (&acc)[NT][4], const Args& a, int
         float& v = acc[nt][h * 2 + c];
         if (tok < a.M && row < a.N) {
           const size_t o = (size_t)tok * a.N + row;
-          if (split && a.planes) a.ws[(size_t)chunk * a.M * a.N + o] = v;
+          if (split && NT == 1) a.ws[(size_t)chunk * a.M * a.N + o] = v;  // a plane a chunk
           else if (split) atomicAdd(a.ws + o, v);
           else y[o] = Half2Traits<T>::from_float(v + b);
         }
@@ -370,8 +369,8 @@ int launch(const Args& a0, DeviceInfo& di, int slot, cudaStream_t stream, int64_
   const long long items = items_for(a.ck);
   if (items > (1LL << 31) - 1) return fail(AWQ_ERR_ARG, "awq_int4_gemm_mma: too many work items");
   a.items = (int)items;
-  a.planes = NT == 1;
-  const int64_t total = (int64_t)a.M * a.N, ws_need = a.nchunks > 1 ? (a.planes ? a.nchunks : 1) * total : 0;
+  const int planes = NT == 1 ? a.nchunks : 1;  // one token tile: a plane a chunk, summed in order
+  const int64_t total = (int64_t)a.M * a.N, ws_need = a.nchunks > 1 ? planes * total : 0;
   if (need) {
     *need = ws_need;
     return AWQ_OK;
@@ -379,14 +378,14 @@ int launch(const Args& a0, DeviceInfo& di, int slot, cudaStream_t stream, int64_
   if (ws_need > 0 && (a.ws == nullptr || a.ws_floats < ws_need))
     return fail(AWQ_ERR_ARG, "awq_int4_gemm_mma: %d K chunks need a workspace of %lld floats, got %lld", a.nchunks,
                 (long long)ws_need, (long long)a.ws_floats);
-  if (ws_need > 0 && !a.planes && cudaMemsetAsync(a.ws, 0, total * sizeof(float), stream) != cudaSuccess)
+  if (ws_need > 0 && planes == 1 && cudaMemsetAsync(a.ws, 0, total * sizeof(float), stream) != cudaSuccess)
     return check_launch("gemv_mma workspace memset");
   const int grid = (int)std::min<long long>(items, resident);
   kernel<<<grid, C::kThreads, C::kSmem, stream>>>(a);
   if (int e = check_launch("gemv_mma_kernel")) return e;
   if (a.nchunks > 1) {
     const int blocks = (int)std::min<int64_t>((total + 255) / 256, (int64_t)di.sms * 8);
-    finalize_kernel<T><<<blocks, 256, 0, stream>>>(a.ws, a.planes ? a.nchunks : 1, static_cast<const T*>(a.bias),
+    finalize_kernel<T><<<blocks, 256, 0, stream>>>(a.ws, planes, static_cast<const T*>(a.bias),
                                                    static_cast<T*>(a.y), total, a.N);
     return check_launch("finalize_kernel");
   }

@@ -31,8 +31,6 @@
 // slower for N = 28672 and at M = 1 (the CUDA-core GEMV), so _cuda.py dispatches it only there.
 // Limitations: N * Kp / 2 < 2^31; qweight 16-byte aligned; x read with 16-byte loads only when
 // K % 8 == 0 and x is 16-byte aligned (else element by element). Only sm_90 was run.
-#include <stdlib.h>
-
 #include <algorithm>
 
 #include "int4_common.cuh"
@@ -114,10 +112,7 @@ constexpr size_t kSmemBytes = (size_t)kWarps * 4 * 32 * sizeof(float);
 // not: M <= n where $AWQ_PDL_TC=n (experiments, off by default; read on every call). The tc
 // kernel serves 7B's o projection at M = 2..8, which follows our decode attention (it lets its
 // dependents launch at once), so that launch can request its weights during the attention.
-bool tc_pdl_enabled(const DeviceSmem& d, int m) {
-  const char* e = getenv("AWQ_PDL_TC");
-  return d.major >= 9 && e && *e && m <= strtol(e, nullptr, 10);
-}
+bool tc_pdl_enabled(const DeviceSmem& d, int m) { return d.major >= 9 && m <= env_long("AWQ_PDL_TC", 0); }
 
 template <typename T, int U, int MINB>
 __global__ void __launch_bounds__(kThreads, MINB) gemv_tc_kernel(const TcArgs a) {

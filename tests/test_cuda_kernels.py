@@ -479,6 +479,22 @@ def test_errors_name_the_shapes():
     assert cuda_mod.load_library().awq_int4_gemm_mma_workspace(2, n, k, k, 48, 1) == -1
 
 
+def _mma_case(k, n, m, seed, g=128):
+    """A random bf16 weight (qweight, scales, zeros, bias), its float64 dequantization and an x of
+    M tokens, for calling the mma kernel's C entry point directly."""
+    qw, s, z, b = _random_weight(k, n, g, torch.bfloat16, seed=seed)
+    return (qw, s, z, b), dequantize(qw, s, z, g, k, dtype=torch.float64), torch.randn(m, k, device="cuda").to(
+        torch.bfloat16)
+
+
+def _mma_raw(x, w, bias, out, ws, ws_floats, g=128) -> int:
+    """awq_int4_gemm_mma on bf16 x [M, K] and the weight w = (qweight, scales, zeros): its return code."""
+    (m, k), (qw, s, z) = x.shape, w
+    return cuda_mod.load_library().awq_int4_gemm_mma(
+        x.data_ptr(), qw.data_ptr(), s.data_ptr(), z.data_ptr(), None if bias is None else bias.data_ptr(),
+        out.data_ptr(), ws.data_ptr(), ws_floats, m, qw.shape[0], k, k, g, 1, None)
+
+
 def test_mma_split_k_is_reproducible():
     """The mma kernel's K chunks leave their partials in a workspace of one [M, N] plane a chunk,
     summed in chunk order by the second kernel (no atomics): two calls give the same bits, whatever
@@ -486,41 +502,31 @@ def test_mma_split_k_is_reproducible():
     TC_MAX_N, M < SM90_MIN_M: what an eager 8-token prefill runs here) splits K on every card
     with >= 8 SMs. A workspace smaller than the query says is refused."""
     k, n, g, m = 4096, 11008, 128, 8
-    qw, s, z, b = _random_weight(k, n, g, torch.bfloat16, seed=11)
-    w64 = dequantize(qw, s, z, g, k, dtype=torch.float64)
-    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-    lib = cuda_mod.load_library()
-    need = lib.awq_int4_gemm_mma_workspace(m, n, k, k, g, 1)
+    (qw, s, z, b), w64, x = _mma_case(k, n, m, seed=11)
+    need = cuda_mod.load_library().awq_int4_gemm_mma_workspace(m, n, k, k, g, 1)
     assert need > 0 and need % (m * n) == 0 and need // (m * n) > 1
     outs = []
     for fill in (float("nan"), 0.0, 1e30):
         ws = torch.full((need,), fill, dtype=torch.float32, device="cuda")
         out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-        cuda_mod._check(lib.awq_int4_gemm_mma(x.data_ptr(), qw.data_ptr(), s.data_ptr(), z.data_ptr(), b.data_ptr(),
-                                              out.data_ptr(), ws.data_ptr(), need, m, n, k, k, g, 1, None))
+        cuda_mod._check(_mma_raw(x, (qw, s, z), b, out, ws, need))
         outs.append(out)
     outs.append(cuda_mod.gemm_mma(x, qw, s, z, g, b, torch.empty_like(outs[0])))
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     assert _rel_err(outs[0], x.double() @ w64.T + b.double()) < TOL[torch.bfloat16]
-    rc = lib.awq_int4_gemm_mma(x.data_ptr(), qw.data_ptr(), s.data_ptr(), z.data_ptr(), None, outs[0].data_ptr(),
-                               ws.data_ptr(), need - 1, m, n, k, k, g, 1, None)
     with pytest.raises(RuntimeError, match="K chunks need a workspace"):
-        cuda_mod._check(rc)
+        cuda_mod._check(_mma_raw(x, (qw, s, z), None, outs[0], ws, need - 1))
 
 
 def test_mma_split_k_above_one_token_tile():
     """At M > 8 the mma kernel's chunks add into one [M, N] plane with atomics (planes a chunk
     would grow with M x K); the launcher zeroes it, so a NaN-filled workspace still gives the
-    float64 result."""
+    float64 result. K = 8192 at M = 16 is 64 k-blocks in chunks of at most 8: split on any card."""
     k, n, g, m = 8192, 8192, 128, 16
-    qw, s, z, b = _random_weight(k, n, g, torch.bfloat16, seed=12)
-    w64 = dequantize(qw, s, z, g, k, dtype=torch.float64)
-    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-    lib = cuda_mod.load_library()
-    need = lib.awq_int4_gemm_mma_workspace(m, n, k, k, g, 1)
-    assert need in (0, m * n)
-    ws = torch.full((max(need, 1),), float("nan"), dtype=torch.float32, device="cuda")
+    (qw, s, z, _), w64, x = _mma_case(k, n, m, seed=12)
+    need = cuda_mod.load_library().awq_int4_gemm_mma_workspace(m, n, k, k, g, 1)
+    assert need == m * n
+    ws = torch.full((need,), float("nan"), dtype=torch.float32, device="cuda")
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-    cuda_mod._check(lib.awq_int4_gemm_mma(x.data_ptr(), qw.data_ptr(), s.data_ptr(), z.data_ptr(), None,
-                                          out.data_ptr(), ws.data_ptr(), need, m, n, k, k, g, 1, None))
+    cuda_mod._check(_mma_raw(x, (qw, s, z), None, out, ws, need))
     assert _rel_err(out, x.double() @ w64.T) < TOL[torch.bfloat16]
