@@ -7,8 +7,8 @@ are filled (the mask is a boolean [B, 1, 1, L], as transformers makes it for a S
 Llama-2-7B's attention (32 heads, head dim 128) and 13B's (40 heads) with the decode benchmark's
 cache (L = 384; valid 129, 256, 384: the first, middle and last step of 256 generated after a
 128-token prompt), and a grouped-query one (Llama-3-8B: 32 query heads on 8 KV heads, L = 4096).
-Rows: the op (library's split choice), the op with blocks of 8 warps where a block has at most 2
-query rows ($AWQ_ATTN_THREADS=256), the kernel with the split forced to 1, 2, 4, 8 blocks a
+Rows: the op (library's split choice; blocks of 8 warps where a block has at most 2 query rows and
+the grid fits in one wave), the op with blocks of 4 warps ($AWQ_ATTN_THREADS=128), the kernel with the split forced to 1, 2, 4, 8 blocks a
 (batch, KV head) ($AWQ_ATTN_SPLITS), torch's scaled_dot_product_attention as dispatched (what the
 bf16 graph runs), with each backend that takes a mask forced (cuDNN, memory-efficient), and flash
 attention over the filled prefix without a mask (a bound: it needs to know the length). Graph-timed
@@ -88,7 +88,7 @@ def _flash_prefix(valid: int):
     return run
 
 
-VARIANTS = [("op", _env_op("")), ("op, 8 warps", _env_op("", "256")),
+VARIANTS = [("op", _env_op("")), ("op, 4 warps", _env_op("", "128")),
             *[(f"op, split {s}", _env_op(str(s))) for s in (1, 2, 4, 8)],
             ("torch sdpa", _sdpa(None)), ("sdpa cuDNN", _sdpa(SDPBackend.CUDNN_ATTENTION)),
             ("sdpa mem-efficient", _sdpa(SDPBackend.EFFICIENT_ATTENTION))]
@@ -143,7 +143,7 @@ def main() -> None:
     card, bw = torch.cuda.get_device_name(), copy_bandwidth()
     cases = [c for c in CASES if c[0] == "7B" and c[4] == 384] if args.quick else CASES
     if args.quick:
-        VARIANTS[:] = [v for v in VARIANTS if v[0] in ("op", "op, 8 warps", "torch sdpa")]
+        VARIANTS[:] = [v for v in VARIANTS if v[0] in ("op", "op, 4 warps", "torch sdpa")]
     rows = [bench_case(n, b, hq, hkv, length, v, bw) for n, b, hq, hkv, length, vs in cases for v in vs]
     print(table(card, bw, rows))
     if args.out:

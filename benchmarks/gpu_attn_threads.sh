@@ -2,7 +2,8 @@
 # Device calls for $AWQ_ATTN_THREADS=256 (decode attention blocks of 8 warps where a block has at
 # most 2 query rows and the grid fits in one wave) and $AWQ_PDL_TC=8 (the tc kernel, 7B's o
 # projection at batch 8, launched with PDL: its weights load during the attention), sessions
-# 17-18. carry: awq_compile/_lib.
+# 17-18. carry: awq_compile/_lib. Both became defaults in session 18 (after b and c), so these
+# ablations now measure nothing: benchmarks/gpu_session18.sh ablates them off.
 #   bash benchmarks/gpu_attn_threads.sh a   # the attention's float64 tests with it; the kernel
 #                                           # graph-timed at 7B batch 1 and 8 (bench_attention --quick)
 #   bash benchmarks/gpu_attn_threads.sh b   # every CUDA test (the mma kernel's ordered split-K too);

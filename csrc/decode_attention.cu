@@ -262,13 +262,13 @@ constexpr int round_positions(int D, int R, int threads = kAttnThreads) {
   return (32 / (D / 8)) * (threads / 32) * ni_for(R);
 }
 
-// Whether $AWQ_ATTN_THREADS=256 asks for blocks of 8 warps instead of kAttnThreads' 4 (experiments;
-// read on every call): twice a block's loads in flight, half its rounds. Taken where R <= 2 and
-// the grid fits in one wave at 2 such blocks a SM (128 registers a thread): not 13B's 320
-// (batch, head) pairs at batch 8. H200, graph-timed (csrc/NOTES.md, session 17): 7B batch 1 -0.6
-// to -0.8 us; batch 8 +0.4 / -0.1 / -2.7 us at 129 / 256 / 384 positions filled. Off until
-// measured end to end.
-bool eight_warps_asked() { return env_long("AWQ_ATTN_THREADS", kAttnThreads) == 256; }
+// Whether blocks of at most 2 query rows may be 8 warps instead of kAttnThreads' 4: by default,
+// $AWQ_ATTN_THREADS=128 keeps 4 (read on every call). Twice a block's loads in flight, half its
+// rounds. Taken where the grid fits in one wave at 2 such blocks a SM (128 registers a thread):
+// not 13B's 320 (batch, head) pairs at batch 8. H200 (csrc/NOTES.md, sessions 17-18): graph-timed,
+// 7B batch 1 -0.6 to -0.8 us, batch 8 +0.4 / -0.1 / -2.7 us at 129 / 256 / 384 positions filled;
+// 7B decode at batch 8 +1.4% alone, +3.8% with the tc kernel's PDL.
+bool eight_warps_allowed() { return env_long("AWQ_ATTN_THREADS", 256) == 256; }
 int rows_template(int64_t rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8; }
 
 // Blocks a (batch, KV head): `forced` (1..8) where the caller asks, else $AWQ_ATTN_SPLITS
@@ -304,7 +304,7 @@ int launch(const AttnArgs& a, int64_t B, int splits, cudaStream_t stream) {
   if (int rc = device_smem(d)) return rc;
   const int64_t bh = B * a.Hkv;
   if constexpr (R <= 2) {
-    if (eight_warps_asked()) {
+    if (eight_warps_allowed()) {
       const int n = splits_for(*d, bh, a.L, round_positions(D, R, 256), splits);
       if (bh * n <= 2LL * d->sms) return launch_threads<T, D, R, 256>(a, *d, B, n, stream);
     }

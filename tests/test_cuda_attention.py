@@ -115,13 +115,17 @@ EIGHT_WARP_CASES = [  # (B, Hq, Hkv, S, L, D), $AWQ_ATTN_SPLITS: every grid fits
 ]
 
 
+@pytest.mark.parametrize("threads", ["", "128"], ids=["eight_warps", "four_warps"])
 @pytest.mark.parametrize("shape,splits", EIGHT_WARP_CASES,
                          ids=["b8_7b", "b1_7b", "b1_7b_split8", "gqa2_d64", "gqa2_d64_split3", "s2_split5"])
-def test_eight_warp_blocks(shape, splits, monkeypatch):
-    """$AWQ_ATTN_THREADS=256: blocks of 8 warps where a block has at most 2 query rows (1 or 2
-    here) and the grid fits in one wave, with the library's split and forced ones: the
-    reference, masked positions unread."""
-    monkeypatch.setenv("AWQ_ATTN_THREADS", "256")
+def test_eight_warp_blocks(shape, splits, threads, monkeypatch):
+    """Blocks of 8 warps (the default where a block has at most 2 query rows, 1 or 2 here, and the
+    grid fits in one wave), and of 4 with $AWQ_ATTN_THREADS=128, with the library's split and
+    forced ones: the reference, masked positions unread."""
+    if threads:
+        monkeypatch.setenv("AWQ_ATTN_THREADS", threads)
+    else:
+        monkeypatch.delenv("AWQ_ATTN_THREADS", raising=False)
     if splits:
         monkeypatch.setenv("AWQ_ATTN_SPLITS", splits)
     b, hq, hkv, s, length, d = shape
@@ -182,14 +186,15 @@ def test_opcheck_on_cuda():
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
-@pytest.mark.parametrize("env", ["", "AWQ_PDL_CLUSTER=8", "AWQ_PDL_TC=8"], ids=["default", "pdl_clusters", "tc_pdl"])
+@pytest.mark.parametrize("env", ["", "AWQ_PDL_CLUSTER=8", "AWQ_PDL_TC=0"], ids=["default", "pdl_clusters", "no_tc_pdl"])
 @pytest.mark.parametrize("m", [1, 8])
 def test_in_a_cuda_graph_between_int4_launches(m, env, monkeypatch):
     """projection -> attention -> projection captured in a CUDA graph, the attention launched
     plainly and (one block a head, M = 1) with programmatic dependent launch, its input and output
     filled with NaN before each replay: each replay equals the chain run eagerly without PDL.
-    $AWQ_PDL_CLUSTER=8 launches the attention's clusters with it as well; $AWQ_PDL_TC=8 the
-    projection after the attention at M = 8 (the tc kernel, whose weights load before its wait)."""
+    $AWQ_PDL_CLUSTER=8 launches the attention's clusters with it as well. By default the
+    projection after the attention at M = 8 (the tc kernel, whose weights load before its wait)
+    launches with PDL too, $AWQ_PDL_TC=0 plainly."""
     if env:
         monkeypatch.setenv(*env.split("="))
     g, hidden = 128, 4096

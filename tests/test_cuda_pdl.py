@@ -65,14 +65,14 @@ def _chain(x, w):
     return outs
 
 
-@pytest.mark.parametrize("pdl,clusters,tc", [("", "", ""), ("8", "", ""), ("8", "8", ""), ("", "0", ""), ("", "", "8")],
-                         ids=["default", "pdl_to_m8", "pdl_to_m8_and_clusters", "no_clusters", "tc_to_m8"])
+@pytest.mark.parametrize("pdl,clusters,tc", [("", "", ""), ("8", "", ""), ("8", "8", ""), ("", "0", ""), ("", "", "0")],
+                         ids=["default", "pdl_to_m8", "pdl_to_m8_and_clusters", "no_clusters", "no_tc"])
 @pytest.mark.parametrize("m", [1, 2, 4, 8])
 def test_chain_in_cuda_graph_matches_eager_without_pdl(m, pdl, clusters, tc, weights, monkeypatch):
     """clusters: $AWQ_PDL_CLUSTER (default 2: the folded GEMV's K-split clusters of 2 launch with
-    PDL), 8 (its clusters up to 8 too, M = 2..8 here), 0 (no cluster). tc: $AWQ_PDL_TC, the tc
-    kernel (the o-like 4096 x 4096 weight at M = 2..8 here) with PDL, its first loads before the
-    wait."""
+    PDL), 8 (its clusters up to 8 too, M = 2..8 here), 0 (no cluster). tc: $AWQ_PDL_TC (default 8: the
+    tc kernel, the o-like 4096 x 4096 weight at M = 2..8 here, with PDL, its first loads before the
+    wait), 0 (plain)."""
     for name, value in (("AWQ_PDL", pdl), ("AWQ_PDL_CLUSTER", clusters), ("AWQ_PDL_TC", tc)):
         if value:
             monkeypatch.setenv(name, value)

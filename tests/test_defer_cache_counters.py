@@ -184,7 +184,8 @@ def test_cuda_backend_decode_with_deferred_counters(batch, cuda_library, cuda_ll
     deferred against the option off (teacher-forced tokens). The compiled steps run the same
     kernels on the same values, so logits and caches are bit for bit. (Until session 17 batch 1
     was not: the eager 8-token prefill runs the gate and up projections through the mma kernel,
-    whose split-K sum used atomics; it now sums its chunks in order.)"""
+    whose split-K sum used atomics; it now sums its chunks in order. Both compile under inductor's
+    deterministic mode, decode_option_ab's, so inductor's own reductions agree as well.)"""
     cfg, run = cuda_llama_decode
     off, on, err = decode_option_ab(run, batch, "defer_counters", "counters_deferred")
     assert off == 0 and on == cfg.num_hidden_layers
