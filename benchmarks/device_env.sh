@@ -6,3 +6,19 @@ mkdir -p "$OUT"
 [ -e awq_compile/passes ] || ln -s ../passes awq_compile/passes
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv | tee "$OUT/gpu.txt"
+
+# decode_ablations SHAPE SECONDS ABLATION...: the decode benchmark at batch 1 and 8 with
+# the ablations in the same process, into $OUT/e2e_SHAPE.json; prints its result rows.
+decode_ablations() {
+  local shape=$1 secs=$2
+  shift 2
+  timeout "$secs" python3 benchmarks/bench_e2e_gpu.py decode --shape "$shape" --batch 1 8 --ablate "$@" \
+    --out "$OUT/e2e_$shape.json" 2>&1 | grep -E "^\{|Error|error" | tail -14
+}
+
+# cuda_tests SECONDS: every CUDA test into $OUT/t.txt; prints the summary and the failures.
+cuda_tests() {
+  timeout "$1" python3 -m pytest -q -p no:cacheprovider -m cuda tests > "$OUT/t.txt" 2>&1
+  tail -1 "$OUT/t.txt"
+  grep -E "^(FAILED|ERROR)" "$OUT/t.txt" | head -20
+}

@@ -11,11 +11,8 @@
 #   bash benchmarks/gpu_attn_threads.sh c   # 13B decode, the same (its batch 8 keeps 4 warps: two waves)
 set -u -o pipefail
 source benchmarks/device_env.sh /tmp/awq_attn_threads_out
-decode() {  # shape, seconds
-  timeout "$2" python3 benchmarks/bench_e2e_gpu.py decode --shape "$1" --batch 1 8 \
-    --ablate env:AWQ_ATTN_THREADS=256 env:AWQ_PDL_TC=8 env:AWQ_ATTN_THREADS=256,AWQ_PDL_TC=8 \
-    --out "$OUT/e2e_$1.json" 2>&1 | grep -E "^\{|Error|error" | tail -14
-}
+ABLATIONS="env:AWQ_ATTN_THREADS=256 env:AWQ_PDL_TC=8 env:AWQ_ATTN_THREADS=256,AWQ_PDL_TC=8"
+decode() { decode_ablations "$1" "$2" $ABLATIONS; }  # shape, seconds
 case "${1:-a}" in
 a)
   timeout 60 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda_attention.py \
@@ -24,8 +21,7 @@ a)
   timeout 60 python3 benchmarks/bench_attention.py --quick --out "$OUT/attn.json" 2>/dev/null | tee "$OUT/attn.md" | grep -v "^$"
   ;;
 b)
-  timeout 240 python3 -m pytest -q -p no:cacheprovider -m cuda tests > "$OUT/t.txt" 2>&1
-  tail -1 "$OUT/t.txt"; grep -E "^(FAILED|ERROR)" "$OUT/t.txt" | head -20
+  cuda_tests 240
   decode 7b 360
   ;;
 c)

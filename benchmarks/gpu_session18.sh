@@ -7,15 +7,11 @@
 #   bash benchmarks/gpu_session18.sh b   # 13B decode, the same ablations
 set -u -o pipefail
 source benchmarks/device_env.sh /tmp/awq_session18_out
-decode() {  # shape, seconds
-  timeout "$2" python3 benchmarks/bench_e2e_gpu.py decode --shape "$1" --batch 1 8 \
-    --ablate env:AWQ_ATTN_THREADS=128,AWQ_PDL_TC=0 env:AWQ_PDL=8 env:AWQ_PDL=8,AWQ_FOLD_CLUSTER=0 \
-    --out "$OUT/e2e_$1.json" 2>&1 | grep -E "^\{|Error|error" | tail -14
-}
+ABLATIONS="env:AWQ_ATTN_THREADS=128,AWQ_PDL_TC=0 env:AWQ_PDL=8 env:AWQ_PDL=8,AWQ_FOLD_CLUSTER=0"
+decode() { decode_ablations "$1" "$2" $ABLATIONS; }  # shape, seconds
 case "${1:-a}" in
 a)
-  timeout 240 python3 -m pytest -q -p no:cacheprovider -m cuda tests > "$OUT/t.txt" 2>&1
-  tail -1 "$OUT/t.txt"; grep -E "^(FAILED|ERROR)" "$OUT/t.txt" | head -20
+  cuda_tests 240
   decode 7b 400
   ;;
 b)

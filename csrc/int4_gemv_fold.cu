@@ -80,7 +80,11 @@ using F0 = FoldCfg<16, 3, 1>;  // one block of 16 warps a SM, 3 stages (96 KB ri
 using F1 = FoldCfg<8, 3, 2>;   // two blocks of 8 warps, 3 stages (48 KB ring each)
 using F2 = FoldCfg<16, 2, 1>;  // one block of 16 warps, 2 stages (64 KB)
 using F3 = FoldCfg<8, 2, 2>;   // two blocks of 8 warps, 2 stages (32 KB each)
-constexpr int kNumCfg = 4;
+// One block of 16 warps, 4 stages (128 KB; experiments, session 18): under programmatic
+// dependent launch a warp requests 3 stages before its wait instead of 2 (q/k/v at one token,
+// launched while the down projection before it drains).
+using F4 = FoldCfg<16, 4, 1>;
+constexpr int kNumCfg = 5;
 
 // Rope mode's outputs (awq_int4_gemm_fold_rope): seg 0 (q) is rotated into its y, seg 1 (k)
 // rotated and seg 2 (v) as is into the caches [B, N / D, L, D] at sequence index pos[s] of token
@@ -850,6 +854,7 @@ int plan_for(const FoldArgs& a, int dtype, Plan& p) {
     case 1: return plan_cfg<T, F1>(a, dtype, 1, p);
     case 2: return plan_cfg<T, F2>(a, dtype, 2, p);
     case 3: return plan_cfg<T, F3>(a, dtype, 3, p);
+    case 4: return plan_cfg<T, F4>(a, dtype, 4, p);
     default: return plan_cfg<T, F0>(a, dtype, 0, p);
   }
 }
@@ -891,6 +896,7 @@ int launch(FoldArgs a, int dtype, int64_t ws_floats, cudaStream_t stream) {
     case 1: launch_cfg<T, F1>(a, p, stream, pdl); break;
     case 2: launch_cfg<T, F2>(a, p, stream, pdl); break;
     case 3: launch_cfg<T, F3>(a, p, stream, pdl); break;
+    case 4: launch_cfg<T, F4>(a, p, stream, pdl); break;
     default: launch_cfg<T, F0>(a, p, stream, pdl); break;
   }
   if (int e = check_launch("gemv_fold_kernel")) return e;

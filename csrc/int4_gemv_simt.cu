@@ -83,8 +83,14 @@ struct Cfg {
 // 2-4% of these (M = 1: 55.5 us vs 56-58 for the R = 4 / P = 3 ones, 65 for R = 2 / LK = 8):
 //   Cfg0: M <= 2, 4 rows per lane, 512-byte row reads (80 registers, 3 blocks per SM).
 //   Cfg1: M >= 3, 2 rows per lane (R = 4 spills from M = 4 on), 1-wavefront x loads.
+//   Cfg2: Cfg0 with a ring of 3 steps at 2 blocks a SM (experiments, session 18): under
+//       programmatic dependent launch a warp then requests 2 steps before its wait instead of 1,
+//       which at 7B's o projection at one token (2 steps a warp) is all of its weights, loaded
+//       while our attention runs. Standalone, deeper rings did not help (above).
 using Cfg0 = Cfg<32, 4, 2, 3>;
 using Cfg1 = Cfg<8, 2, 2, 2>;
+using Cfg2 = Cfg<32, 4, 3, 2>;
+constexpr int kNumCfg = 3;
 constexpr int default_cfg(int m) { return m <= 2 ? 0 : 1; }
 template <class C, int M>
 constexpr int kernel_minb() { return M <= 2 ? C::MINB : 2; }
@@ -422,7 +428,7 @@ int plan_for(const SimtArgs& a, int dtype, Plan& p) {
   const DeviceSmem* d = nullptr;
   if (int e = device_smem(d)) return e;
   const bool multi = a.nseg > 1;
-  static int reg_occ[64][2][kMaxM + 1][2][2];  // blocks per SM allowed by registers: (device, dtype, M, config, multi)
+  static int reg_occ[64][2][kMaxM + 1][kNumCfg][2];  // blocks per SM allowed by registers: (device, dtype, M, config, multi)
   int& occ = reg_occ[d->dev & 63][dtype][M][CI][multi];
   if (occ == 0) {
     auto kernel = multi ? gemv_simt_kernel<T, M, C, true> : gemv_simt_kernel<T, M, C, false>;
@@ -494,8 +500,12 @@ int cfg_override() {
 // Runs F<T, M, Cfg_i, i>::run for the configuration in use.
 template <typename T, int M, template <typename, int, class, int> class F, typename... Args>
 int by_cfg(Args&&... args) {
-  const int cfg = cfg_override() >= 0 ? cfg_override() : default_cfg(M);
-  return cfg == 0 ? F<T, M, Cfg0, 0>::run(args...) : F<T, M, Cfg1, 1>::run(args...);
+  const int o = cfg_override(), cfg = o >= 0 && o < kNumCfg ? o : default_cfg(M);
+  switch (cfg) {
+    case 0: return F<T, M, Cfg0, 0>::run(args...);
+    case 2: return F<T, M, Cfg2, 2>::run(args...);
+    default: return F<T, M, Cfg1, 1>::run(args...);
+  }
 }
 
 template <typename T, int M, class C, int CI>

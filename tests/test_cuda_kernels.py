@@ -217,8 +217,9 @@ def test_pc_deterministic_and_errors():
 @pytest.mark.parametrize("k,n,g", [(576, 1536, 128), (573, 200, 32), (4096, 4096, 64),
                                    (28672, 8192, 128)])
 def test_simt_configs(k, n, g, dtype, monkeypatch):
-    """Every instantiated configuration (lane layout, rows per lane, ring depth)."""
-    for cfg in range(2):
+    """Every instantiated configuration (lane layout, rows per lane, ring depth; 2 is the
+    3-step ring of session 18's experiment)."""
+    for cfg in range(3):
         monkeypatch.setenv("AWQ_SIMT_CFG", str(cfg))
         _check_simt(*_case(k, n, g, dtype), g, dtype, ms=(1, 3, 8))
 
@@ -250,7 +251,7 @@ def test_fold_sweep(k, n, dtype):
     _check_kernel("fold", _fold_one, *_case(k, n, 128, dtype), 128, dtype, TC_MS, check_op=True)
 
 
-@pytest.mark.parametrize("cfg", ["0", "1", "2", "3"])
+@pytest.mark.parametrize("cfg", ["0", "1", "2", "3", "4"])
 def test_fold_configs(cfg, monkeypatch):
     """Every block configuration $AWQ_FOLD_CFG can pick, with K unsplit and forced into slices."""
     monkeypatch.setenv("AWQ_FOLD_CFG", cfg)

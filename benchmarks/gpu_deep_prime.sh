@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Device calls for session 18's deeper rings (written after its device time): $AWQ_SIMT_CFG=2 (the
+# CUDA-core GEMV with 3 steps a warp, 2 blocks a SM: 7B's o projection at one token then requests
+# all of its weights before its PDL wait, while our attention runs) and $AWQ_FOLD_CFG=4 (the folded
+# GEMV with 4 stages: q/k/v at one token requests 3 before its wait, during the down projection).
+# carry: awq_compile/_lib.
+#   bash benchmarks/gpu_deep_prime.sh a   # every CUDA test (the new configurations' sweeps, the
+#                                         # decode A/Bs under inductor's deterministic mode); 7B
+#                                         # decode with each, and both, as ablations
+#   bash benchmarks/gpu_deep_prime.sh b   # 13B decode, the same; then the batch-1 trace of 2 7B
+#                                         # layers with both
+#   bash benchmarks/gpu_deep_prime.sh c   # the decode A/B tests three more times (reproducible?)
+set -u -o pipefail
+source benchmarks/device_env.sh /tmp/awq_deep_prime_out
+ABLATIONS="env:AWQ_SIMT_CFG=2 env:AWQ_FOLD_CFG=4 env:AWQ_SIMT_CFG=2,AWQ_FOLD_CFG=4"
+decode() { decode_ablations "$1" "$2" $ABLATIONS; }  # shape, seconds
+case "${1:-a}" in
+a)
+  cuda_tests 240
+  decode 7b 360
+  ;;
+b)
+  decode 13b 420
+  AWQ_SIMT_CFG=2 AWQ_FOLD_CFG=4 timeout 120 python3 benchmarks/trace_decode.py --layers 2 --batch 1 \
+    --out "$OUT" > "$OUT/trace_b1.txt" 2>&1
+  grep -A40 "## int4" "$OUT/trace_b1.txt" | head -40
+  ;;
+c)
+  for i in 1 2 3; do
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda_attention.py tests/test_cuda_norm.py \
+      tests/test_defer_cache_counters.py tests/test_fuse_rope_cache.py -k "decode or backend" 2>&1 | tail -1
+  done
+  ;;
+esac
