@@ -9,7 +9,9 @@
 #                                         # decode with each, and both, as ablations
 #   bash benchmarks/gpu_deep_prime.sh b   # 13B decode, the same; then the batch-1 trace of 2 7B
 #                                         # layers with both
-#   bash benchmarks/gpu_deep_prime.sh c   # the decode A/B tests three more times (reproducible?)
+#   bash benchmarks/gpu_deep_prime.sh c   # the kernels alone, graph-timed at M = 1 and 8 (chains of
+#                                         # 20 PDL launches), each setting; the decode A/B tests
+#                                         # twice more (reproducible under the deterministic mode?)
 set -u -o pipefail
 source benchmarks/device_env.sh /tmp/awq_deep_prime_out
 ABLATIONS="env:AWQ_SIMT_CFG=2 env:AWQ_FOLD_CFG=4 env:AWQ_SIMT_CFG=2,AWQ_FOLD_CFG=4"
@@ -26,7 +28,9 @@ b)
   grep -A40 "## int4" "$OUT/trace_b1.txt" | head -40
   ;;
 c)
-  for i in 1 2 3; do
+  timeout 200 python3 benchmarks/bench_fold_dispatch.py --m 1 8 --dispatch-only \
+    --env AWQ_SIMT_CFG=2 AWQ_FOLD_CFG=4 2>/dev/null | tee "$OUT/kernels.md" | grep -v "^$"
+  for i in 1 2; do
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda_attention.py tests/test_cuda_norm.py \
       tests/test_defer_cache_counters.py tests/test_fuse_rope_cache.py -k "decode or backend" 2>&1 | tail -1
   done
