@@ -37,10 +37,10 @@ __all__ = ["library_path", "load_library", "available", "gemm_mma", "gemm_pc", "
            "dequantize_cuda", "int4_linear_cuda", "int4_linear_multi_cuda", "mma_max_m", "pc_max_m", "simt_max_m",
            "tc_max_m", "use_fold", "gemm_fold", "split_k_slices", "int4_linear_partials_cuda", "gemm_sm90", "sm90_config", "sm90_operands", "sm90_pick", "sm90_splits", "ENV_VAR",
            "fused_norm_applies", "NORM_MAX_M", "int4_linear_glu_norm_cuda", "int4_linear_rope_cache_norm_cuda",
-           "decode_attention_applies", "decode_attention_cuda", "ATTENTION_MAX_ROUNDS"]
+           "decode_attention_applies", "decode_attention_cuda", "ATTENTION_MAX_ROUNDS", "add_rms_norm_cuda"]
 
 ENV_VAR = "AWQ_COMPILE_CUDA_LIB"
-_ABI_VERSION = 14
+_ABI_VERSION = 15
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 
 # Largest M served by the weight-streaming kernel; above it, dequantize + cuBLAS. Measured on an
@@ -239,6 +239,9 @@ def load_library() -> ctypes.CDLL | None:
     lib.awq_decode_attention_max_rows.restype = i64
     lib.awq_decode_attention_rounds.argtypes = [i64] * 6
     lib.awq_decode_attention_rounds.restype = i64
+    lib.awq_add_rms_norm.argtypes = [p, p, i64, i64, i32, p]
+    lib.awq_add_rms_norm.restype = i32
+    lib.awq_add_rms_norm_max_k.restype = i64
     lib.awq_int4_gemm_tc.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i32, i32, p]
     lib.awq_int4_gemm_tc.restype = i32
     lib.awq_int4_tc_max_m.restype = i64
@@ -831,6 +834,25 @@ def _norm_in(residual, delta, delta_bias, norm_weight, eps, slices) -> tuple[_Aw
     return nm, h
 
 
+
+def add_rms_norm_cuda(residual, delta, delta_bias, norm_weight, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CUDA implementation of awq::add_rms_norm: one launch of csrc/add_rms_norm.cu where it
+    takes the tensors (fp16 or bf16, contiguous and 16-byte aligned, K % 8 == 0, K up to
+    awq_add_rms_norm_max_k), else add_rms_norm in torch ops."""
+    slices = check_add_rms_norm_args(residual, delta, delta_bias, norm_weight, eps, "add_rms_norm")
+    k = residual.shape[-1]
+    lib = load_library()
+    if (residual.dtype in _DTYPES and k % 8 == 0 and residual.numel() > 0
+            and k <= lib.awq_add_rms_norm_max_k() and residual.device.index == torch.cuda.current_device()):
+        packed = _norm_in(residual, delta, delta_bias, norm_weight, eps, slices)
+        if packed is not None:
+            nm, h = packed
+            x = torch.empty_like(residual)
+            _check(lib.awq_add_rms_norm(ctypes.byref(nm), x.data_ptr(), residual.numel() // k, k,
+                                        _DTYPES[residual.dtype], _raw_stream(residual.device)))
+            return h, x
+    return add_rms_norm(residual, delta, delta_bias, norm_weight, eps)
+
 def int4_linear_glu_norm_cuda(residual, delta, delta_bias, norm_weight, eps, qweights, scales, zeros, group_size,
                               biases) -> tuple[torch.Tensor, torch.Tensor]:
     """The CUDA implementation of awq::int4_linear_glu_norm: where fused_norm_applies, one launch
@@ -997,6 +1019,8 @@ def _register() -> bool:
         _IMPL.impl("int4_linear_rope_cache_norm", int4_linear_rope_cache_norm_cuda, "CUDA")
     if hasattr(torch.ops.awq, "decode_attention"):
         _IMPL.impl("decode_attention", decode_attention_cuda, "CUDA")
+    if hasattr(torch.ops.awq, "add_rms_norm"):
+        _IMPL.impl("add_rms_norm", add_rms_norm_cuda, "CUDA")
     return True
 
 

@@ -26,7 +26,9 @@ works without importing awq_compile. Per graph dynamo hands over, the backend
    residual add and the RMSNorm after it go into the `int4_linear_glu` or
    `int4_linear_rope_cache` call that reads the norm, as one `awq::int4_linear_glu_norm` or
    `awq::int4_linear_rope_cache_norm` call, where the CUDA kernel makes the norm in its
-   prologue (`passes.fuse_add_rms_norm`; `options={"fuse_norm": False}` leaves them); and a
+   prologue (`passes.fuse_add_rms_norm`; `options={"fuse_norm": False}` leaves them; with
+   $AWQ_NORM_OP=1, an experiment until measured, each add + norm left over becomes one
+   `awq::add_rms_norm` call, `passes.swap_add_rms_norm`, on a GPU); and a
    decode step's attention (scaled_dot_product_attention of a few query rows a KV head, on a
    GPU) becomes one `awq::decode_attention` call, whose CUDA kernel reads only the cache
    positions the mask leaves (`passes.swap_decode_attention`; `options={"decode_attention":
@@ -41,6 +43,7 @@ works without importing awq_compile. Per graph dynamo hands over, the backend
 "siblings_fused" (int4_linear_multi calls made), "mlps_fused" (int4_linear_glu calls made),
 "rope_fused" (int4_linear_rope_cache calls made), "split_k_deferred" (int4_linear_partials
 calls made), "norms_fused" (int4_linear_glu_norm and int4_linear_rope_cache_norm calls made),
+"norm_ops" (add_rms_norm calls made),
 "attention_swapped" (decode_attention calls made), "counters_deferred" (cache counters read by
 the q/k/v calls and incremented at the end).
 """
@@ -262,6 +265,8 @@ def serve_graph(
         torch._dynamo.utils.counters["awq"]["split_k_deferred"] += passes.defer_split_k(gm)
     if fuse_norm:
         torch._dynamo.utils.counters["awq"]["norms_fused"] += passes.fuse_add_rms_norm(gm)
+        if os.environ.get("AWQ_NORM_OP") == "1":  # experiment (session 18): the norms left, one CUDA launch each
+            torch._dynamo.utils.counters["awq"]["norm_ops"] += passes.swap_add_rms_norm(gm)
     if decode_attention:
         torch._dynamo.utils.counters["awq"]["attention_swapped"] += passes.swap_decode_attention(gm)
     if defer_counters:

@@ -27,7 +27,7 @@ __all__ = ["SOURCES", "default_output", "find_nvcc", "cutlass_include", "compile
 
 SOURCES = ("int4_common.cu", "int4_gemv_mma.cu", "int4_gemv_simt.cu", "int4_gemv_tc.cu", "int4_gemv_pc.cu",
            "int4_gemv_fold.cu", "int4_dequant.cu", "int4_gemm_sm90.cu", "rope_cache.cu",
-           "decode_attention.cu")
+           "decode_attention.cu", "add_rms_norm.cu")
 ARCHS = ("90a", "80")
 # -DNDEBUG: CUTLASS's device asserts are calls that split the wgmma pipeline (ptxas C7510).
 _FLAGS = ("-O3", "-std=c++17", "-DNDEBUG", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr")

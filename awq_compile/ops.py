@@ -52,7 +52,7 @@ from .quant import dequantize
 __all__ = ["int4_linear", "int4_linear_multi", "int4_linear_glu", "int4_linear_partials", "check_int4_linear_args",
            "check_int4_linear_multi_args", "check_int4_linear_glu_args", "int4_linear_rope_cache",
            "check_int4_linear_rope_cache_args", "rotate_heads", "cache_positions", "MAX_SEGMENTS", "add_rms_norm",
-           "check_add_rms_norm_args", "int4_linear_glu_norm", "int4_linear_rope_cache_norm", "decode_attention",
+           "check_add_rms_norm_args", "add_rms_norm_op", "int4_linear_glu_norm", "int4_linear_rope_cache_norm", "decode_attention",
            "check_decode_attention_args", "DECODE_ATTENTION_MAX_ROWS"]
 
 MAX_SEGMENTS = 4
@@ -506,6 +506,27 @@ def _(residual, delta, delta_bias, norm_weight, eps, qweights, scales, zeros, gr
                                                     cache_position, k_cache, v_cache)
     return residual.new_empty((residual.shape[0], residual.shape[1], hq * d)), torch.empty_like(residual)
 
+
+
+@torch.library.custom_op("awq::add_rms_norm", mutates_args=())
+def add_rms_norm_op(
+    residual: torch.Tensor,
+    delta: torch.Tensor,
+    delta_bias: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """add_rms_norm as one op, (h, x): what `swap_add_rms_norm` puts in place of a residual add
+    and the RMSNorm after it where no projection takes them in. On CUDA one launch of
+    csrc/add_rms_norm.cu; elsewhere add_rms_norm in torch ops."""
+    check_add_rms_norm_args(residual, delta, delta_bias, norm_weight, eps, "add_rms_norm")
+    return add_rms_norm(residual, delta, delta_bias, norm_weight, eps)
+
+
+@add_rms_norm_op.register_fake
+def _(residual, delta, delta_bias, norm_weight, eps):
+    check_add_rms_norm_args(residual, delta, delta_bias, norm_weight, eps, "add_rms_norm")
+    return torch.empty_like(residual), torch.empty_like(residual)
 
 DECODE_ATTENTION_MAX_ROWS = 8
 """Most query rows a KV head `decode_attention`'s CUDA kernel takes (query heads a KV head times

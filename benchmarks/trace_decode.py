@@ -26,7 +26,7 @@ def kind(name: str) -> str:
     """A kernel's kind, from its name."""
     for key, label in (("gemv_simt", "INT4 GEMV (CUDA cores)"), ("gemv_tc", "INT4 GEMV (tensor cores)"),
                        ("gemv_pc", "INT4 GEMV (producer/consumer)"), ("gemv_fold", "INT4 GEMV (folded, tensor cores)"),
-                       ("simt_finalize", "INT4 split-K sum"), ("rope_cache_kernel", "rotary + KV-cache write (ours)"), ("decode_attention_kernel", "attention (ours)"), ("fold_finalize", "INT4 split-K sum"),
+                       ("simt_finalize", "INT4 split-K sum"), ("rope_cache_kernel", "rotary + KV-cache write (ours)"), ("decode_attention_kernel", "attention (ours)"), ("add_rms_norm_kernel", "add + RMSNorm (ours)"), ("fold_finalize", "INT4 split-K sum"),
                        ("nvjet", "cuBLAS"), ("splitKreduce", "cuBLAS"), ("sdpa", "attention"),
                        ("flash", "attention"), ("rsqrt", "add + RMSNorm"), ("silu", "silu * mul"),
                        ("ArgMax", "argmax"), ("triton", "other Triton (rotary, cache, copies)")):

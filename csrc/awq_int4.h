@@ -115,6 +115,12 @@ int awq_int4_gemm_fold_rope(const void* x, const uint8_t* const* qweights, const
                             const void* sin, int64_t cos_bstride, const int64_t* pos, void* k_cache, void* v_cache,
                             int64_t S, int64_t L, int64_t D, const awq_norm_in* norm, void* stream);
 
+// A residual add and RMSNorm alone (add_rms_norm.cu): h (written to norm->h) and x [M, K] as the
+// `norm` argument above defines them, one block a row. K % 8 == 0, K <= awq_add_rms_norm_max_k(),
+// every pointer 16-byte aligned.
+int64_t awq_add_rms_norm_max_k(void);
+int awq_add_rms_norm(const awq_norm_in* norm, void* x, int64_t M, int64_t K, int dtype, void* stream);
+
 // Rotary embedding and static KV-cache write after a q/k/v projection (rope_cache.cu):
 // q [B*S, Hq*D] rotated in place; k and v [B*S, Hkv*D] (k rotated) written to k_cache and
 // v_cache [B, Hkv, L, D] at sequence index pos[s] (int64 [S]; outside [0, L): not written);

@@ -105,9 +105,22 @@ bool pdl_enabled(const DeviceSmem& d, int m) { return d.major >= 9 && m <= env_l
 
 bool pdl_cluster_enabled(int size) { return size <= env_long("AWQ_PDL_CLUSTER", kPdlMaxCluster); }
 
+int norm_in(NormIn& out, const awq_norm_in* nm, int K, const char* who) {
+  auto misaligned = [](const void* p) { return ((uintptr_t)p & 15) != 0; };
+  if (!nm->residual || !nm->weight || !nm->h || (!nm->delta) == (!nm->partials) || (nm->partials && nm->slices < 1) ||
+      (nm->delta_bias && !nm->partials) || !(nm->eps >= 0.f))
+    return fail(AWQ_ERR_ARG, "%s: bad norm arguments (residual, weight and h needed; delta or partials with "
+                "slices >= 1; delta_bias with partials only; eps >= 0)", who);
+  if (K % 8 || misaligned(nm->residual) || misaligned(nm->delta) || misaligned(nm->partials) ||
+      misaligned(nm->delta_bias) || misaligned(nm->weight) || misaligned(nm->h))
+    return fail(AWQ_ERR_ARG, "%s: the norm needs K %% 8 == 0 (K=%d) and 16-byte aligned tensors", who, K);
+  out = NormIn{nm->residual, nm->delta, nm->partials, nm->delta_bias, nm->weight, nm->h, (int)nm->slices, nm->eps};
+  return AWQ_OK;
+}
+
 }  // namespace awq
 
 extern "C" {
-int awq_int4_abi_version(void) { return 14; }  // 2: +awq_int4_gemm_simt; 3: +_tc; 4: +_pc; 5: +_sm90; 6: +_simt_multi; 7: +_fold; 8: +_fold_glu; 9: +_simt_partials; 10: +awq_rope_cache; 11: +_fold_rope; 12: norm argument of _fold_glu and _fold_rope; 13: +awq_decode_attention; 14: awq_int4_gemm_mma's workspace size (+_mma_workspace), deterministic
+int awq_int4_abi_version(void) { return 15; }  // 2: +awq_int4_gemm_simt; 3: +_tc; 4: +_pc; 5: +_sm90; 6: +_simt_multi; 7: +_fold; 8: +_fold_glu; 9: +_simt_partials; 10: +awq_rope_cache; 11: +_fold_rope; 12: norm argument of _fold_glu and _fold_rope; 13: +awq_decode_attention; 14: awq_int4_gemm_mma's workspace size (+_mma_workspace), deterministic; 15: +awq_add_rms_norm
 const char* awq_int4_last_error(void) { return awq::error_buffer(); }
 }

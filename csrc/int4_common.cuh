@@ -313,4 +313,61 @@ __device__ __forceinline__ void sum_slices(const Int4Seg (&seg)[kMaxSeg], int ns
     static_cast<T*>(sg.y)[(size_t)m * sg.N + row] = Half2Traits<T>::from_float(v);
   }
 }
+
+// A residual add + RMSNorm (awq_norm_in): h = T(res + d) with d = delta, or the K-slice partials
+// summed in order + part_bias rounded to T, and x = T(gamma * T(h * rsqrt(mean(h^2) + eps))).
+// Made in front of a projection (awq_int4_gemm_fold_glu / _rope with a norm: x is not read but
+// made while it is staged, and the blocks of column 0 write h) or alone (awq_add_rms_norm).
+// K % 8 == 0, every pointer 16-byte aligned.
+struct NormIn {
+  const void* res;
+  const void* delta;
+  const float* part;
+  const void* part_bias;
+  const void* gamma;  // null: no norm
+  void* h;
+  int slices;
+  float eps;
+};
+
+// The checked NormIn of an awq_norm_in for rows of K (AWQ_ERR_ARG with a message naming `who`).
+int norm_in(NormIn& out, const awq_norm_in* nm, int K, const char* who);
+
+// h = T(res + d) for the 8 k from k of token m (NormIn): d = delta, or the partials of the K
+// slices summed in slice order, + part_bias, rounded to T (int4_linear_partials' graph sum).
+template <typename T>
+__device__ __forceinline__ uint4 load_h_word(const NormIn& nm, int M, int K, int m, int k) {
+  const size_t off = (size_t)m * K + k;
+  const uint4 r = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(nm.res) + off));
+  float d[8];
+  if (nm.part) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) d[i] = 0.f;
+    for (int sl = 0; sl < nm.slices; ++sl) {
+      const float4* p = reinterpret_cast<const float4*>(nm.part + ((size_t)sl * M + m) * K + k);
+      const float4 lo = __ldg(p), hi = __ldg(p + 1);
+      d[0] += lo.x; d[1] += lo.y; d[2] += lo.z; d[3] += lo.w;
+      d[4] += hi.x; d[5] += hi.y; d[6] += hi.z; d[7] += hi.w;
+    }
+    uint4 bw = make_uint4(0u, 0u, 0u, 0u);
+    if (nm.part_bias) bw = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(nm.part_bias) + k));
+    const T* bb = reinterpret_cast<const T*>(&bw);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (nm.part_bias) d[i] += Half2Traits<T>::to_float(bb[i]);
+      d[i] = Half2Traits<T>::to_float(Half2Traits<T>::from_float(d[i]));
+    }
+  } else {
+    const uint4 dv = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(nm.delta) + off));
+    const T* dd = reinterpret_cast<const T*>(&dv);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) d[i] = Half2Traits<T>::to_float(dd[i]);
+  }
+  const T* rr = reinterpret_cast<const T*>(&r);
+  uint4 out;
+  T* o = reinterpret_cast<T*>(&out);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) o[i] = Half2Traits<T>::from_float(Half2Traits<T>::to_float(rr[i]) + d[i]);
+  return out;
+}
 }  // namespace awq

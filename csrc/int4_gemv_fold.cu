@@ -97,21 +97,6 @@ struct RopeOut {
   int S, L, D;
 };
 
-// The residual add + RMSNorm in front (awq_norm_in; awq_int4_gemm_fold_glu / _rope with a norm):
-// x is not read but made while it is staged, from h = T(res + d) with d = delta, or the K-slice
-// partials summed in order + part_bias rounded to T, as x = T(gamma * T(h * rsqrt(mean(h^2) +
-// eps))); the blocks of column 0 write h. K % 8 == 0, every pointer 16-byte aligned.
-struct NormIn {
-  const void* res;
-  const void* delta;
-  const float* part;
-  const void* part_bias;
-  const void* gamma;  // null: no norm
-  void* h;
-  int slices;
-  float eps;
-};
-
 struct FoldArgs {
   const void* x;
   Int4Seg seg[kMaxSeg];
@@ -216,44 +201,6 @@ __device__ void stage_x(uint8_t* xs, float* sx, const FoldArgs& a, int gs0, int 
     }
     put_x_words<T, THREADS, kBatch>(xs, sx, a, base, v);
   }
-}
-
-// h = T(res + d) for the 8 k from k of token m (NormIn): d = delta, or the partials of the K
-// slices summed in slice order, + part_bias, rounded to T (int4_linear_partials' graph sum).
-template <typename T>
-__device__ __forceinline__ uint4 load_h_word(const NormIn& nm, int M, int K, int m, int k) {
-  const size_t off = (size_t)m * K + k;
-  const uint4 r = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(nm.res) + off));
-  float d[8];
-  if (nm.part) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) d[i] = 0.f;
-    for (int sl = 0; sl < nm.slices; ++sl) {
-      const float4* p = reinterpret_cast<const float4*>(nm.part + ((size_t)sl * M + m) * K + k);
-      const float4 lo = __ldg(p), hi = __ldg(p + 1);
-      d[0] += lo.x; d[1] += lo.y; d[2] += lo.z; d[3] += lo.w;
-      d[4] += hi.x; d[5] += hi.y; d[6] += hi.z; d[7] += hi.w;
-    }
-    uint4 bw = make_uint4(0u, 0u, 0u, 0u);
-    if (nm.part_bias) bw = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(nm.part_bias) + k));
-    const T* bb = reinterpret_cast<const T*>(&bw);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      if (nm.part_bias) d[i] += Half2Traits<T>::to_float(bb[i]);
-      d[i] = Half2Traits<T>::to_float(Half2Traits<T>::from_float(d[i]));
-    }
-  } else {
-    const uint4 dv = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(nm.delta) + off));
-    const T* dd = reinterpret_cast<const T*>(&dv);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) d[i] = Half2Traits<T>::to_float(dd[i]);
-  }
-  const T* rr = reinterpret_cast<const T*>(&r);
-  uint4 out;
-  T* o = reinterpret_cast<T*>(&out);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) o[i] = Half2Traits<T>::from_float(Half2Traits<T>::to_float(rr[i]) + d[i]);
-  return out;
 }
 
 // stage_x with the residual add + RMSNorm in front (FoldArgs::norm). Pass 1 makes h for the
@@ -922,18 +869,7 @@ int prepare(FoldArgs& a, int nseg, const int64_t* Ns, int64_t M, int64_t K, int6
 
 // The norm of an entry point (awq_norm_in, or none), checked.
 int set_norm(FoldArgs& a, const awq_norm_in* nm, const char* who) {
-  if (!nm) return AWQ_OK;
-  auto misaligned = [](const void* p) { return ((uintptr_t)p & 15) != 0; };
-  if (!nm->residual || !nm->weight || !nm->h || (!nm->delta) == (!nm->partials) || (nm->partials && nm->slices < 1) ||
-      (nm->delta_bias && !nm->partials) || !(nm->eps >= 0.f))
-    return fail(AWQ_ERR_ARG, "%s: bad norm arguments (residual, weight and h needed; delta or partials with "
-                "slices >= 1; delta_bias with partials only; eps >= 0)", who);
-  if (a.K % 8 || misaligned(nm->residual) || misaligned(nm->delta) || misaligned(nm->partials) ||
-      misaligned(nm->delta_bias) || misaligned(nm->weight) || misaligned(nm->h))
-    return fail(AWQ_ERR_ARG, "%s: the norm needs K %% 8 == 0 (K=%d) and 16-byte aligned tensors", who, a.K);
-  a.norm = NormIn{nm->residual, nm->delta, nm->partials, nm->delta_bias, nm->weight, nm->h, (int)nm->slices,
-                  nm->eps};
-  return AWQ_OK;
+  return nm ? norm_in(a.norm, nm, a.K, who) : AWQ_OK;
 }
 
 }  // namespace

@@ -6,7 +6,8 @@ The order of the pipeline lives here, in one list, and nowhere else:
     -> search_scales -> fold_scales -> search_clip -> swap_linear_int4
 
 The compile backend also runs `fuse_gated_mlp`, `fuse_sibling_linears`, `fuse_rope_cache`,
-`defer_split_k`, `fuse_add_rms_norm`, `swap_decode_attention` and `defer_cache_counters` on each graph it serves (after
+`defer_split_k`, `fuse_add_rms_norm` (with $AWQ_NORM_OP=1 then `swap_add_rms_norm`, an experiment),
+`swap_decode_attention` and `defer_cache_counters` on each graph it serves (after
 the quantization: one
 `int4_linear_glu` call for a SwiGLU MLP's gate and up projections and their activation, one
 `int4_linear_multi` call for the INT4 linears that read one input, one `int4_linear_rope_cache`
@@ -30,6 +31,7 @@ from .fuse_sibling_linears import fuse_sibling_linears
 from .insert_observers import GroupObserver, insert_observers, remove_observers
 from .search_clip import search_clip
 from .search_scales import search_scales
+from .swap_add_rms_norm import swap_add_rms_norm
 from .swap_decode_attention import swap_decode_attention
 from .swap_linear_int4 import quantize_linear, swap_linear_int4
 
@@ -58,6 +60,7 @@ __all__ = [
     "search_clip",
     "swap_linear_int4",
     "fuse_sibling_linears",
+    "swap_add_rms_norm",
     "fuse_gated_mlp",
     "defer_split_k",
     "fuse_rope_cache",

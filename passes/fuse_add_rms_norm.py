@@ -203,7 +203,7 @@ def _match_site(gm: fx.GraphModule, call: fx.Node, applies: Applies) -> dict | N
     if any(u is not chain[0] and order[u] <= order[call] for u in h.users):
         return None
     for residual, delta, bias, moved in _delta_forms(h):
-        val = _fake_call(gm, op, call, residual, delta, bias, w, eps)
+        val = _fake_call(gm, op, call.args[0], (residual, delta, bias, w, eps, *call.args[1:]))
         if val is not None and _moves_safely([*moved, h][0], call, (residual, delta, bias, w)):
             break
     else:
@@ -229,11 +229,11 @@ def _delta_forms(h: fx.Node) -> list[tuple]:
     return [*forms, (h.args[0], h.args[1], None, [])]
 
 
-def _fake_call(gm: fx.GraphModule, op, call: fx.Node, residual, delta, bias, w, eps) -> tuple[str, tuple] | None:
-    """The op's outputs on the example tensors (its meta), or None where the op's checks refuse
-    them or they are unknown."""
-    key = next((k for k in _VAL_KEYS if k in call.args[0].meta), None)
-    mode = getattr(_val(call.args[0]), "fake_mode", None)
+def _fake_call(gm: fx.GraphModule, op, ref: fx.Node, args: tuple) -> tuple[str, tuple] | None:
+    """op(*args) on the example tensors (its meta), in the fake mode of `ref`'s example value, or
+    None where the op's checks refuse them or they are unknown. Shared with swap_add_rms_norm."""
+    key = next((k for k in _VAL_KEYS if k in ref.meta), None)
+    mode = getattr(_val(ref), "fake_mode", None)
     missing = []
 
     def val(n: fx.Node):
@@ -248,7 +248,7 @@ def _fake_call(gm: fx.GraphModule, op, call: fx.Node, residual, delta, bias, w, 
             missing.append(n)
         return v
 
-    args = fx.node.map_arg((residual, delta, bias, w, eps, *call.args[1:]), val)
+    args = fx.node.map_arg(args, val)
     if key is None or mode is None or missing:
         return None
     try:
@@ -272,6 +272,14 @@ def _rewrite(graph: fx.Graph, m: dict) -> None:
     copy_source_meta(h, h_new)
     call.replace_all_uses_with(out)
     graph.erase_node(call)
+    _retire(graph, m, h_new)
+
+
+def _retire(graph: fx.Graph, m: dict, h_new: fx.Node) -> None:
+    """Erase a matched add + norm (m's "chain", "h" and "moved") once the call that replaces them
+    stands, h's readers moved to h_new (erased too where none is left). Shared with
+    swap_add_rms_norm."""
+    h = m["h"]
     for n in reversed(m["chain"]):
         graph.erase_node(n)
     h.replace_all_uses_with(h_new)

@@ -241,3 +241,23 @@ def _skip_without_cuda_library():
 def cuda_library():
     """Skips the test without a CUDA GPU or without a loadable libawq_int4.so (the CUDA ops)."""
     _skip_without_cuda_library()
+
+
+def assert_graph_replays(chain, want, what: str = "") -> None:
+    """chain() (returning tensors) warmed up on a side stream, captured in a CUDA graph, and replayed
+    three times with every output filled with NaN first: each replay equals `want`."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = chain()
+    for _ in range(3):
+        for t in outs:
+            t.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, ref in zip(outs, want):
+            assert torch.equal(got, ref), f"{what}: a replay differs from eager"

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from awq_compile import ops  # noqa: F401  (registers the ops)
-from conftest import attention_reference as reference, decode_option_ab, rel_err as _rel
+from conftest import assert_graph_replays, attention_reference as reference, decode_option_ab, rel_err as _rel
 
 cuda_mod = pytest.importorskip("awq_compile._cuda")
 pytestmark = [
@@ -222,17 +222,7 @@ def test_in_a_cuda_graph_between_int4_launches(m, env, monkeypatch):
         with monkeypatch.context() as mp:
             if splits:
                 mp.setenv("AWQ_ATTN_SPLITS", splits)
-            chain()  # warm-up outside the capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outs = chain()
-        for _ in range(3):
-            for t in outs:
-                t.fill_(float("nan"))
-            graph.replay()
-            torch.cuda.synchronize()
-            for got, ref in zip(outs, want):
-                assert torch.equal(got, ref), f"splits={splits or 'auto'}: a replay differs from eager"
+            assert_graph_replays(chain, want, f"splits={splits or 'auto'}")
 
 
 def test_cuda_backend_swaps_attention_in_a_dynamic_batch_graph(cuda_library, cuda_llama_decode, monkeypatch):

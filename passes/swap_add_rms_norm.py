@@ -1,0 +1,99 @@
+"""swap_add_rms_norm: a residual add and the RMSNorm after it as one `awq.add_rms_norm` call.
+
+    Matches:   h = residual + delta         (or defer_split_k's `(p.sum(0) [+ b]).to(dtype)`)
+               hf = h.to(torch.float32)
+               x = w * (hf * rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    Becomes:   h, x = awq.add_rms_norm(residual, delta, None, w, eps)
+               (awq.add_rms_norm(residual, p, b, w, eps) with the partials)
+
+the same form as `fuse_add_rms_norm` takes (transformers' `LlamaRMSNorm` after a residual add),
+where no projection took it in: run it after that pass, so what remains is the norms in front
+of a projection of more than one token a step (the folded GEMV's norm prologue is kept to one
+token: `_cuda.NORM_MAX_M`), and the final norm before lm_head. There the norm is an inductor
+kernel of one program a row; on CUDA the op is one launch of csrc/add_rms_norm.cu, a block a row,
+launched with programmatic dependent launch. Only on CUDA (`applies`, by default: x on a CUDA
+device and the kernel library loaded); an experiment the backend runs with $AWQ_NORM_OP=1 until
+it is measured (session 18).
+
+The call stands where x stood, so every other reader of h must come after x, and nothing the call
+reads may be mutated in place between the add and x (as in fuse_add_rms_norm).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Callable
+
+import torch
+from torch import fx
+
+from ._graph import copy_source_meta
+from .fuse_add_rms_norm import _delta_forms, _fake_call, _norm, _retire
+from .fuse_rope_cache import _ADD, _is, _moves_safely
+from .fuse_sibling_linears import _val
+
+__all__ = ["swap_add_rms_norm"]
+
+_OP = torch.ops.awq.add_rms_norm.default
+
+
+def _on_cuda(x: torch.Tensor) -> bool:
+    if x.device.type != "cuda":
+        return False
+    from awq_compile import _cuda
+
+    return _cuda.available()
+
+
+def swap_add_rms_norm(gm: fx.GraphModule, applies: Callable[[torch.Tensor], bool] | None = None) -> int:
+    """Replace each residual add + RMSNorm left in `gm` with one `awq.add_rms_norm` call where
+    `applies(x's example value)` (by default: on a CUDA device with the kernel library); returns
+    the number replaced."""
+    applies = applies or _on_cuda
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.graph is not gm.graph:
+            continue
+        site = _match(gm, node, applies)
+        if site is not None:
+            _rewrite(gm.graph, site)
+            done += 1
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return done
+
+
+def _match(gm: fx.GraphModule, x: fx.Node, applies) -> dict | None:
+    norm = _norm(x)
+    if norm is None:
+        return None
+    h, w, eps, chain = norm
+    if not (_is(h, _ADD, "add") and len(h.args) == 2 and not h.kwargs
+            and all(isinstance(a, fx.Node) for a in h.args)):
+        return None
+    x_val = _val(x)
+    if not isinstance(x_val, torch.Tensor) or not applies(x_val):
+        return None
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    if any(u is not chain[0] and order[u] <= order[x] for u in h.users):
+        return None
+    for residual, delta, bias, moved in _delta_forms(h):
+        val = _fake_call(gm, _OP, x, (residual, delta, bias, w, eps))
+        if val is not None and _moves_safely([*moved, h][0], x, (residual, delta, bias, w)):
+            return {"x": x, "h": h, "chain": chain, "moved": moved, "val": val, "args": (residual, delta, bias, w, eps)}
+    return None
+
+
+def _rewrite(graph: fx.Graph, m: dict) -> None:
+    x, h = m["x"], m["h"]
+    key, (h_val, x_val) = m["val"]
+    with graph.inserting_before(x):
+        call = graph.call_function(_OP, m["args"])
+        h_new = graph.call_function(operator.getitem, (call, 0))
+        x_new = graph.call_function(operator.getitem, (call, 1))
+    call.meta[key], h_new.meta[key], x_new.meta[key] = (h_val, x_val), h_val, x_val
+    copy_source_meta(x, call, x_new)
+    copy_source_meta(h, h_new)
+    x.replace_all_uses_with(x_new)
+    _retire(graph, m, h_new)
