@@ -834,6 +834,10 @@ def _norm_in(residual, delta, delta_bias, norm_weight, eps, slices) -> tuple[_Aw
     return nm, h
 
 
+@functools.lru_cache(maxsize=1)
+def _add_rms_norm_max_k() -> int:
+    return load_library().awq_add_rms_norm_max_k()
+
 
 def add_rms_norm_cuda(residual, delta, delta_bias, norm_weight, eps) -> tuple[torch.Tensor, torch.Tensor]:
     """The CUDA implementation of awq::add_rms_norm: one launch of csrc/add_rms_norm.cu where it
@@ -841,17 +845,17 @@ def add_rms_norm_cuda(residual, delta, delta_bias, norm_weight, eps) -> tuple[to
     awq_add_rms_norm_max_k), else add_rms_norm in torch ops."""
     slices = check_add_rms_norm_args(residual, delta, delta_bias, norm_weight, eps, "add_rms_norm")
     k = residual.shape[-1]
-    lib = load_library()
     if (residual.dtype in _DTYPES and k % 8 == 0 and residual.numel() > 0
-            and k <= lib.awq_add_rms_norm_max_k() and residual.device.index == torch.cuda.current_device()):
+            and k <= _add_rms_norm_max_k() and residual.device.index == torch.cuda.current_device()):
         packed = _norm_in(residual, delta, delta_bias, norm_weight, eps, slices)
         if packed is not None:
             nm, h = packed
             x = torch.empty_like(residual)
-            _check(lib.awq_add_rms_norm(ctypes.byref(nm), x.data_ptr(), residual.numel() // k, k,
+            _check(load_library().awq_add_rms_norm(ctypes.byref(nm), x.data_ptr(), residual.numel() // k, k,
                                         _DTYPES[residual.dtype], _raw_stream(residual.device)))
             return h, x
     return add_rms_norm(residual, delta, delta_bias, norm_weight, eps)
+
 
 def int4_linear_glu_norm_cuda(residual, delta, delta_bias, norm_weight, eps, qweights, scales, zeros, group_size,
                               biases) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,8 +52,8 @@ from .quant import dequantize
 __all__ = ["int4_linear", "int4_linear_multi", "int4_linear_glu", "int4_linear_partials", "check_int4_linear_args",
            "check_int4_linear_multi_args", "check_int4_linear_glu_args", "int4_linear_rope_cache",
            "check_int4_linear_rope_cache_args", "rotate_heads", "cache_positions", "MAX_SEGMENTS", "add_rms_norm",
-           "check_add_rms_norm_args", "add_rms_norm_op", "int4_linear_glu_norm", "int4_linear_rope_cache_norm", "decode_attention",
-           "check_decode_attention_args", "DECODE_ATTENTION_MAX_ROWS"]
+           "check_add_rms_norm_args", "add_rms_norm_op", "int4_linear_glu_norm", "int4_linear_rope_cache_norm",
+           "decode_attention", "check_decode_attention_args", "DECODE_ATTENTION_MAX_ROWS"]
 
 MAX_SEGMENTS = 4
 """Most linears one `int4_linear_multi` call takes: q/k/v and gate/up need 3 and 2."""
@@ -507,7 +507,6 @@ def _(residual, delta, delta_bias, norm_weight, eps, qweights, scales, zeros, gr
     return residual.new_empty((residual.shape[0], residual.shape[1], hq * d)), torch.empty_like(residual)
 
 
-
 @torch.library.custom_op("awq::add_rms_norm", mutates_args=())
 def add_rms_norm_op(
     residual: torch.Tensor,
@@ -527,6 +526,7 @@ def add_rms_norm_op(
 def _(residual, delta, delta_bias, norm_weight, eps):
     check_add_rms_norm_args(residual, delta, delta_bias, norm_weight, eps, "add_rms_norm")
     return torch.empty_like(residual), torch.empty_like(residual)
+
 
 DECODE_ATTENTION_MAX_ROWS = 8
 """Most query rows a KV head `decode_attention`'s CUDA kernel takes (query heads a KV head times

@@ -8,10 +8,11 @@ Llama-2-7B's attention (32 heads, head dim 128) and 13B's (40 heads) with the de
 cache (L = 384; valid 129, 256, 384: the first, middle and last step of 256 generated after a
 128-token prompt), and a grouped-query one (Llama-3-8B: 32 query heads on 8 KV heads, L = 4096).
 Rows: the op (library's split choice; blocks of 8 warps where a block has at most 2 query rows and
-the grid fits in one wave), the op with blocks of 4 warps ($AWQ_ATTN_THREADS=128), the kernel with the split forced to 1, 2, 4, 8 blocks a
-(batch, KV head) ($AWQ_ATTN_SPLITS), torch's scaled_dot_product_attention as dispatched (what the
-bf16 graph runs), with each backend that takes a mask forced (cuDNN, memory-efficient), and flash
-attention over the filled prefix without a mask (a bound: it needs to know the length). Graph-timed
+the grid fits in one wave), the op with blocks of 4 warps ($AWQ_ATTN_THREADS=128), the kernel
+with the split forced to 1, 2, 4, 8 blocks a (batch, KV head) ($AWQ_ATTN_SPLITS), torch's
+scaled_dot_product_attention as dispatched (what the bf16 graph runs), with each backend that
+takes a mask forced (cuDNN, memory-efficient), and flash attention over the filled prefix without
+a mask (a bound: it needs to know the length). Graph-timed
 (20 calls a graph, caches rotated so that none is found in the L2), us, median of 20 replays,
 bf16. The floor: the filled positions' K and V bytes over the copy bandwidth measured here. Every
 variant is first checked against a float64 reference (relative Frobenius error).

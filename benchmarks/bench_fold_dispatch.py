@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE",
                     help="more columns: the dispatch with this environment variable set (the kernels read "
-                         "$AWQ_PDL, $AWQ_PDL_CLUSTER, $AWQ_L2_PREFETCH at each launch)")
+                         "their switches at each launch: $AWQ_PDL, $AWQ_PDL_CLUSTER, $AWQ_SIMT_CFG, $AWQ_FOLD_CFG, ...)")
     ap.add_argument("--dispatch-only", action="store_true",
                     help="leave out the AWQ_FOLD=0 and forced-configuration columns")
     args = ap.parse_args()

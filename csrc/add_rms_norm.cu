@@ -49,17 +49,7 @@ __global__ void __launch_bounds__(kMaxThreads) add_rms_norm_kernel(const NormIn 
   float total = 0.f;
   for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += warp_ss[w];  // every thread: the same order
   if (!on) return;
-  const float r = rsqrtf(total / (float)K + nm.eps);
-  const T* hh = reinterpret_cast<const T*>(&hw);
-  const T* g = reinterpret_cast<const T*>(&gw);
-  uint4 out;
-  T* o = reinterpret_cast<T*>(&out);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const T n = Half2Traits<T>::from_float(Half2Traits<T>::to_float(hh[i]) * r);
-    o[i] = Half2Traits<T>::from_float(Half2Traits<T>::to_float(g[i]) * Half2Traits<T>::to_float(n));
-  }
-  *reinterpret_cast<uint4*>(x + (size_t)m * K + k) = out;
+  *reinterpret_cast<uint4*>(x + (size_t)m * K + k) = norm_word<T>(hw, gw, rsqrtf(total / (float)K + nm.eps));
 }
 
 }  // namespace

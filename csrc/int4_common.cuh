@@ -370,4 +370,20 @@ __device__ __forceinline__ uint4 load_h_word(const NormIn& nm, int M, int K, int
   for (int i = 0; i < 8; ++i) o[i] = Half2Traits<T>::from_float(Half2Traits<T>::to_float(rr[i]) + d[i]);
   return out;
 }
+
+// x = T(gamma * T(h * r)) for a word of 8 values (r = 1 / rms of h's row): the norm's output, as
+// the folded GEMV's prologue and awq_add_rms_norm make it.
+template <typename T>
+__device__ __forceinline__ uint4 norm_word(const uint4& hw, const uint4& gw, float r) {
+  const T* h = reinterpret_cast<const T*>(&hw);
+  const T* g = reinterpret_cast<const T*>(&gw);
+  uint4 out;
+  T* o = reinterpret_cast<T*>(&out);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const T n = Half2Traits<T>::from_float(Half2Traits<T>::to_float(h[i]) * r);
+    o[i] = Half2Traits<T>::from_float(Half2Traits<T>::to_float(g[i]) * Half2Traits<T>::to_float(n));
+  }
+  return out;
+}
 }  // namespace awq

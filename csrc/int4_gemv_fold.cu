@@ -295,15 +295,7 @@ __device__ void stage_x_norm(uint8_t* xs, float* sx, float* ss, const FoldArgs& 
       if (u < total && w.ch < ngs * 4 && k < a.K) {
         const uint4 hw = *reinterpret_cast<const uint4*>(xs + w.slot(cps));
         const uint4 gw = k == gk ? gw0 : __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(nm.gamma) + k));
-        const T* h = reinterpret_cast<const T*>(&hw);
-        const T* g = reinterpret_cast<const T*>(&gw);
-        T* o = reinterpret_cast<T*>(&v[b]);
-        const float r = ss[kMaxM + w.m];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const T n = Half2Traits<T>::from_float(Half2Traits<T>::to_float(h[i]) * r);
-          o[i] = Half2Traits<T>::from_float(Half2Traits<T>::to_float(g[i]) * Half2Traits<T>::to_float(n));
-        }
+        v[b] = norm_word<T>(hw, gw, ss[kMaxM + w.m]);
       }
     }
     put_x_words<T, THREADS, kBatch>(xs, sx, a, base, v);

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import fx
@@ -85,6 +85,22 @@ def copy_source_meta(src: fx.Node, *dsts: fx.Node) -> None:
         if k in src.meta:
             for dst in dsts:
                 dst.meta[k] = src.meta[k]
+
+
+def rewrite_each(gm: fx.GraphModule, match: Callable[[fx.Node], Any], rewrite: Callable[[fx.Graph, Any], None]) -> int:
+    """rewrite(gm.graph, site) for each node, in graph order as it was before the first rewrite,
+    where match(node) gives a site (not None); then lint and recompile if anything changed.
+    Returns the number rewritten. Shared by the backend's rewriting passes."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        site = match(node)
+        if site is not None:
+            rewrite(gm.graph, site)
+            done += 1
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return done
 
 
 def node_val(node: object) -> torch.Tensor | None:

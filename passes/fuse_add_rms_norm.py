@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 from torch import fx
 
-from ._graph import copy_source_meta, fetch_attr
+from ._graph import copy_source_meta, fetch_attr, rewrite_each
 from .fuse_rope_cache import _ADD, _MUL, _is, _moves_safely, _only_user
 from .fuse_sibling_linears import _VAL_KEYS, _dtype, _val
 
@@ -76,17 +76,8 @@ def fuse_add_rms_norm(gm: fx.GraphModule, applies: Applies | None = None) -> int
     """Fuse each residual add + RMSNorm into the gated-MLP or q/k/v call that reads it where
     `applies` (by default the CUDA library) says so; returns the number fused."""
     applies = applies or _library_applies
-    done = 0
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in _FUSED:
-            found = _match_site(gm, node, applies)
-            if found is not None:
-                _rewrite(gm.graph, found)
-                done += 1
-    if done:
-        gm.graph.lint()
-        gm.recompile()
-    return done
+    return rewrite_each(gm, lambda n: _match_site(gm, n, applies)
+                        if n.op == "call_function" and n.target in _FUSED else None, _rewrite)
 
 
 def _cast(n: object) -> tuple[fx.Node, torch.dtype] | None:

@@ -34,7 +34,7 @@ import operator
 import torch
 from torch import fx
 
-from ._graph import copy_source_meta
+from ._graph import copy_source_meta, rewrite_each
 from .fuse_sibling_linears import _VAL_KEYS, _barrier, _val
 
 __all__ = ["fuse_rope_cache"]
@@ -50,17 +50,8 @@ _CAT = {torch.cat, torch.concat, torch.ops.aten.cat.default}
 def fuse_rope_cache(gm: fx.GraphModule) -> int:
     """Fuse each q/k/v projection with its rotary embedding and cache write; returns the number
     fused (one a layer of a Llama with a static cache)."""
-    done = 0
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is _MULTI:
-            found = _match_block(gm.graph, node)
-            if found is not None:
-                _rewrite(gm.graph, found)
-                done += 1
-    if done:
-        gm.graph.lint()
-        gm.recompile()
-    return done
+    return rewrite_each(gm, lambda n: _match_block(gm.graph, n)
+                        if n.op == "call_function" and n.target is _MULTI else None, _rewrite)
 
 
 def _is(n: object, fns: set, method: str) -> bool:

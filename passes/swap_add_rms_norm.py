@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from torch import fx
 
-from ._graph import copy_source_meta
+from ._graph import copy_source_meta, rewrite_each
 from .fuse_add_rms_norm import _delta_forms, _fake_call, _norm, _retire
 from .fuse_rope_cache import _ADD, _is, _moves_safely
 from .fuse_sibling_linears import _val
@@ -50,18 +50,7 @@ def swap_add_rms_norm(gm: fx.GraphModule, applies: Callable[[torch.Tensor], bool
     `applies(x's example value)` (by default: on a CUDA device with the kernel library); returns
     the number replaced."""
     applies = applies or _on_cuda
-    done = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.graph is not gm.graph:
-            continue
-        site = _match(gm, node, applies)
-        if site is not None:
-            _rewrite(gm.graph, site)
-            done += 1
-    if done:
-        gm.graph.lint()
-        gm.recompile()
-    return done
+    return rewrite_each(gm, lambda n: _match(gm, n, applies) if n.op == "call_function" else None, _rewrite)
 
 
 def _match(gm: fx.GraphModule, x: fx.Node, applies) -> dict | None:

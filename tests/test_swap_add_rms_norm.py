@@ -43,12 +43,10 @@ def test_opcheck_and_errors():
 # ----------------------------------------------------------------------------- the pass
 
 
-class _NormBlock(_Block):
-    """_Block (h = residual + delta, LlamaRMSNorm, the gated MLP, h read after it) with the norm
-    left to this pass: fuse_add_rms_norm is not run."""
-
-
 def _run(module, args, applies=lambda x: True, first_fuse=False, prepare=None):
+    """Compile `module` (test_fuse_add_rms_norm's _Block: h = residual + delta, LlamaRMSNorm, the
+    gated MLP, h read after it) with a backend that runs swap_add_rms_norm on dynamo's graph, after
+    fuse_add_rms_norm where `first_fuse`; returns (outputs, the number swapped, the graphs)."""
     swapped, graphs = [], []
 
     def backend(gm, example_inputs):
@@ -76,7 +74,7 @@ def test_pass_swaps_bit_for_bit(leak, early, mutate):
     """One call in place of the add and the norm; a second reader of x, a reader of h after the
     norm, an in-place write of delta after it: still one call (it stands where x stood), and the
     graph computes what the module does, bit for bit."""
-    module = _NormBlock(leak, early, mutate)
+    module = _Block(leak, early, mutate)
     want = module(*_block_args())
     got, swapped, graphs = _run(module, _block_args())
     targets = _targets(graphs)
@@ -87,7 +85,7 @@ def test_pass_swaps_bit_for_bit(leak, early, mutate):
 def test_pass_reads_a_constant_norm_weight():
     """The norm weight as a get_attr without an example value, as the serving rewrite leaves a
     folded one: swapped, bit for bit."""
-    module = _NormBlock()
+    module = _Block()
     want = module(*_block_args())
     got, swapped, graphs = _run(module, _block_args(), prepare=_weight_as_constant)
     call = next(n for n in graphs[0].graph.nodes if n.target is NORM)
@@ -97,13 +95,13 @@ def test_pass_reads_a_constant_norm_weight():
 def test_pass_leaves_what_it_cannot_take():
     """A second reader of an intermediate (hf), applies False, the default on the CPU, and the
     norms fuse_add_rms_norm took first: nothing swapped, the module's result."""
-    module = _NormBlock("hf")
+    module = _Block("hf")
     want = module(*_block_args())
     got, swapped, _ = _run(module, _block_args())
     assert swapped == 0 and all(torch.equal(a, b) for a, b in zip(got, want))
-    assert _run(_NormBlock(), _block_args(), lambda x: False)[1] == 0
-    assert _run(_NormBlock(), _block_args(), None)[1] == 0
-    got, swapped, graphs = _run(_NormBlock(), _block_args(), first_fuse=True)
+    assert _run(_Block(), _block_args(), lambda x: False)[1] == 0
+    assert _run(_Block(), _block_args(), None)[1] == 0
+    got, swapped, graphs = _run(_Block(), _block_args(), first_fuse=True)
     assert swapped == 0 and GLU_NORM in _targets(graphs)
 
 
