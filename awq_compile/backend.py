@@ -26,9 +26,10 @@ works without importing awq_compile. Per graph dynamo hands over, the backend
    residual add and the RMSNorm after it go into the `int4_linear_glu` or
    `int4_linear_rope_cache` call that reads the norm, as one `awq::int4_linear_glu_norm` or
    `awq::int4_linear_rope_cache_norm` call, where the CUDA kernel makes the norm in its
-   prologue (`passes.fuse_add_rms_norm`; `options={"fuse_norm": False}` leaves them; with
-   $AWQ_NORM_OP=1, an experiment until measured, each add + norm left over becomes one
-   `awq::add_rms_norm` call, `passes.swap_add_rms_norm`, on a GPU); and a
+   prologue (`passes.fuse_add_rms_norm`; `options={"fuse_norm": False}` leaves them); each
+   add + norm left over (the final one; at more than one token a step, all) becomes one
+   `awq::add_rms_norm` call, one launch of our kernel, on a GPU (`passes.swap_add_rms_norm`;
+   `options={"norm_op": False}` leaves them to inductor); and a
    decode step's attention (scaled_dot_product_attention of a few query rows a KV head, on a
    GPU) becomes one `awq::decode_attention` call, whose CUDA kernel reads only the cache
    positions the mask leaves (`passes.swap_decode_attention`; `options={"decode_attention":
@@ -87,6 +88,8 @@ _OWN = {
                  "awq::int4_linear_glu or awq::int4_linear_rope_cache call that reads the norm "
                  "(awq::int4_linear_glu_norm, awq::int4_linear_rope_cache_norm), where the CUDA "
                  "kernel makes the norm in its prologue; False: left as they are",
+    "norm_op": "True (default): each residual add + RMSNorm that fuse_norm leaves as one "
+               "awq::add_rms_norm call (on a GPU: one launch of our kernel); False: left to inductor",
     "decode_attention": "True (default): a decode step's attention (a few query rows a KV head, "
                         "on a GPU) as one awq::decode_attention call, whose kernel reads only the "
                         "cache positions the mask leaves; False: torch's attention",
@@ -115,6 +118,7 @@ class BackendOptions:
     defer_split_k: bool = True
     fuse_rope: bool = True
     fuse_norm: bool = True
+    norm_op: bool = True
     decode_attention: bool = True
     defer_counters: bool = True
 
@@ -139,7 +143,8 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
         )
     fields = {k: v for k, v in options.items() if k in _CONFIG_FIELDS}
     flags = {k: options.get(k, True) for k in ("inductor", "fuse_siblings", "fuse_activation", "defer_split_k",
-                                                 "fuse_rope", "fuse_norm", "decode_attention", "defer_counters")}
+                                                 "fuse_rope", "fuse_norm", "norm_op", "decode_attention",
+                                                 "defer_counters")}
     for key, value in flags.items():
         if not isinstance(value, bool):
             raise ValueError(f"awq backend: option {key}={value!r} must be True or False")
@@ -157,8 +162,8 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
         _mode_patches(mode)  # raises for an unknown mode
     return BackendOptions(_config(options, fields), None if checkpoint is None else Path(checkpoint),
                           flags["inductor"], mode, flags["fuse_siblings"], flags["fuse_activation"],
-                          flags["defer_split_k"], flags["fuse_rope"], flags["fuse_norm"], flags["decode_attention"],
-                          flags["defer_counters"])
+                          flags["defer_split_k"], flags["fuse_rope"], flags["fuse_norm"], flags["norm_op"],
+                          flags["decode_attention"], flags["defer_counters"])
 
 
 def _config(options: Mapping[str, Any], fields: dict[str, Any]) -> AWQConfig:
@@ -211,7 +216,7 @@ def awq_backend(
     return serve_graph(state, gm, example_inputs, opts.inductor, patches, plan, opts.config,
                        fuse_siblings=opts.fuse_siblings, fuse_activation=opts.fuse_activation,
                        defer_split_k=opts.defer_split_k, fuse_rope=opts.fuse_rope, fuse_norm=opts.fuse_norm,
-                       decode_attention=opts.decode_attention, defer_counters=opts.defer_counters)
+                       norm_op=opts.norm_op, decode_attention=opts.decode_attention, defer_counters=opts.defer_counters)
 
 
 def serve_graph(
@@ -227,6 +232,7 @@ def serve_graph(
     defer_split_k: bool = True,
     fuse_rope: bool = True,
     fuse_norm: bool = True,
+    norm_op: bool = True,
     decode_attention: bool = True,
     defer_counters: bool = True,
 ):
@@ -265,8 +271,8 @@ def serve_graph(
         torch._dynamo.utils.counters["awq"]["split_k_deferred"] += passes.defer_split_k(gm)
     if fuse_norm:
         torch._dynamo.utils.counters["awq"]["norms_fused"] += passes.fuse_add_rms_norm(gm)
-        if os.environ.get("AWQ_NORM_OP") == "1":  # experiment (session 18): the norms left, one CUDA launch each
-            torch._dynamo.utils.counters["awq"]["norm_ops"] += passes.swap_add_rms_norm(gm)
+    if norm_op:
+        torch._dynamo.utils.counters["awq"]["norm_ops"] += passes.swap_add_rms_norm(gm)
     if decode_attention:
         torch._dynamo.utils.counters["awq"]["attention_swapped"] += passes.swap_decode_attention(gm)
     if defer_counters:

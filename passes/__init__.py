@@ -6,14 +6,13 @@ The order of the pipeline lives here, in one list, and nowhere else:
     -> search_scales -> fold_scales -> search_clip -> swap_linear_int4
 
 The compile backend also runs `fuse_gated_mlp`, `fuse_sibling_linears`, `fuse_rope_cache`,
-`defer_split_k`, `fuse_add_rms_norm` (with $AWQ_NORM_OP=1 then `swap_add_rms_norm`, an experiment),
-`swap_decode_attention` and `defer_cache_counters` on each graph it serves (after
+`defer_split_k`, `fuse_add_rms_norm`, `swap_add_rms_norm`, `swap_decode_attention` and `defer_cache_counters` on each graph it serves (after
 the quantization: one
 `int4_linear_glu` call for a SwiGLU MLP's gate and up projections and their activation, one
 `int4_linear_multi` call for the INT4 linears that read one input, one `int4_linear_rope_cache`
 call for q/k/v with their rotary embedding and KV-cache write, then the K-slice sum of a split-K
 decode linear left to the graph, then a residual add and RMSNorm taken into the gated-MLP or
-q/k/v call that reads it, a decode step's attention as one `decode_attention` call, and a static
+q/k/v call that reads it, each add + RMSNorm left as one `add_rms_norm` call, a decode step's attention as one `decode_attention` call, and a static
 cache's position counters read by the q/k/v calls, their increments made once at the end).
 
 Analysis passes write frozen dataclasses into `node.meta["awq"]`; the rewriting passes read only

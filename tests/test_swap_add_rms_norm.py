@@ -1,6 +1,6 @@
 """awq::add_rms_norm and the pass swap_add_rms_norm: the op against float64 (delta as a tensor or
 as K-slice partials) and opcheck on the CPU; which graphs the pass rewrites, bit for bit against
-the module; the backend's $AWQ_NORM_OP=1 on a tiny Llama (CPU, the pass forced); on CUDA, the
+the module; the backend's option norm_op on a tiny Llama (CPU, the pass forced); on CUDA, the
 kernel against float64 and torch's ops, in a CUDA graph after a producer, and the backend's decode
 with it against without."""
 
@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 
 from passes import fuse_add_rms_norm, swap_add_rms_norm
 from awq_compile.ops import add_rms_norm
-from conftest import assert_graph_replays, rel_err as _rel, static_cache_decode
+from conftest import assert_graph_replays, decode_option_ab, rel_err as _rel, static_cache_decode
 from test_fuse_add_rms_norm import (EPS, GLU_NORM, K, _Block, _block_args, _llama, _norm64, _norm_inputs,
                                     _PartialsBlock, _weight_as_constant)
 
@@ -117,19 +117,18 @@ def test_pass_takes_the_partials():
 
 
 def test_backend_swaps_what_fuse_norm_leaves(monkeypatch):
-    """A 3-layer bf16 Llama served eagerly with $AWQ_NORM_OP=1 and the pass forced (its default
-    asks for CUDA): the norm fusion takes 2L - 1 = 5 norms a graph, this pass the final one, and
-    the logits and caches are bit for bit those without it."""
+    """A 3-layer bf16 Llama served eagerly with option norm_op off, then on (the default), the
+    pass forced (its default asks for CUDA): the norm fusion takes 2L - 1 = 5 norms a graph, this
+    pass the final one, and the logits and caches are bit for bit those without it."""
     monkeypatch.setattr(importlib.import_module("awq_compile.passes.fuse_add_rms_norm"), "_library_applies",
                         lambda *a: True)
     monkeypatch.setattr(importlib.import_module("awq_compile.passes.swap_add_rms_norm"), "_on_cuda", lambda x: True)
     model, cfg = _llama()
     runs = []
-    for env in ("", "1"):
-        monkeypatch.setenv("AWQ_NORM_OP", env)
+    for options in ({"norm_op": False}, {}):
         torch._dynamo.reset()
         counters.clear()
-        step = torch.compile(model, backend="awq", fullgraph=True, options={"inductor": False})
+        step = torch.compile(model, backend="awq", fullgraph=True, options={"inductor": False, **options})
         logits, cache = static_cache_decode(model, cfg, step)
         runs.append((logits, cache, counters["awq"]["norm_ops"], counters["awq"]["norms_fused"],
                      counters["awq"]["serve_graphs"]))
@@ -190,22 +189,11 @@ def test_cuda_in_a_graph_after_a_producer(cuda_library, monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("batch", [1, 8])
-def test_cuda_backend_decode(batch, cuda_library, cuda_llama_decode, monkeypatch):
-    """A 2-layer Llama of 7B's widths, bf16, CUDA graphs, with $AWQ_NORM_OP=1 against without:
-    the norms the fused projections leave (batch 1: the final one; batch 8: all 2L = 4 that follow
-    a residual add) are the op's, and logits and caches agree with the unswapped decode."""
-    import torch._inductor.config as inductor_config
-
+def test_cuda_backend_decode(batch, cuda_library, cuda_llama_decode):
+    """A 2-layer Llama of 7B's widths, bf16, CUDA graphs, option norm_op off, then on: the norms
+    the fused projections leave (batch 1: the final one; batch 8: all 2L = 4 that follow a
+    residual add) are the op's, and logits and caches agree with the unswapped decode."""
     cfg, run = cuda_llama_decode
-    runs = []
-    for env in ("", "1"):
-        monkeypatch.setenv("AWQ_NORM_OP", env)
-        with inductor_config.patch(deterministic=True):
-            logits, cache = run(batch, {})
-        runs.append((logits, cache, counters["awq"]["norm_ops"]))
-    (want, want_cache, off), (got, got_cache, on) = runs
-    layers = cfg.num_hidden_layers
-    assert off == 0 and on == (1 if batch == 1 else 2 * layers)
-    errs = [_rel(got, want)] + [_rel(getattr(a, n), getattr(b, n)) for a, b in zip(got_cache.layers, want_cache.layers)
-                                for n in ("keys", "values")]
-    assert max(errs) < 2e-2, errs
+    off, on, err = decode_option_ab(run, batch, "norm_op", "norm_ops")
+    assert off == 0 and on == (1 if batch == 1 else 2 * cfg.num_hidden_layers)
+    assert err < 2e-2
