@@ -16,7 +16,10 @@ search). Reports wall time and peak GPU memory against the bf16 weight bytes.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
+import os
+import sys
 import time
 
 import torch
@@ -88,7 +91,10 @@ def _decode(model, batch: int, prompt: int, new: int, compile_kwargs: dict) -> d
         sync()
         return t1 - t0, time.perf_counter() - t1
 
+    t = time.perf_counter()
     run(ids)  # compile and capture the graphs
+    print(f"[e2e] batch {batch}: compiled and captured in {time.perf_counter() - t:.1f} s", file=sys.stderr,
+          flush=True)
     if DEV == "cuda":
         torch.cuda.reset_peak_memory_stats()
     ttft, dec = run(ids)
@@ -98,7 +104,8 @@ def _decode(model, batch: int, prompt: int, new: int, compile_kwargs: dict) -> d
             "peak_gib": peak, "awq_counters": counts}
 
 
-def decode(args) -> list[dict]:
+def decode(args, emit) -> None:
+    """The decode rows, each passed to `emit` as it is measured."""
     import awq_compile
 
     from awq_compile.backend import register
@@ -106,20 +113,17 @@ def decode(args) -> list[dict]:
     register()  # a bare checkout on the GPU machine has no entry point installed
     cfg = llama_config(args.layers, args.tiny, args.shape)
     model = random_model(cfg, DEV)
-    rows = []
     for b in args.batch if args.models in ("both", "bf16") else ():
         r = _decode(model, b, args.prompt, args.new, {"mode": "reduce-overhead", "fullgraph": True})
-        rows.append({"model": "bf16 inductor", **r})
-        print(rows[-1], flush=True)
+        emit({"model": "bf16 inductor", **r})
     if args.bf16_attention and args.models in ("both", "bf16"):
         torch._dynamo.reset()
         for b in args.batch:  # the bf16 side with the same attention as the INT4 side
             r = _decode(model, b, args.prompt, args.new, {"backend": _bf16_decode_attention, "fullgraph": True})
-            rows.append({"model": "bf16 inductor + decode_attention", **r})
-            print(rows[-1], flush=True)
+            emit({"model": "bf16 inductor + decode_attention", **r})
         torch._dynamo.reset()
     if args.models == "bf16":
-        return rows
+        return
     # Decode speed does not depend on the weights' values: round-to-nearest gives the same
     # packed format and kernels as AWQ, in seconds.
     q = awq_compile.quantize_rtn(model, awq_compile.AWQConfig(group_size=128, compute_dtype="bfloat16"))
@@ -128,8 +132,7 @@ def decode(args) -> list[dict]:
     for b in args.batch:
         r = _decode(q, b, args.prompt, args.new,
                     {"backend": "awq", "mode": "reduce-overhead", "fullgraph": True})
-        rows.append({"model": "int4 awq", **r})
-        print(rows[-1], flush=True)
+        emit({"model": "int4 awq", **r})
     ablations = [("fuse_siblings", b) for b in args.unfused] + [(o, b) for o in args.ablate for b in args.batch]
     for option, b in ablations:  # the INT4 model with one backend option off
         if option == "pdl":  # not a backend option: the kernel library's $AWQ_PDL, read at capture
@@ -139,9 +142,7 @@ def decode(args) -> list[dict]:
         else:
             r = _decode(q, b, args.prompt, args.new, {"backend": "awq", "fullgraph": True, "options": {
                 "mode": "reduce-overhead", option: False}})
-        rows.append({"model": f"int4 awq, {option}" if option.startswith("env:") else f"int4 awq, {option}=False", **r})
-        print(rows[-1], flush=True)
-    return rows
+        emit({"model": f"int4 awq, {option}" if option.startswith("env:") else f"int4 awq, {option}=False", **r})
 
 
 def _bf16_decode_attention(gm, example_inputs):
@@ -175,7 +176,7 @@ def _with_env(q, batch: int, args, env: dict[str, str]) -> dict:
         torch._dynamo.reset()
 
 
-def quantize(args) -> list[dict]:
+def quantize(args, emit) -> None:
     import awq_compile
 
     cfg = llama_config(args.layers, args.tiny, args.shape)
@@ -193,9 +194,8 @@ def quantize(args) -> list[dict]:
     row = {"shape": args.shape, "layers": cfg.num_hidden_layers, "n_samples": args.n_samples, "seconds": dt,
            "peak_gpu_gib": peak / 2**30, "bf16_weights_gib": weight_bytes / 2**30,
            "peak_over_weights": peak / weight_bytes}
-    print(row, flush=True)
+    emit(row)
     del q
-    return [row]
 
 
 def main() -> None:
@@ -222,15 +222,28 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="a tiny config, to smoke-test the script")
+    ap.add_argument("--watchdog", type=float, default=None, metavar="SECONDS",
+                    help="print every thread's Python stack to stderr after SECONDS, and again each "
+                         "SECONDS after (where a run that does not finish is)")
     args = ap.parse_args()
     global DEV
     DEV = args.device
     card = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     print(card, flush=True)
-    rows = decode(args) if args.what == "decode" else quantize(args)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"card": card, "rows": rows}, f, indent=1)
+    if args.watchdog:
+        faulthandler.dump_traceback_later(args.watchdog, repeat=True)
+    rows = []
+
+    def emit(row: dict) -> None:  # printed, and --out rewritten (atomically), as each row comes
+        rows.append(row)
+        print(row, flush=True)
+        if args.out:
+            tmp = f"{args.out}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({"card": card, "rows": rows}, f, indent=1)
+            os.replace(tmp, args.out)
+
+    (decode if args.what == "decode" else quantize)(args, emit)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """CPU-machine checks of the CUDA kernels: the sources compile with nvcc for sm_90a and sm_80, and
 the package imports and runs without the library; the multi-weight launchers' shared argument
-checks and the decode attention's refuse bad input before any CUDA call.
+checks, the decode attention's and the add + RMSNorm's refuse bad input before any CUDA call.
 
 Compiling all of csrc/ takes about 2 minutes per target on 2 cores, most of it the CUTLASS GEMM
 (int4_gemm_sm90.cu).
@@ -120,6 +120,48 @@ def test_decode_attention_argument_checks(tmp_path):
     assert call(qs=odd) == (1, "awq_decode_attention: q, k or v not 16-byte aligned (pointer or stride)")
     assert lib.awq_decode_attention_rounds(1, 32, 32, 1, 384, 96) < 0
     assert lib.awq_int4_last_error().decode() == "awq_decode_attention_rounds: bad sizes"
+
+
+@pytest.mark.skipif(build_kernels.find_nvcc() is None, reason="nvcc not installed")
+def test_add_rms_norm_argument_checks(tmp_path):
+    """awq_add_rms_norm refuses bad sizes, dtypes, null or misaligned pointers and inconsistent
+    norm arguments (the checks it shares with the folded GEMV's norm prologue) before any CUDA
+    call: a library of its sources (sm_80, linked here) on a CPU machine."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(build_kernels.build(tmp_path / "libnorm.so", archs=("80",),
+                                               sources=("int4_common.cu", "add_rms_norm.cu"))))
+    p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+
+    class NormIn(ctypes.Structure):  # awq_norm_in (csrc/awq_int4.h)
+        _fields_ = [("residual", p), ("delta", p), ("partials", p), ("delta_bias", p), ("weight", p), ("h", p),
+                    ("slices", i64), ("eps", ctypes.c_float)]
+
+    lib.awq_int4_last_error.restype = ctypes.c_char_p
+    lib.awq_add_rms_norm_max_k.restype = i64
+    lib.awq_add_rms_norm.argtypes = [ctypes.POINTER(NormIn), p, i64, i64, i32, p]
+    good = dict(residual=256, delta=512, partials=None, delta_bias=None, weight=768, h=1024, slices=0, eps=1e-6)
+
+    def call(x=2048, m=8, k=4096, dtype=1, **norm) -> tuple[int, str]:
+        nm = None if norm.get("null") else ctypes.byref(NormIn(**{**good, **norm}))
+        return lib.awq_add_rms_norm(nm, x, m, k, dtype, None), lib.awq_int4_last_error().decode()
+
+    assert lib.awq_add_rms_norm_max_k() == 8192
+    bad_sizes = "awq_add_rms_norm: bad arguments"
+    assert call(null=True) == (1, f"{bad_sizes} M=8 K=4096 dtype=1 (K <= 8192)")
+    assert call(k=8200)[1].startswith(f"{bad_sizes} M=8 K=8200") and call(m=0)[1].startswith(f"{bad_sizes} M=0")
+    assert call(dtype=2)[1].startswith(f"{bad_sizes} M=8 K=4096 dtype=2") and call(x=None)[0] == 1
+    assert call(x=2056) == (1, "awq_add_rms_norm: x must be 16-byte aligned")
+    bad_norm = "awq_add_rms_norm: bad norm arguments"
+    assert call(weight=None)[1].startswith(bad_norm) and call(h=None)[1].startswith(bad_norm)
+    assert call(delta=None)[1].startswith(bad_norm)  # neither delta nor partials
+    assert call(partials=1280, slices=2)[1].startswith(bad_norm)  # both
+    assert call(delta=None, partials=1280, slices=0)[1].startswith(bad_norm)
+    assert call(delta_bias=1536)[1].startswith(bad_norm)  # a bias with delta
+    assert call(eps=-1.0)[1].startswith(bad_norm) and call(eps=float("nan"))[1].startswith(bad_norm)
+    aligned = "awq_add_rms_norm: the norm needs K % 8 == 0"
+    assert call(k=4100) == (1, f"{aligned} (K=4100) and 16-byte aligned tensors")
+    assert call(residual=264)[1].startswith(aligned) and call(delta=None, partials=1288, slices=2)[1].startswith(aligned)
 
 
 def test_import_without_library(tmp_path):

@@ -117,26 +117,29 @@ def test_pass_takes_the_partials():
 
 
 def test_backend_swaps_what_fuse_norm_leaves(monkeypatch):
-    """A 3-layer bf16 Llama served eagerly with option norm_op off, then on (the default), the
-    pass forced (its default asks for CUDA): the norm fusion takes 2L - 1 = 5 norms a graph, this
-    pass the final one, and the logits and caches are bit for bit those without it."""
+    """A 3-layer bf16 Llama served eagerly with option norm_op off, then on (the default), then
+    with fuse_norm off, the passes forced (their defaults ask for CUDA): the norm fusion takes
+    2L - 1 = 5 norms a graph and this pass the final one, or this pass all 2L = 6 that follow a
+    residual add; the logits and caches are bit for bit those without it."""
     monkeypatch.setattr(importlib.import_module("awq_compile.passes.fuse_add_rms_norm"), "_library_applies",
                         lambda *a: True)
     monkeypatch.setattr(importlib.import_module("awq_compile.passes.swap_add_rms_norm"), "_on_cuda", lambda x: True)
     model, cfg = _llama()
     runs = []
-    for options in ({"norm_op": False}, {}):
+    for options in ({"norm_op": False}, {}, {"fuse_norm": False}):
         torch._dynamo.reset()
         counters.clear()
         step = torch.compile(model, backend="awq", fullgraph=True, options={"inductor": False, **options})
         logits, cache = static_cache_decode(model, cfg, step)
         runs.append((logits, cache, counters["awq"]["norm_ops"], counters["awq"]["norms_fused"],
                      counters["awq"]["serve_graphs"]))
-    (want, want_cache, off, fused_off, graphs), (got, got_cache, on, fused_on, _) = runs
+    (want, want_cache, off, fused_off, graphs), (_, _, on, fused_on, _), (_, _, alone, fused_none, _) = runs
     assert off == 0 and on == graphs >= 1 and fused_off == fused_on == 5 * graphs
-    assert torch.equal(got, want)
-    assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
-               for a, b in zip(got_cache.layers, want_cache.layers))
+    assert alone == 6 * graphs and fused_none == 0
+    for got, got_cache, *_ in runs[1:]:
+        assert torch.equal(got, want)
+        assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+                   for a, b in zip(got_cache.layers, want_cache.layers))
 
 
 # ----------------------------------------------------------------------------- CUDA
