@@ -1,8 +1,8 @@
 """Kernel by kernel: one compiled decode step (CUDA graphs), bf16 inductor and INT4 backend="awq".
 
-    python benchmarks/trace_decode.py [--layers 4] [--batch 1] [--out DIR]
+    python benchmarks/trace_decode.py [--layers 4] [--batch 1] [--out DIR] [--shape 13b] [--off OPTION ...]
 
-Llama-2-7B shapes with --layers layers (random bf16 weights; INT4 by round to nearest, the same
+Llama-2-7B (or 13B) shapes with --layers layers (random bf16 weights; INT4 by round to nearest, the same
 kernels as AWQ), batch --batch (1), a 128-token prompt, a 384-token static cache. Both models are compiled
 with mode="reduce-overhead"; after 6 steps (warm-up, recording), 4 steps run under torch.profiler.
 Prints the kernels of the last step in order (start us, duration us, gap to the one before), then
@@ -80,6 +80,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--out", default=".")
+    ap.add_argument("--shape", choices=["7b", "13b"], default="7b")
+    ap.add_argument("--off", nargs="*", default=[], metavar="OPTION",
+                    help="backend options turned off in the INT4 compile (e.g. fuse_norm)")
     args = ap.parse_args()
     import awq_compile
     from awq_compile.backend import register
@@ -87,13 +90,14 @@ def main() -> None:
     register()  # a bare checkout on the GPU machine has no entry point installed
     print(torch.cuda.get_device_name())
     os.makedirs(args.out, exist_ok=True)
-    cfg = llama_config(args.layers)
+    cfg = llama_config(args.layers, shape=args.shape)
     model = random_model(cfg, "cuda")
     trace(model, cfg, "bf16", {"mode": "reduce-overhead", "fullgraph": True}, args.out, args.batch)
     q = awq_compile.quantize_rtn(model, awq_compile.AWQConfig(group_size=128, compute_dtype="bfloat16"))
     del model
     torch.cuda.empty_cache()
-    trace(q, cfg, "int4", {"backend": "awq", "mode": "reduce-overhead", "fullgraph": True}, args.out, args.batch)
+    options = {"mode": "reduce-overhead", **{name: False for name in args.off}}
+    trace(q, cfg, "int4", {"backend": "awq", "options": options, "fullgraph": True}, args.out, args.batch)
 
 
 if __name__ == "__main__":
