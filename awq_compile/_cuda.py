@@ -37,7 +37,8 @@ __all__ = ["library_path", "load_library", "available", "gemm_mma", "gemm_pc", "
            "dequantize_cuda", "int4_linear_cuda", "int4_linear_multi_cuda", "mma_max_m", "pc_max_m", "simt_max_m",
            "tc_max_m", "use_fold", "gemm_fold", "split_k_slices", "int4_linear_partials_cuda", "gemm_sm90", "sm90_config", "sm90_operands", "sm90_pick", "sm90_splits", "ENV_VAR",
            "fused_norm_applies", "NORM_MAX_M", "int4_linear_glu_norm_cuda", "int4_linear_rope_cache_norm_cuda",
-           "decode_attention_applies", "decode_attention_cuda", "ATTENTION_MAX_ROUNDS", "add_rms_norm_cuda"]
+           "decode_attention_applies", "decode_attention_cuda", "ATTENTION_MAX_ROUNDS", "add_rms_norm_applies",
+           "add_rms_norm_cuda"]
 
 ENV_VAR = "AWQ_COMPILE_CUDA_LIB"
 _ABI_VERSION = 15
@@ -837,6 +838,17 @@ def _norm_in(residual, delta, delta_bias, norm_weight, eps, slices) -> tuple[_Aw
 @functools.lru_cache(maxsize=1)
 def _add_rms_norm_max_k() -> int:
     return load_library().awq_add_rms_norm_max_k()
+
+
+def add_rms_norm_applies(x: torch.Tensor) -> bool:
+    """Whether the CUDA kernel of `awq::add_rms_norm` takes a norm whose output is like x (x may be
+    a fake tensor: only its device, dtype and width are read): fp16 or bf16 on a GPU, K a
+    multiple of 8 up to awq_add_rms_norm_max_k. Where not, the op runs torch's ops, slower than
+    inductor's one kernel, so the pass swap_add_rms_norm asks this."""
+    if x.device.type != "cuda" or x.dtype not in _DTYPES or x.dim() < 1 or load_library() is None:
+        return False
+    k = x.shape[-1]
+    return isinstance(k, int) and k % 8 == 0 and 0 < k <= _add_rms_norm_max_k()
 
 
 def add_rms_norm_cuda(residual, delta, delta_bias, norm_weight, eps) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,8 +11,9 @@ where no projection took it in: run it after that pass, so what remains is the n
 of a projection of more than one token a step (the folded GEMV's norm prologue is kept to one
 token: `_cuda.NORM_MAX_M`), and the final norm before lm_head. There the norm is an inductor
 kernel of one program a row; on CUDA the op is one launch of csrc/add_rms_norm.cu, a block a row,
-launched with programmatic dependent launch. Only on CUDA (`applies`, by default: x on a CUDA
-device and the kernel library loaded). The backend runs it (option `norm_op`); on an H200 it
+launched with programmatic dependent launch. Only where that kernel takes the norm (`applies`, by
+default `_cuda.add_rms_norm_applies`: fp16 or bf16 on a GPU with the kernel library, K % 8 == 0,
+K <= 8192). The backend runs it (option `norm_op`); on an H200 it
 gave +0.9% tokens/s at 7B batch 8 and +1.9% at 13B (benchmarks/RESULTS.md, section 3, session 19).
 
 The call stands where x stood, so every other reader of h must come after x, and nothing the call
@@ -38,17 +39,17 @@ _OP = torch.ops.awq.add_rms_norm.default
 
 
 def _on_cuda(x: torch.Tensor) -> bool:
-    if x.device.type != "cuda":
-        return False
+    """The default `applies`: where the CUDA kernel takes the norm (`_cuda.add_rms_norm_applies`);
+    elsewhere the op would run torch's ops, slower than inductor's one kernel."""
     from awq_compile import _cuda
 
-    return _cuda.available()
+    return _cuda.add_rms_norm_applies(x)
 
 
 def swap_add_rms_norm(gm: fx.GraphModule, applies: Callable[[torch.Tensor], bool] | None = None) -> int:
     """Replace each residual add + RMSNorm left in `gm` with one `awq.add_rms_norm` call where
-    `applies(x's example value)` (by default: on a CUDA device with the kernel library); returns
-    the number replaced."""
+    `applies(x's example value)` (by default: where the CUDA kernel takes it); returns the number
+    replaced."""
     applies = applies or _on_cuda
     return rewrite_each(gm, lambda n: _match(gm, n, applies) if n.op == "call_function" else None, _rewrite)
 

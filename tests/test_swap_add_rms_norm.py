@@ -116,6 +116,30 @@ def test_pass_takes_the_partials():
     assert call.args[1].target is torch.ops.awq.int4_linear_partials.default and call.args[2] is not None
 
 
+def test_applies_only_where_the_kernel_takes_the_norm(monkeypatch):
+    """The pass's default rule (`_cuda.add_rms_norm_applies`), on fake CUDA tensors with a library
+    stand-in: fp16 / bf16, K % 8 == 0, K <= the library's max; never without the library or off
+    a GPU (elsewhere the op would run torch's ops, slower than inductor's kernel)."""
+    from torch._subclasses import FakeTensorMode
+
+    from awq_compile import _cuda
+
+    monkeypatch.setattr(_cuda, "load_library", lambda: object())
+    monkeypatch.setattr(_cuda, "_add_rms_norm_max_k", lambda: 8192)
+    with FakeTensorMode():
+        def x(k, dtype=torch.bfloat16, device="cuda"):
+            return torch.empty(8, 1, k, dtype=dtype, device=device)
+
+        cases = {"bf16": x(4096), "fp16": x(8192, torch.float16), "fp32": x(4096, torch.float32),
+                 "k % 8": x(4100), "k > max": x(8200), "cpu": x(4096, device="cpu")}
+        rule = importlib.import_module("awq_compile.passes.swap_add_rms_norm")._on_cuda
+        got = {name: rule(t) for name, t in cases.items()}
+    assert got == {"bf16": True, "fp16": True, "fp32": False, "k % 8": False, "k > max": False, "cpu": False}
+    monkeypatch.setattr(_cuda, "load_library", lambda: None)
+    with FakeTensorMode():
+        assert not _cuda.add_rms_norm_applies(torch.empty(8, 4096, dtype=torch.bfloat16, device="cuda"))
+
+
 def test_backend_swaps_what_fuse_norm_leaves(monkeypatch):
     """A 3-layer bf16 Llama served eagerly with option norm_op off, then on (the default), then
     with fuse_norm off, the passes forced (their defaults ask for CUDA): the norm fusion takes
