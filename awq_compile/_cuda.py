@@ -857,8 +857,8 @@ def add_rms_norm_cuda(residual, delta, delta_bias, norm_weight, eps) -> tuple[to
     awq_add_rms_norm_max_k), else add_rms_norm in torch ops."""
     slices = check_add_rms_norm_args(residual, delta, delta_bias, norm_weight, eps, "add_rms_norm")
     k = residual.shape[-1]
-    if (residual.dtype in _DTYPES and k % 8 == 0 and residual.numel() > 0
-            and k <= _add_rms_norm_max_k() and residual.device.index == torch.cuda.current_device()):
+    if (add_rms_norm_applies(residual) and residual.numel() > 0
+            and residual.device.index == torch.cuda.current_device()):
         packed = _norm_in(residual, delta, delta_bias, norm_weight, eps, slices)
         if packed is not None:
             nm, h = packed

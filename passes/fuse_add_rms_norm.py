@@ -183,27 +183,49 @@ def _match_site(gm: fx.GraphModule, call: fx.Node, applies: Applies) -> dict | N
         return None
     read = []
     fx.node.map_arg(call.args[1:], read.append)
-    norm = _norm(x) if x not in read else None
+    norm = _add_norm(x) if x not in read else None
     if norm is None:
         return None
     h, w, eps, chain = norm
-    if not (_is(h, _ADD, "add") and len(h.args) == 2 and not h.kwargs
-            and all(isinstance(a, fx.Node) for a in h.args)):
+    taken = _take(gm, op, x, call, norm, call.args[1:])
+    if taken is None:
         return None
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    if any(u is not chain[0] and order[u] <= order[call] for u in h.users):
-        return None
-    for residual, delta, bias, moved in _delta_forms(h):
-        val = _fake_call(gm, op, call.args[0], (residual, delta, bias, w, eps, *call.args[1:]))
-        if val is not None and _moves_safely([*moved, h][0], call, (residual, delta, bias, w)):
-            break
-    else:
-        return None
+    residual, delta, bias, moved, val = taken
     head_dim = int(_val(call.args[9]).shape[-1]) if kind == "rope" else 0
     if not applies(kind, x_val, [_val(q) for q in call.args[1]], call.args[4], head_dim):
         return None
     return {"call": call, "op": op, "h": h, "chain": chain, "moved": moved, "val": val,
             "args": (residual, delta, bias, w, eps)}
+
+
+def _add_norm(x: fx.Node) -> tuple | None:
+    """_norm(x) where its h is an add of two nodes (a residual add): (h, w, eps, chain), else
+    None. Shared with swap_add_rms_norm."""
+    norm = _norm(x)
+    if norm is None:
+        return None
+    h = norm[0]
+    if not (_is(h, _ADD, "add") and len(h.args) == 2 and not h.kwargs
+            and all(isinstance(a, fx.Node) for a in h.args)):
+        return None
+    return norm
+
+
+def _take(gm: fx.GraphModule, op, x: fx.Node, site: fx.Node, norm: tuple, rest: tuple = ()) -> tuple | None:
+    """How `op` takes the add + norm `norm` (_add_norm's) at `site`, with (residual, delta,
+    delta_bias, w, eps, *rest) as its arguments: the first of h's delta forms that the op accepts
+    on the example tensors (in x's fake mode) and whose nodes can move to site, as (residual,
+    delta, delta_bias, the nodes taken over, the op's example outputs); None where a reader of h
+    other than the norm comes before site, or no form fits. Shared with swap_add_rms_norm."""
+    h, w, eps, chain = norm
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    if any(u is not chain[0] and order[u] <= order[site] for u in h.users):
+        return None
+    for residual, delta, bias, moved in _delta_forms(h):
+        val = _fake_call(gm, op, x, (residual, delta, bias, w, eps, *rest))
+        if val is not None and _moves_safely([*moved, h][0], site, (residual, delta, bias, w)):
+            return residual, delta, bias, moved, val
+    return None
 
 
 def _delta_forms(h: fx.Node) -> list[tuple]:
@@ -222,7 +244,7 @@ def _delta_forms(h: fx.Node) -> list[tuple]:
 
 def _fake_call(gm: fx.GraphModule, op, ref: fx.Node, args: tuple) -> tuple[str, tuple] | None:
     """op(*args) on the example tensors (its meta), in the fake mode of `ref`'s example value, or
-    None where the op's checks refuse them or they are unknown. Shared with swap_add_rms_norm."""
+    None where the op's checks refuse them or they are unknown."""
     key = next((k for k in _VAL_KEYS if k in ref.meta), None)
     mode = getattr(_val(ref), "fake_mode", None)
     missing = []

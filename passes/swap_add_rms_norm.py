@@ -29,8 +29,7 @@ import torch
 from torch import fx
 
 from ._graph import copy_source_meta, rewrite_each
-from .fuse_add_rms_norm import _delta_forms, _fake_call, _norm, _retire
-from .fuse_rope_cache import _ADD, _is, _moves_safely
+from .fuse_add_rms_norm import _add_norm, _retire, _take
 from .fuse_sibling_linears import _val
 
 __all__ = ["swap_add_rms_norm"]
@@ -55,24 +54,17 @@ def swap_add_rms_norm(gm: fx.GraphModule, applies: Callable[[torch.Tensor], bool
 
 
 def _match(gm: fx.GraphModule, x: fx.Node, applies) -> dict | None:
-    norm = _norm(x)
+    norm = _add_norm(x)
     if norm is None:
-        return None
-    h, w, eps, chain = norm
-    if not (_is(h, _ADD, "add") and len(h.args) == 2 and not h.kwargs
-            and all(isinstance(a, fx.Node) for a in h.args)):
         return None
     x_val = _val(x)
     if not isinstance(x_val, torch.Tensor) or not applies(x_val):
         return None
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    if any(u is not chain[0] and order[u] <= order[x] for u in h.users):
+    taken = _take(gm, _OP, x, x, norm)
+    if taken is None:
         return None
-    for residual, delta, bias, moved in _delta_forms(h):
-        val = _fake_call(gm, _OP, x, (residual, delta, bias, w, eps))
-        if val is not None and _moves_safely([*moved, h][0], x, (residual, delta, bias, w)):
-            return {"x": x, "h": h, "chain": chain, "moved": moved, "val": val, "args": (residual, delta, bias, w, eps)}
-    return None
+    (h, w, eps, chain), (residual, delta, bias, moved, val) = norm, taken
+    return {"x": x, "h": h, "chain": chain, "moved": moved, "val": val, "args": (residual, delta, bias, w, eps)}
 
 
 def _rewrite(graph: fx.Graph, m: dict) -> None:
