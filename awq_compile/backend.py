@@ -282,8 +282,35 @@ def serve_graph(
         return _inference_only(gm.forward)
     from torch._inductor.compile_fx import compile_fx
 
+    register_fallbacks()
     with torch.no_grad():
         return _inference_only(compile_fx(gm, list(example_inputs), config_patches=patches or None))
+
+
+def register_fallbacks() -> list:
+    """Give each awq op inductor's fallback lowering before inductor lowers a graph with it;
+    returns the ops registered now. Inductor would otherwise register one when it meets the op's
+    first node, and torch 2.11 then formats that node's IR arguments for an info log whether the
+    log is on or not. The format prints every producer upstream as a tree: exponential in the
+    depth of the graph. The final norm's awq.add_rms_norm at batch 1, first met after 32 layers,
+    kept a cold compile of 7B busy for minutes without end on an H200. The layout constraint is
+    the one inductor's implicit fallback picks: the op's layout tag, else the default
+    (custom_op_default_layout_constraint)."""
+    try:
+        from torch._inductor import lowering
+        from torch._library.utils import get_layout_constraint_tag
+
+        make_fallback, lowerings, tag_to_constraint = (lowering.make_fallback, lowering.lowerings,
+                                                       lowering.tag_to_layout_constraint)
+    except (ImportError, AttributeError):  # another torch: inductor registers them itself, as before
+        return []
+    from .ops import OP_NAMES
+
+    new = [op for op in (getattr(torch.ops.awq, name).default for name in OP_NAMES) if op not in lowerings]
+    for op in new:
+        make_fallback(op, layout_constraint=tag_to_constraint(get_layout_constraint_tag(op, with_default=True)),
+                      warn=False)
+    return new
 
 
 def _fuse_siblings(gm: fx.GraphModule) -> int:

@@ -53,7 +53,12 @@ __all__ = ["int4_linear", "int4_linear_multi", "int4_linear_glu", "int4_linear_p
            "check_int4_linear_multi_args", "check_int4_linear_glu_args", "int4_linear_rope_cache",
            "check_int4_linear_rope_cache_args", "rotate_heads", "cache_positions", "MAX_SEGMENTS", "add_rms_norm",
            "check_add_rms_norm_args", "add_rms_norm_op", "int4_linear_glu_norm", "int4_linear_rope_cache_norm",
-           "decode_attention", "check_decode_attention_args", "DECODE_ATTENTION_MAX_ROWS"]
+           "decode_attention", "check_decode_attention_args", "DECODE_ATTENTION_MAX_ROWS", "OP_NAMES"]
+
+OP_NAMES = ("int4_linear", "int4_linear_multi", "int4_linear_glu", "int4_linear_partials", "int4_linear_rope_cache",
+            "int4_linear_glu_norm", "int4_linear_rope_cache_norm", "add_rms_norm", "decode_attention")
+"""The ops this module defines in the `awq` namespace (the backend gives each inductor's
+fallback lowering before inductor meets it)."""
 
 MAX_SEGMENTS = 4
 """Most linears one `int4_linear_multi` call takes: q/k/v and gate/up need 3 and 2."""

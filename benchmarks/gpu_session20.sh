@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
+# Ran in session 20: part a (its INT4 compile stalled: inductor's eager IR formatting, fixed by
+# backend.register_fallbacks); b's and c's measurements were made by calls 2-4 instead (RESULTS.md,
+# section 3, session 20).
 # Device calls for what session 19 could not finish (carry: awq_compile/_lib):
 #   - session 19's call 6 (7B batch 1, INT4 only, with --ablate fuse_norm, a fresh machine) printed
 #     nothing within its 390 s limit, though call 3 had run the same baseline (then

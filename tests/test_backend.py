@@ -258,6 +258,48 @@ def test_serving_under_grad_mode_is_inference_only():
         torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
 
 
+def test_awq_ops_get_fallback_lowerings_before_inductor_meets_them(monkeypatch):
+    """The backend registers inductor's fallback lowering for every awq op in the graph before
+    compile_fx, with the layout constraint inductor's implicit fallback would give: inductor's
+    implicit path formats the op's first node's IR arguments (eagerly on torch 2.11, where a
+    7B batch-1 graph's final norm op made that exponential), so it must not run for them. The
+    ops' lowerings are removed first, as in a fresh process; the output matches quantize's."""
+    import logging
+
+    from torch._inductor import lowering
+    from torch._library.utils import get_layout_constraint_tag
+
+    from awq_compile.ops import OP_NAMES
+
+    for op in [k for k in lowering.lowerings if isinstance(k, torch._ops.OpOverload) and k.namespace == "awq"]:
+        monkeypatch.delitem(lowering.lowerings, op)
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # a cache hit lowers nothing
+    model = _toy()
+    ref = awq_compile.quantize(model, _batches(), AWQConfig(group_size=64, **SEARCH))
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: records.append(record.getMessage())
+    graph_log = logging.getLogger("torch._inductor.graph")
+    monkeypatch.setattr(graph_log, "level", logging.INFO)
+    graph_log.addHandler(handler)
+    try:
+        compiled, _ = _calibrated(model, {"group_size": 64, **SEARCH}, _batches())  # inductor
+        with torch.no_grad():
+            x = torch.randn(1, 8, 128)
+            torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
+    finally:
+        graph_log.removeHandler(handler)
+    assert counters["awq"]["serve_graphs"] >= 1
+    fallbacks = [m for m in records if "implicit fallback" in m]
+    assert not [m for m in fallbacks if "awq." in m], fallbacks
+    served = [k for k in lowering.lowerings if isinstance(k, torch._ops.OpOverload) and k.namespace == "awq"]
+    assert sorted(op.name() for op in served) == sorted(f"awq::{name}" for name in OP_NAMES)
+    assert sorted(OP_NAMES) == sorted(n[5:] for n in torch._C._dispatch_get_all_op_names() if n.startswith("awq::"))
+    for op in served:
+        want = lowering.tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+        assert lowering._maybe_layout_constraints[op] is want
+
+
 def test_graph_left_in_dynamos_cache_still_serves_int4(monkeypatch):
     """Should dropping dynamo's cache fail, a calibration graph called later serves INT4."""
     model = _toy()
