@@ -113,8 +113,17 @@ constexpr size_t kSmemBytes = (size_t)kWarps * 4 * 32 * sizeof(float);
 // kernel serves 7B's o projection at M = 2..8, which follows our decode attention (it lets its
 // dependents launch at once), so that launch requests its first step's weights during the
 // attention. H200 (session 18): 7B decode at batch 8 +2.1%, 13B +0.9%; batch 1 unchanged.
+// Only for weights of at most kTcPdlMaxBytes packed bytes: on larger ones it costs more than it
+// saves. H200, session 21, M = 2 / 4 / 8, the same kernel with and without it: graph-timed (20
+// launches a graph) 4096x4096 8.2-8.5 against 9.5-9.7 us, 8192x8192 21.2-23.1 against
+// 20.5-22.5, 28672x8192 65.9 / 69.2 / 85.9 against 59.6 / 62.2 / 68.8; do_bench 8192x8192
+// 27.6-29.6 against 24.6-27.1, 28672x8192 74.7 / 77.8 / 93.4 against 65.1 / 69.6 / 75.7.
+// 7B's and 13B's o projections (8 and 12.5 MiB) keep it.
 constexpr long kTcPdlMaxM = 8;
-bool tc_pdl_enabled(const DeviceSmem& d, int m) { return d.major >= 9 && m <= env_long("AWQ_PDL_TC", kTcPdlMaxM); }
+constexpr long long kTcPdlMaxBytes = 16ll << 20;
+bool tc_pdl_enabled(const DeviceSmem& d, int m, long long weight_bytes) {
+  return d.major >= 9 && m <= env_long("AWQ_PDL_TC", kTcPdlMaxM) && weight_bytes <= kTcPdlMaxBytes;
+}
 
 template <typename T, int U, int MINB>
 __global__ void __launch_bounds__(kThreads, MINB) gemv_tc_kernel(const TcArgs a) {
@@ -207,7 +216,7 @@ int launch_cfg(TcArgs a, cudaStream_t stream) {
   const DeviceSmem* d = nullptr;
   if (int e = device_smem(d)) return e;
   const int blocks = (tiles + tiles_block - 1) / tiles_block;
-  const bool pdl = pdl_enabled(*d, a.M) || tc_pdl_enabled(*d, a.M);
+  const bool pdl = pdl_enabled(*d, a.M) || tc_pdl_enabled(*d, a.M, (long long)a.N * a.Kp / 2);
   const LaunchCfg l(blocks, kThreads, pdl ? spread_smem(*d, blocks, smem) : smem, stream, 1, pdl);
   cudaLaunchKernelEx(&l.cfg, kernel, a);
   return check_launch("gemv_tc_kernel");
