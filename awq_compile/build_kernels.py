@@ -23,7 +23,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-__all__ = ["SOURCES", "default_output", "find_nvcc", "cutlass_include", "compile_objects", "build"]
+__all__ = ["SOURCES", "default_output", "find_cuda_tool", "find_nvcc", "cutlass_include", "nvcc_command",
+           "compile_objects", "build"]
 
 SOURCES = ("int4_common.cu", "int4_gemv_mma.cu", "int4_gemv_simt.cu", "int4_gemv_tc.cu", "int4_gemv_pc.cu",
            "int4_gemv_fold.cu", "int4_dequant.cu", "int4_gemm_sm90.cu", "rope_cache.cu",
@@ -42,12 +43,17 @@ def _csrc() -> Path:
     return Path(__file__).resolve().parent.parent / "csrc"
 
 
+def find_cuda_tool(name: str) -> str | None:
+    """A CUDA toolkit program (nvcc, cuobjdump, ...) from $CUDA_HOME/bin, else PATH, else None."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and (Path(home) / "bin" / name).exists():
+        return str(Path(home) / "bin" / name)
+    return shutil.which(name)
+
+
 def find_nvcc() -> str | None:
     """nvcc from $CUDA_HOME/bin, else PATH, else None."""
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and (Path(home) / "bin" / "nvcc").exists():
-        return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc")
+    return find_cuda_tool("nvcc")
 
 
 def cutlass_include() -> Path:
@@ -71,6 +77,14 @@ def _gencode(arch: str) -> list[str]:
     return [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
 
 
+def nvcc_command(nvcc: str, src: Path, obj: Path, archs=ARCHS, cutlass: bool = False, extra=()) -> list[str]:
+    """The nvcc command line that compiles one source to an object as the library's build does,
+    with CUTLASS's headers where `cutlass`, and `extra` flags (e.g. -Xptxas -v) before the files."""
+    includes = [f"-I{cutlass_include()}"] if cutlass else []
+    gencodes = [flag for a in archs for flag in _gencode(a)]
+    return [nvcc, *_FLAGS, *includes, *gencodes, *extra, "-c", str(src), "-o", str(obj)]
+
+
 def compile_objects(
     out_dir: Path, archs=ARCHS, sources=SOURCES, nvcc: str | None = None, jobs: int = 2
 ) -> list[Path]:
@@ -78,13 +92,12 @@ def compile_objects(
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
         raise FileNotFoundError("nvcc not found: set CUDA_HOME or put nvcc on PATH")
-    gencodes = [flag for a in archs for flag in _gencode(a)]
-    includes = [f"-I{cutlass_include()}"] if any("gemm_sm90" in s for s in sources) else []
+    cutlass = any("gemm_sm90" in s for s in sources)
 
     def one(src: str) -> Path:
         obj = out_dir / (Path(src).stem + ".o")
-        cmd = [nvcc, *_FLAGS, *includes, *gencodes, "-c", str(_csrc() / src), "-o", str(obj)]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        subprocess.run(nvcc_command(nvcc, _csrc() / src, obj, archs, cutlass), check=True, capture_output=True,
+                       text=True)
         return obj
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:

@@ -92,15 +92,12 @@ def stable_names(mangled: list[str]) -> dict[str, str]:
 
 
 def _cuobjdump() -> str:
-    for d in (build_kernels.os.environ.get("CUDA_HOME"), build_kernels.os.environ.get("CUDA_PATH")):
-        if d and (Path(d) / "bin" / "cuobjdump").exists():
-            return str(Path(d) / "bin" / "cuobjdump")
-    found = shutil.which("cuobjdump")
+    """cuobjdump where build_kernels finds CUDA programs, else in the PyPI wheel's nvidia/cu*/bin."""
+    found = build_kernels.find_cuda_tool("cuobjdump")
     spec = importlib.util.find_spec("nvidia")
     if found is None and spec is not None:
-        for base in spec.submodule_search_locations or ():
-            for cand in sorted(Path(base).glob("cu*/bin/cuobjdump")):
-                return str(cand)
+        found = next((str(c) for base in spec.submodule_search_locations or ()
+                      for c in sorted(Path(base).glob("cu*/bin/cuobjdump"))), None)
     if found is None:
         raise SystemExit("sass_report: cuobjdump not found (CUDA_HOME, PATH, or pip install nvidia-cuda-cuobjdump)")
     return found
@@ -113,8 +110,7 @@ def compile_report(csrc: Path, file: str, arch: str) -> dict[str, tuple]:
         raise SystemExit("sass_report: nvcc not found")
     with tempfile.TemporaryDirectory() as tmp:
         obj = Path(tmp) / "k.o"
-        cmd = [nvcc, *build_kernels._FLAGS, f"-I{build_kernels.cutlass_include()}", *build_kernels._gencode(arch),
-               "-Xptxas", "-v", "-c", str(csrc / file), "-o", str(obj)]
+        cmd = build_kernels.nvcc_command(nvcc, csrc / file, obj, (arch,), "gemm_sm90" in file, ("-Xptxas", "-v"))
         ptxas = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
         sass = subprocess.run([_cuobjdump(), "-sass", str(obj)], check=True, capture_output=True, text=True).stdout
     regs = parse_ptxas(ptxas)
@@ -143,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| kernel | registers | spill bytes | instructions | main loop |  ({args.file}, sm_{args.arch}"
           + (f", {args.base} -> working tree)" if args.base else ")"))
     print("|---|---|---|---|---|")
+
     def fmt(i: int, name: str) -> str:
         sides = (base, new) if args.base else (new,)
         return " -> ".join("-" if d.get(name) is None else str(d[name][i]) for d in sides)
