@@ -324,7 +324,7 @@ def _raw_stream(device: torch.device) -> int:
 # The experiment variables a kernel reads on every call and which change its K split: part of the
 # workspace-size cache keys, so that a change of them is a new entry.
 _SIMT_ENV = ("AWQ_SIMT_CFG",)
-_FOLD_ENV = ("AWQ_FOLD_CFG", "AWQ_FOLD_KS", "AWQ_FOLD_FILL", "AWQ_FOLD_CLUSTER")
+_FOLD_ENV = ("AWQ_FOLD_CFG", "AWQ_FOLD_KS", "AWQ_FOLD_FILL", "AWQ_FOLD_CLUSTER", "AWQ_FOLD_LEAN")
 
 
 def _env(names: tuple[str, ...]) -> tuple[str | None, ...]:

@@ -7,12 +7,18 @@
 #   python -m awq_compile.build_kernels --arch 90a --out awq_compile/_lib_b/libawq_int4.so  # on the branch
 #   bash benchmarks/gpu_lib_ab.sh awq_compile/_lib/libawq_int4.so awq_compile/_lib_b/libawq_int4.so [ROUNDS]
 #   carry: awq_compile/_lib, awq_compile/_lib_b
+# TESTS=SECONDS first runs every CUDA test on library B (the merge condition) within that time;
+# ATTENTION=0 skips the attention timing.
 set -u -o pipefail
 source benchmarks/device_env.sh /tmp/awq_lib_ab_out
 A=$1 B=$2 ROUNDS=${3:-2}
 for lib in "$A" "$B"; do
   [ -f "$lib" ] || { echo "gpu_lib_ab: no library at $lib"; exit 2; }
 done
+if [ -n "${TESTS:-}" ]; then
+  echo "CUDA tests on library B ($B):"
+  AWQ_COMPILE_CUDA_LIB=$B cuda_tests "$TESTS"
+fi
 for i in $(seq "$ROUNDS"); do
   for tag in A B; do
     lib=$A; [ "$tag" = B ] && lib=$B
@@ -22,6 +28,7 @@ for i in $(seq "$ROUNDS"); do
     grep -o "'batch': [0-9]*, 'ttft_ms': [0-9.]*, 'decode_tok_s': [0-9.]*" "$OUT/e2e_${tag}_$i.log"
   done
 done
+[ "${ATTENTION:-1}" = 0 ] && exit 0
 for tag in A B; do
   lib=$A; [ "$tag" = B ] && lib=$B
   echo "library $tag ($lib):"

@@ -11,8 +11,9 @@ scarce; this reads the code on the CPU before a change goes there. --base compil
 from that revision's csrc/ (`git archive`) with the same flags; a kernel present on one side only
 shows "-" on the other.
 
-Needs nvcc (as awq_compile.build_kernels) and cuobjdump: $CUDA_HOME/bin, PATH, or the PyPI wheel
-`nvidia-cuda-cuobjdump` (its nvidia/cu13/bin); c++filt for readable names where installed.
+Needs nvcc (as awq_compile.build_kernels) and cuobjdump with nvdisasm beside it or on PATH:
+$CUDA_HOME/bin, PATH, or the PyPI wheels `nvidia-cuda-cuobjdump` and `nvidia-cuda-nvdisasm` (both
+install into nvidia/cu13/bin); c++filt for readable names where installed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import io
+import os
 import re
 import shutil
 import subprocess
@@ -103,6 +105,18 @@ def _cuobjdump() -> str:
     return found
 
 
+def _disassemble(obj: Path) -> str:
+    """`cuobjdump -sass obj`, with cuobjdump's folder on PATH (it runs nvdisasm, which the PyPI
+    wheel nvidia-cuda-nvdisasm installs beside it); its own message if it fails."""
+    tool = _cuobjdump()
+    env = dict(os.environ, PATH=os.pathsep.join([str(Path(tool).parent), os.environ.get("PATH", "")]))
+    r = subprocess.run([tool, "-sass", str(obj)], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"sass_report: {tool} -sass failed: {r.stderr.strip() or r.stdout.strip()}"
+                         " (nvdisasm missing? pip install nvidia-cuda-nvdisasm)")
+    return r.stdout
+
+
 def compile_report(csrc: Path, file: str, arch: str) -> dict[str, tuple]:
     """{stable name: (registers, spill bytes, instructions, main loop)} of csrc/file for sm_<arch>."""
     nvcc = build_kernels.find_nvcc()
@@ -112,7 +126,7 @@ def compile_report(csrc: Path, file: str, arch: str) -> dict[str, tuple]:
         obj = Path(tmp) / "k.o"
         cmd = build_kernels.nvcc_command(nvcc, csrc / file, obj, (arch,), "gemm_sm90" in file, ("-Xptxas", "-v"))
         ptxas = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
-        sass = subprocess.run([_cuobjdump(), "-sass", str(obj)], check=True, capture_output=True, text=True).stdout
+        sass = _disassemble(obj)
     regs = parse_ptxas(ptxas)
     code = parse_sass(sass)
     names = stable_names(sorted(code))

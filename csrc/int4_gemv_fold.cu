@@ -367,8 +367,10 @@ __device__ __forceinline__ void issue(Stage& st, uint8_t* ring, const Rows& r, i
 
 // acc += one group of rows g, g + 8 (acc[0], acc[1]: row g, tokens 2t, 2t + 1; acc[2], acc[3]:
 // row g + 8). w0, w1: the group's chunk of rows g and g + 8; xc: this lane's chunk of its token in
-// shared memory (zeros if the token is past M: xv false); sxa, sxb: Sx of tokens 2t, 2t + 1.
-template <typename T>
+// shared memory (zeros if the token is past M: xv false, unless LEAN); sxa, sxb: Sx of tokens 2t,
+// 2t + 1. LEAN: no zeroing; a lane whose token is past M reads another token's x (gemv_fold_kernel
+// says when, and why its columns are harmless).
+template <typename T, bool LEAN>
 __device__ __forceinline__ void group_step(float (&acc)[4], const uint4& w0, const uint4& w1, uint32_t s0r,
                                            uint32_t s1r, uint32_t z0r, uint32_t z1r, const uint8_t* xc, int sw,
                                            bool xv, float sxa, float sxb) {
@@ -380,7 +382,7 @@ __device__ __forceinline__ void group_step(float (&acc)[4], const uint4& w0, con
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     uint4 xw = make_uint4(0u, 0u, 0u, 0u);
-    if (xv) xw = *reinterpret_cast<const uint4*>(xc + ((j ^ sw) << 4));
+    if (LEAN || xv) xw = *reinterpret_cast<const uint4*>(xc + ((j ^ sw) << 4));
     uint32_t p0[4], p1[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -502,7 +504,14 @@ __device__ __forceinline__ void cluster_sum(const FoldArgs& a, const float4* par
 
 // NORM (pair and rope modes): x made by stage_x_norm (FoldArgs::norm). A template parameter, so
 // that the kernels without it keep their registers (rope mode: 118 without, 127 with).
-template <typename T, class C, int MODE, bool NORM>
+// LEAN (lean_loop: below 8 tokens): the main loop without the predicates on tokens past M. A lane
+// whose token is past M reads token M - 1's x and token 0's sums: finite values in columns that
+// are never stored (store_tile, store_pair, the workspace and the cluster sums all skip tokens
+// past M), so the stored outputs are bit for bit the predicated loop's. The loop is 6-11%
+// shorter (benchmarks/sass_report.py) and 7B decode at batch 1 ran 1.1% faster; at 8 tokens,
+// where no lane is past M, the predicated loop measured 0.3% faster (7B batch 8), so it stays
+// there (csrc/NOTES.md, session 23).
+template <typename T, class C, int MODE, bool NORM, bool LEAN>
 __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const FoldArgs a) {
   constexpr int P = C::P;
   extern __shared__ float4 smem4[];
@@ -613,8 +622,9 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const Fo
               const int piece = ((4 * u + t) ^ sw) * 16;
               const uint4 w0 = *reinterpret_cast<const uint4*>(st + g * kRowBytes + piece);
               const uint4 w1 = *reinterpret_cast<const uint4*>(st + (g + 8) * kRowBytes + piece);
-              group_step<T>(acc, w0, w1, ring[p].s0[u], ring[p].s1[u], ring[p].z0[u], ring[p].z1[u],
-                            xl + (size_t)gl * kXGroupBytes, xsw, xv, ta ? sxa[gl] : 0.f, tb ? sxb[gl] : 0.f);
+              group_step<T, LEAN>(acc, w0, w1, ring[p].s0[u], ring[p].s1[u], ring[p].z0[u], ring[p].z1[u],
+                                  xl + (size_t)gl * kXGroupBytes, xsw, xv, LEAN || ta ? sxa[gl] : 0.f,
+                                  LEAN || tb ? sxb[gl] : 0.f);
             }
           }
         }
@@ -713,23 +723,36 @@ Plan make_plan(const FoldArgs& a, const DeviceSmem& d, int reg_occ) {
   return p;
 }
 
+// Whether a launch of M tokens takes the lean main loop (gemv_fold_kernel): below 8 tokens, or as
+// $AWQ_FOLD_LEAN=0 / 1 forces (experiments).
+bool lean_loop(int M) {
+  const char* e = getenv("AWQ_FOLD_LEAN");
+  return e && *e ? atoi(e) != 0 : M < kMaxM;
+}
+
 // The kernel for a mode: one weight, several, a gate/up pair, or q/k/v with the rotary embedding;
-// the last two with the norm in front or not.
-template <typename T, class C>
+// the last two with the norm in front or not; each with the lean loop or not.
+template <typename T, class C, bool LEAN>
 auto kernel_for(int mode, bool norm) {
-  return mode == kRope ? (norm ? gemv_fold_kernel<T, C, kRope, true> : gemv_fold_kernel<T, C, kRope, false>)
-         : mode == kPair ? (norm ? gemv_fold_kernel<T, C, kPair, true> : gemv_fold_kernel<T, C, kPair, false>)
-         : mode == kMulti ? gemv_fold_kernel<T, C, kMulti, false> : gemv_fold_kernel<T, C, kSingle, false>;
+  return mode == kRope   ? (norm ? gemv_fold_kernel<T, C, kRope, true, LEAN> : gemv_fold_kernel<T, C, kRope, false, LEAN>)
+         : mode == kPair ? (norm ? gemv_fold_kernel<T, C, kPair, true, LEAN> : gemv_fold_kernel<T, C, kPair, false, LEAN>)
+         : mode == kMulti ? gemv_fold_kernel<T, C, kMulti, false, LEAN>
+                          : gemv_fold_kernel<T, C, kSingle, false, LEAN>;
+}
+
+template <typename T, class C>
+auto kernel_for(int mode, bool norm, bool lean) {
+  return lean ? kernel_for<T, C, true>(mode, norm) : kernel_for<T, C, false>(mode, norm);
 }
 
 // Sums the K slices in a cluster (sm_90, 2..8 slices) where the partials fit in shared memory
 // beside x and the ring without costing a block a SM, with only as many blocks a slice as
 // clusters fit at once. $AWQ_FOLD_CLUSTER=0 keeps the workspace and fold_finalize (experiments).
 template <typename T, class C>
-int plan_cluster(Plan& p, const DeviceSmem& d, int mode, bool norm) {
+int plan_cluster(Plan& p, const DeviceSmem& d, int mode, bool norm, bool lean) {
   const char* env = getenv("AWQ_FOLD_CLUSTER");
   if (d.major < 9 || p.n_ks < 2 || p.n_ks > 8 || (env && *env && atoi(env) == 0)) return AWQ_OK;
-  auto kernel = kernel_for<T, C>(mode, norm);
+  auto kernel = kernel_for<T, C>(mode, norm, lean);
   int blocks = p.blocks;
   for (int pass = 0; pass < 2; ++pass) {
     const int iters = (p.tiles + blocks * C::W - 1) / (blocks * C::W);
@@ -760,12 +783,12 @@ template <typename T, class C>
 int plan_cfg(const FoldArgs& a, int dtype, int cfg, Plan& p) {
   const DeviceSmem* d = nullptr;
   if (int e = device_smem(d)) return e;
-  // blocks per SM allowed by registers: (device, config, dtype, mode, norm)
-  static int reg_occ[64][kNumCfg][2][kNumModes][2];
-  const bool norm = a.norm.gamma != nullptr;
-  int& occ = reg_occ[d->dev & 63][cfg][dtype == AWQ_DTYPE_BF16][a.mode][norm];
+  // blocks per SM allowed by registers: (device, config, dtype, mode, norm, lean)
+  static int reg_occ[64][kNumCfg][2][kNumModes][2][2];
+  const bool norm = a.norm.gamma != nullptr, lean = lean_loop(a.M);
+  int& occ = reg_occ[d->dev & 63][cfg][dtype == AWQ_DTYPE_BF16][a.mode][norm][lean];
   if (occ == 0) {
-    auto kernel = kernel_for<T, C>(a.mode, norm);
+    auto kernel = kernel_for<T, C>(a.mode, norm, lean);
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, d->smem_optin - kStaticSmem) !=
             cudaSuccess ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, C::THREADS, 0) != cudaSuccess)
@@ -776,7 +799,7 @@ int plan_cfg(const FoldArgs& a, int dtype, int cfg, Plan& p) {
   if (p.n_ks == 0)
     return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold: M=%d needs %d bytes of shared memory a group, the device grants %d",
                 a.M, (int)(a.M * (kXGroupBytes + 4)), d->smem_optin);
-  return plan_cluster<T, C>(p, *d, a.mode, norm);
+  return plan_cluster<T, C>(p, *d, a.mode, norm, lean);
 }
 
 // The configuration: $AWQ_FOLD_CFG (experiments), else kDefaultCfg.
@@ -810,7 +833,7 @@ template <typename T, class C>
 void launch_cfg(const FoldArgs& a, const Plan& p, cudaStream_t stream, bool pdl) {
   const bool early = pdl && (!p.cluster || pdl_cluster_enabled(p.n_ks));
   const LaunchCfg l(dim3(p.blocks, p.n_ks), C::THREADS, p.smem, stream, p.cluster ? p.n_ks : 1, early);
-  cudaLaunchKernelEx(&l.cfg, kernel_for<T, C>(a.mode, a.norm.gamma != nullptr), a);
+  cudaLaunchKernelEx(&l.cfg, kernel_for<T, C>(a.mode, a.norm.gamma != nullptr, lean_loop(a.M)), a);
 }
 
 template <typename T>

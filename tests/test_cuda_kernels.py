@@ -370,6 +370,36 @@ def test_fold_glu_k_split(ks, monkeypatch):
         assert _rel_err(got["1"], ref) < 2 * TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fold_lean_loop_bit_equal(dtype, monkeypatch):
+    """The folded GEMV's lean main loop (below 8 tokens by default: lanes past M read another
+    token's x, columns never stored) against the predicated loop, forced both ways with
+    $AWQ_FOLD_LEAN at every M = 1..8: the same bits in single, multi-weight and pair mode, with K
+    unsplit, in a cluster and in the workspace. Block configuration 0 (the default) pinned: its
+    register count allows one block a SM either way, so both loops get one plan."""
+    monkeypatch.setenv("AWQ_FOLD_CFG", "0")
+    k, ns = 2999, (200, 1536)
+    ws = [_random_weight(k, n, 128, dtype, seed=50 + i) for i, n in enumerate(ns)]
+    qws, ss, zs, bs = ([w[i] for w in ws] for i in range(4))
+    pair = [_random_weight(k, 300, 128, dtype, seed=60 + i) for i in range(2)]
+    for ks, cl in (("", "1"), ("3", "1"), ("12", "0")):
+        monkeypatch.setenv("AWQ_FOLD_KS", ks)
+        monkeypatch.setenv("AWQ_FOLD_CLUSTER", cl)
+        for m in range(1, 9):
+            x = torch.randn(m, k, device="cuda").to(dtype)
+            got = {}
+            for lean in ("0", "1"):
+                monkeypatch.setenv("AWQ_FOLD_LEAN", lean)
+                multi = cuda_mod.gemm_fold(x, qws, ss, zs, 128, bs, [x.new_full((m, n), float("nan")) for n in ns])
+                glu = cuda_mod.gemm_fold_glu(x, [w[0] for w in pair], [w[1] for w in pair], [w[2] for w in pair],
+                                             128, [w[3] for w in pair], x.new_full((m, 300), float("nan")))
+                got[lean] = [*multi, glu]
+            for a, b in zip(got["0"], got["1"]):
+                assert torch.isfinite(a).all() and torch.equal(a, b), (ks, m)
+            ref = x.double() @ dequantize(qws[1], ss[1], zs[1], 128, k, dtype=torch.float64).T + bs[1].double()
+            assert _rel_err(got["1"][1], ref) < TOL[dtype], (ks, m)
+
+
 def test_fold_glu_opcheck_and_errors():
     k, n = 576, 256
     segs = [_random_weight(k, n, 128, torch.bfloat16, seed=40 + i) for i in range(2)]

@@ -157,6 +157,32 @@ def test_rope_cache_norm_kernel(b, hq, hkv, form, monkeypatch):
         assert cuda_mod.fused_norm_applies("rope", residual, qws, 128, d)  # the 7B decode case
 
 
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_norm_kernels_lean_loop_bit_equal(m, monkeypatch):
+    """The glu and rope kernels with the norm in their staging, the folded GEMV's lean main loop
+    against the predicated one ($AWQ_FOLD_LEAN forced both ways; block configuration 0 pinned):
+    the same bits in the output, h and the caches (7B's shapes; NORM_MAX_M raised to 8)."""
+    monkeypatch.setattr(cuda_mod, "NORM_MAX_M", 8)
+    monkeypatch.setenv("AWQ_FOLD_CFG", "0")
+    d, k, dtype = 128, 4096, torch.bfloat16
+    glu_w = _weights(k, (11008, 11008), dtype, seed=70, bias=False)
+    rope_w = _weights(k, (32 * d, 32 * d, 32 * d), dtype, seed=71, bias=True)
+    residual, delta, dbias, weight = _norm_inputs((m, 1, k), dtype, "pb", seed=72 + m)
+    cos, sin, pos, _ = _rope_args(m, 32, 32, d, 16, dtype, 5)  # cos and sin are random: made once
+    got = {}
+    for lean in ("0", "1"):
+        monkeypatch.setenv("AWQ_FOLD_LEAN", lean)
+        caches = [torch.zeros(m, 32, 16, d, device="cuda", dtype=dtype) for _ in range(2)]
+        got[lean] = [*GLU(residual, delta, dbias, weight, EPS, *glu_w[:3], 128, glu_w[3]),
+                     *ROPE(residual, delta, dbias, weight, EPS, *rope_w[:3], 128, rope_w[3], cos, sin, pos,
+                          *caches), *caches]
+    for a, b in zip(got["0"], got["1"]):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+    x64 = _x64(got["1"][1], weight)
+    gate, up = (_lin64(x64, glu_w[0][i], glu_w[1][i], glu_w[2][i], None) for i in range(2))
+    assert _rel(got["1"][0], F.silu(gate) * up) < TOL[dtype]
+
+
 def test_norm_fallback_and_opcheck(monkeypatch):
     """M = 12 (not the folded GEMV's), M = 2 (above NORM_MAX_M), a residual that is a strided
     view, or the rule off: the op's torch norm, bit for bit the unfused path; opcheck on CUDA for
