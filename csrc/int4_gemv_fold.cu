@@ -680,6 +680,7 @@ struct Plan {
   int occ = 1;  // blocks a SM
   bool cluster = false;
   int iters = 0;
+  bool lean = false;  // the main loop's form (lean_loop), chosen once: the plan is that kernel's
 };
 
 // K slices: the fewest that give every tile's warp a slot in one wave of half the resident warps
@@ -749,10 +750,10 @@ auto kernel_for(int mode, bool norm, bool lean) {
 // beside x and the ring without costing a block a SM, with only as many blocks a slice as
 // clusters fit at once. $AWQ_FOLD_CLUSTER=0 keeps the workspace and fold_finalize (experiments).
 template <typename T, class C>
-int plan_cluster(Plan& p, const DeviceSmem& d, int mode, bool norm, bool lean) {
+int plan_cluster(Plan& p, const DeviceSmem& d, int mode, bool norm) {
   const char* env = getenv("AWQ_FOLD_CLUSTER");
   if (d.major < 9 || p.n_ks < 2 || p.n_ks > 8 || (env && *env && atoi(env) == 0)) return AWQ_OK;
-  auto kernel = kernel_for<T, C>(mode, norm, lean);
+  auto kernel = kernel_for<T, C>(mode, norm, p.lean);
   int blocks = p.blocks;
   for (int pass = 0; pass < 2; ++pass) {
     const int iters = (p.tiles + blocks * C::W - 1) / (blocks * C::W);
@@ -796,10 +797,11 @@ int plan_cfg(const FoldArgs& a, int dtype, int cfg, Plan& p) {
   }
   p = make_plan<C>(a, *d, occ);
   p.cfg = cfg;
+  p.lean = lean;
   if (p.n_ks == 0)
     return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold: M=%d needs %d bytes of shared memory a group, the device grants %d",
                 a.M, (int)(a.M * (kXGroupBytes + 4)), d->smem_optin);
-  return plan_cluster<T, C>(p, *d, a.mode, norm, lean);
+  return plan_cluster<T, C>(p, *d, a.mode, norm);
 }
 
 // The configuration: $AWQ_FOLD_CFG (experiments), else kDefaultCfg.
@@ -833,7 +835,7 @@ template <typename T, class C>
 void launch_cfg(const FoldArgs& a, const Plan& p, cudaStream_t stream, bool pdl) {
   const bool early = pdl && (!p.cluster || pdl_cluster_enabled(p.n_ks));
   const LaunchCfg l(dim3(p.blocks, p.n_ks), C::THREADS, p.smem, stream, p.cluster ? p.n_ks : 1, early);
-  cudaLaunchKernelEx(&l.cfg, kernel_for<T, C>(a.mode, a.norm.gamma != nullptr, lean_loop(a.M)), a);
+  cudaLaunchKernelEx(&l.cfg, kernel_for<T, C>(a.mode, a.norm.gamma != nullptr, p.lean), a);
 }
 
 template <typename T>
