@@ -5,16 +5,17 @@ torch's C++ ABI. Lookup: $AWQ_COMPILE_CUDA_LIB, else awq_compile/_lib/libawq_int
 `python -m awq_compile.build_kernels`; docs/kernels.md). If it is missing or fails to load, nothing
 is registered and the op keeps its reference implementation: importing this module never fails.
 
-Dispatch by M (tokens) and N: where `use_fold(M, N, K, g)` says (M <= 8, g = 128, wide or long
-weights) the folded tensor-core GEMV (int4_gemv_fold.cu), else M <= `simt_max_m(N, K)` runs the
-CUDA-core GEMV (int4_gemv_simt.cu), M <= `tc_max_m(N, K)` the register-streaming tensor-core kernel
-(int4_gemv_tc.cu), M <= `mma_max_m(N, K)` the cp.async tensor-core kernel (int4_gemv_mma.cu);
-M >= `SM90_MIN_M` on sm_90 runs the CUTLASS mixed-input GEMM (int4_gemm_sm90.cu; `sm90_config` picks
-its tile by M, N, K and group size), and a larger M elsewhere dequantizes the weight
-(int4_dequant.cu) and calls cuBLAS through torch. `awq::int4_linear_multi` (linears that read one x,
-fused by the backend) runs all its weights in one launch: of the folded GEMV where `use_fold` says
-(N the weights' rows together), else of the CUDA-core GEMV up to `simt_max_m`, then, on sm_90 and for M <= `pc_max_m(N, K)`, of the producer/consumer kernel (int4_gemv_pc.cu:
-bulk copies into a shared-memory ring).
+Dispatch by M (tokens) and N: where `use_fold(M, N, K, g)` says (M <= 16, g = 128; wide or long
+weights at M <= 8, K <= 11008 and N <= 22016 above) the folded tensor-core GEMV (int4_gemv_fold.cu),
+else M <= `simt_max_m(N, K)` runs the CUDA-core GEMV (int4_gemv_simt.cu), M <= `tc_max_m(N, K)` the
+register-streaming tensor-core kernel (int4_gemv_tc.cu), M <= `mma_max_m(N, K)` the cp.async
+tensor-core kernel (int4_gemv_mma.cu); M >= `SM90_MIN_M` on sm_90 runs the CUTLASS mixed-input GEMM
+(int4_gemm_sm90.cu; `sm90_config` picks its tile by M, N, K and group size), and a larger M
+elsewhere dequantizes the weight (int4_dequant.cu) and calls cuBLAS through torch.
+`awq::int4_linear_multi` (linears that read one x, fused by the backend) runs all its weights in one
+launch: of the folded GEMV where `use_fold` says (N the weights' rows together), else of the
+CUDA-core GEMV up to `simt_max_m`, then, on sm_90 and for M <= `pc_max_m(N, K)`, of the
+producer/consumer kernel (int4_gemv_pc.cu: bulk copies into a shared-memory ring).
 """
 
 from __future__ import annotations
@@ -74,10 +75,12 @@ TC_MAX_N = 8192
 PC_MAX_M = 8
 
 
-# The folded tensor-core decode kernel (int4_gemv_fold.cu, M <= 8, group size 128) serves
-# int4_linear and int4_linear_multi where `use_fold` says, ahead of the other decode kernels.
-# $AWQ_FOLD=0 switches it off.
-FOLD_MAX_M = 8
+# The folded tensor-core decode kernel (int4_gemv_fold.cu, M <= 16, group size 128) serves
+# int4_linear and int4_linear_multi where `use_fold` says, ahead of the other decode kernels and
+# the CUTLASS GEMM; its pair and rope modes (int4_linear_glu, q/k/v with the rotation) take M <=
+# FOLD_PAIR_MAX_M. $AWQ_FOLD=0 switches it off.
+FOLD_MAX_M = 16
+FOLD_PAIR_MAX_M = 8
 
 # The CUTLASS prefill GEMM (int4_gemm_sm90.cu) serves every M above the decode kernels' range
 # on sm_90 (measured on an H100: at M = 16 it beats the mma kernel on all six shapes timed,
@@ -160,9 +163,16 @@ def use_fold(m: int, n: int, k: int, group_size: int) -> bool:
     n < 8192 (down, 11008x4096: 17.1-18.3 vs 18.8-20.2); it loses on o (4096x4096), on 8192x8192
     and, at M = 2 and 4, on 28672x8192. At M = 1 it beats the CUDA-core GEMV only on the widest
     weights, gate/up (21.3-21.6 vs 23.1-23.5 us, n = 5.4 K) and 8192x28672 (50.6 vs 53.9,
-    n = 3.5 K), not on q/k/v (n = 3 K)."""
+    n = 3.5 K), not on q/k/v (n = 3 K). At M = 9..16 (two token tiles a weight fragment) it
+    beats the CUTLASS GEMM and cuBLAS where K <= 11008 and n <= 22016, every weight of 7B and
+    8192x8192 (H200, M = 9 / 12 / 16: q/k/v 17.9-18.8 us against 46.7-47.2 and cuBLAS 40.9, o
+    11.9-12.7 against 19.6-25.4, gate/up 28.2-30.9 against 45.9-46.2, down 19.7-20.7 against 23.8,
+    8192x8192 25.8-28.1 against 33.4; benchmarks/RESULTS.md, section 4, session 24); it ties on
+    8192x28672 (60.4-67.0 against 64.7-65.5) and loses on 28672x8192 (68.9-75.6 against 63.8-64.7)."""
     if os.environ.get("AWQ_FOLD") == "0" or group_size != 128 or not 1 <= m <= FOLD_MAX_M:
         return False
+    if m > 8:
+        return k <= 11008 and n <= 22016
     return 2 * n >= 7 * k if m == 1 else (n >= 12288 or (k >= 2 * n and n < 8192))
 
 
@@ -407,7 +417,7 @@ def gemm_simt_multi(x2d, qweights, scales, zeros, group_size, biases, outs) -> l
 
 def gemm_fold(x2d, qweights, scales, zeros, group_size, biases, outs) -> list[torch.Tensor]:
     """outs[i][M, N_i] = x2d[M, K] @ W_i^T + biases[i] for 1..4 weights that share x, in one launch
-    of the folded tensor-core decode kernel (M <= 8, group size 128); lists as gemm_simt_multi's,
+    of the folded tensor-core decode kernel (M <= 16, group size 128); lists as gemm_simt_multi's,
     and a split-K workspace per call as there (none where the K slices are summed in a cluster)."""
     return _launch_multi("fold", "gemm_fold", _FOLD_ENV, x2d, qweights, scales, zeros, group_size, biases, outs)
 
@@ -647,9 +657,9 @@ def int4_linear_multi_cuda(x, qweights, scales, zeros, group_size, biases) -> li
 
 def gemm_fold_glu(x2d, qweights, scales, zeros, group_size, biases, out, norm=None) -> torch.Tensor:
     """out[M, N] = silu(x2d @ Wg^T + bg) * (x2d @ Wu^T + bu) in one launch of the folded decode
-    kernel (M <= 8, group size 128); qweights, scales, zeros, biases: [gate, up]. Each linear is
-    rounded to x's dtype first, the product made in fp32 and rounded once (as inductor's fused
-    elementwise kernel makes it from the two outputs). norm: an _AwqNormIn (x2d is then the
+    kernel (M <= FOLD_PAIR_MAX_M, group size 128); qweights, scales, zeros, biases: [gate, up]. Each
+    linear is rounded to x's dtype first, the product made in fp32 and rounded once (as inductor's
+    fused elementwise kernel makes it from the two outputs). norm: an _AwqNormIn (x2d is then the
     residual, not read: x is made from the norm's tensors) or None."""
     if len(qweights) != 2 or qweights[0].shape != qweights[1].shape:
         raise ValueError(f"gemm_fold_glu: needs a gate and an up weight of one shape, got "
@@ -673,7 +683,8 @@ def int4_linear_glu_cuda(x, qweights, scales, zeros, group_size, biases) -> torc
     product made in fp32 and rounded once, as the kernel makes it."""
     n, k = check_int4_linear_glu_args(x, qweights, scales, zeros, group_size, biases)
     m = x.numel() // k
-    if m > 0 and x.device.index == torch.cuda.current_device() and use_fold(m, 2 * n, k, group_size):
+    if (m > 0 and x.device.index == torch.cuda.current_device() and m <= FOLD_PAIR_MAX_M
+            and use_fold(m, 2 * n, k, group_size)):
         for args in zip(qweights, scales, zeros, biases):
             _check_cuda_tensors(x, *args)
         x2d = x.reshape(-1, k).contiguous()
@@ -694,7 +705,7 @@ def _fold_rope_applies(x, qweights, group_size: int, d: int) -> bool:
     k = x.shape[-1]
     m, ns, kp = x.numel() // k, tuple(q.shape[0] for q in qweights), qweights[0].shape[1] * 2
     one = m == 1 and group_size == 128 and os.environ.get("AWQ_FOLD") != "0"
-    if d % 16 or not (one or use_fold(m, sum(ns), k, group_size)):
+    if d % 16 or m > FOLD_PAIR_MAX_M or not (one or use_fold(m, sum(ns), k, group_size)):
         return False
     args = (ns, m, k, kp, group_size, _DTYPES[x.dtype])
     return _workspace_floats("awq_int4_gemm_fold_rope_workspace", x.device.index, args, _env(_FOLD_ENV)) == 0
@@ -815,7 +826,7 @@ def fused_norm_applies(kind: str, x: torch.Tensor, qweights, group_size: int, he
     if kind == "rope":
         return x.dim() == 3 and head_dim > 0 and _fold_rope_applies(x, qweights, group_size, head_dim)
     n, kp = qweights[0].shape[0], qweights[0].shape[1] * 2
-    if not use_fold(m, 2 * n, k, group_size):
+    if m > FOLD_PAIR_MAX_M or not use_fold(m, 2 * n, k, group_size):
         return False
     args = (n, m, k, kp, group_size, _DTYPES[x.dtype])
     return _workspace_floats("awq_int4_gemm_fold_glu_workspace", x.device.index, args, _env(_FOLD_ENV)) == 0

@@ -107,6 +107,8 @@ def bench_shape(k, n, g, ms, bw, only=None, check=True, simt_cfgs=(), pc_cfgs=()
             variants["pc"] = pc
             for c in pc_cfgs:  # under $AWQ_PC_CFG=c
                 variants[f"pc{c}"] = pc
+        if m <= _cuda.FOLD_MAX_M and g == 128:
+            variants["fold"] = (lambda a: _cuda.gemm_fold(x, [a[0]], [a[1]], [a[2]], g, [None], [out])[0], ws)
         sm90_cfg = _cuda.sm90_config(max(m, _cuda.SM90_MIN_M), n, k, g)  # also below the op's own M range
         if sm90_cfg >= 0:
             variants["sm90"] = (lambda a: _cuda.gemm_sm90(x, *a, g, None, out, sm90_cfg), ws)
@@ -154,8 +156,9 @@ def table(card, bw, results) -> str:
     lines = [f"Card: {card}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write); group size 128, "
              "bf16; times are do_bench medians in us, L2 flushed.", "",
              "| K x N | M | cuBLAS bf16 | tinygemm | op (dispatch) | pc kernel | tc kernel | mma kernel | "
-             "simt kernel | CUTLASS sm90 | deq+cuBLAS | op vs cuBLAS | op vs tinygemm | % of DRAM floor (floor us) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "simt kernel | fold kernel | CUTLASS sm90 | deq+cuBLAS | op vs cuBLAS | op vs tinygemm | "
+             "% of DRAM floor (floor us) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     nan = float("nan")
     for (k, n), rows in results.items():
         for r in rows:
@@ -164,7 +167,7 @@ def table(card, bw, results) -> str:
             lines.append(
                 f"| {k}x{n} | {r['M']} | {_fmt(cb)} | {_fmt(tgm)} | {_fmt(op)} | {_fmt(r.get('pc', nan))} | "
                 f"{_fmt(r.get('tc', nan))} | {_fmt(r['mma'])} | "
-                f"{_fmt(r.get('simt', nan))} | {_fmt(r.get('sm90', nan))} | {_fmt(r['deq+cublas'])} | {_fmt(cb / op, '.2f')}x | "
+                f"{_fmt(r.get('simt', nan))} | {_fmt(r.get('fold', nan))} | {_fmt(r.get('sm90', nan))} | {_fmt(r['deq+cublas'])} | {_fmt(cb / op, '.2f')}x | "
                 f"{_fmt(tgm / op, '.2f')}x | {_fmt(100 * r['floor_us'] / op, '.0f')}% ({r['floor_us']:.1f}) |")
     cfgs = sorted({key for rows in results.values() for r in rows for key in r if not key.endswith("_err") and (
         key.startswith("sm90c") or (key.rstrip("0123456789") in ("simt", "pc") and key[-1].isdigit()))})

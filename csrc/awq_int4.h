@@ -149,11 +149,12 @@ int awq_decode_attention(const void* q, const void* k, const void* v, const void
                          const int64_t* mask_strides, int mask_kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
                          int64_t L, int64_t D, float scale, int splits, int dtype, void* stream);
 
-// Largest M the folded tensor-core decode kernel accepts (int4_gemv_fold.cu): 8.
+// Largest M the folded tensor-core decode kernel accepts (int4_gemv_fold.cu): 16 for
+// awq_int4_gemm_fold; its pair and rope modes (_glu, _rope) take up to 8.
 int64_t awq_int4_fold_max_m(void);
 
 // ys[i] = x @ W_i^T + biases[i] for nseg (1..4) weights that share x, as awq_int4_gemm_simt_multi,
-// through the folded tensor-core decode kernel (int4_gemv_fold.cu): M <= 8, group_size 128 only.
+// through the folded tensor-core decode kernel (int4_gemv_fold.cu): M <= 16, group_size 128 only.
 // The workspace size comes from awq_int4_gemm_fold_workspace (-1 for bad sizes); its contents on
 // entry do not matter. Deterministic (no atomics).
 int64_t awq_int4_gemm_fold_workspace(int nseg, const int64_t* Ns, int64_t M, int64_t K, int64_t Kp,

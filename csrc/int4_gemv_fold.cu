@@ -1,5 +1,5 @@
-// Tensor-core INT4 decode GEMV for M = 1..8 tokens and group size 128, with the zero point and
-// scale folded out of the inner loop ("fold").
+// Tensor-core INT4 decode GEMV for M = 1..16 tokens (8 in the pair and rope modes) and group size
+// 128, with the zero point and scale folded out of the inner loop ("fold").
 //
 //     y[m, n] = sum_{k < K} x[m, k] * (q[n, k] - z[n, k/128]) * s[n, k/128]  +  bias[n]
 //
@@ -65,6 +65,9 @@ namespace awq {
 namespace {
 
 constexpr int kMaxM = 8, kTileRows = 16;
+// Up to 16 tokens in single and multi modes: two token tiles (NT = 2) share each weight fragment,
+// two mmas a fragment where one token tile takes one; lean loop only (gemv_fold_kernel).
+constexpr int kMaxM2 = 16;
 constexpr int kU = 2;                                  // groups a pipeline stage
 constexpr int kRowBytes = kU * 64;                     // a row's bytes in a stage
 constexpr int kStageBytes = kTileRows * kRowBytes;     // a warp's stage: 2 KB
@@ -401,6 +404,47 @@ __device__ __forceinline__ void group_step(float (&acc)[4], const uint4& w0, con
   acc[3] = fmaf(s1, fmaf(-z1, sxb, c[0][3] + c[1][3]), acc[3]);
 }
 
+// group_step for two token tiles (NT = 2, lean loop only): columns g of the two mmas' B are
+// tokens g and 8 + g, read at xc0 and xc1; acc[nt] as group_step's acc for tokens 8 nt + 2t and
+// 8 nt + 2t + 1, whose Sx are sxp0 (tile 0) and sxp1 (tile 1). The weights are made into
+// fragments once for both tiles.
+template <typename T>
+__device__ __forceinline__ void group_step2(float (&acc)[2][4], const uint4& w0, const uint4& w1, uint32_t s0r,
+                                            uint32_t s1r, uint32_t z0r, uint32_t z1r, const uint8_t* xc0,
+                                            const uint8_t* xc1, int sw, float2 sxp0, float2 sxp1) {
+  constexpr uint32_t kMagic2 = Half2Traits<T>::kMagic * 0x10001u;
+  float c[2][2][4] = {};
+  const uint32_t q0[4] = {w0.x, w0.y, w0.z, w0.w};
+  const uint32_t q1[4] = {w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint4 xa = *reinterpret_cast<const uint4*>(xc0 + ((j ^ sw) << 4));
+    const uint4 xb = *reinterpret_cast<const uint4*>(xc1 + ((j ^ sw) << 4));
+    uint32_t p0[4], p1[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      p0[i] = and_or(q0[j] >> (4 * i), 0x000F000Fu, kMagic2);
+      p1[i] = and_or(q1[j] >> (4 * i), 0x000F000Fu, kMagic2);
+    }
+    mma16816<T>(c[0][0], p0[0], p1[0], p0[1], p1[1], xa.x, xa.y);
+    mma16816<T>(c[0][1], p0[2], p1[2], p0[3], p1[3], xa.z, xa.w);
+    mma16816<T>(c[1][0], p0[0], p1[0], p0[1], p1[1], xb.x, xb.y);
+    mma16816<T>(c[1][1], p0[2], p1[2], p0[3], p1[3], xb.z, xb.w);
+  }
+  const float s0 = scale_to_float(s0r, static_cast<T*>(nullptr));
+  const float s1 = scale_to_float(s1r, static_cast<T*>(nullptr));
+  constexpr float kBase = Half2Traits<T>::kMagic == 0x4300u ? 128.f : 1024.f;
+  const float z0 = kBase + (float)z0r, z1 = kBase + (float)z1r;
+  const float2 sxp[2] = {sxp0, sxp1};
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+    acc[nt][0] = fmaf(s0, fmaf(-z0, sxp[nt].x, c[nt][0][0] + c[nt][1][0]), acc[nt][0]);
+    acc[nt][1] = fmaf(s0, fmaf(-z0, sxp[nt].y, c[nt][0][1] + c[nt][1][1]), acc[nt][1]);
+    acc[nt][2] = fmaf(s1, fmaf(-z1, sxp[nt].x, c[nt][0][2] + c[nt][1][2]), acc[nt][2]);
+    acc[nt][3] = fmaf(s1, fmaf(-z1, sxp[nt].y, c[nt][0][3] + c[nt][1][3]), acc[nt][3]);
+  }
+}
+
 // One output of pair mode: silu(gate) * up of token m, row `row`, from the fp32 sums of the two
 // rows; each is rounded to T (with its bias) first, as the two linears' outputs would be, then
 // the product made in fp32 and rounded once (int4_common.cuh, silu_mul).
@@ -441,8 +485,10 @@ __device__ __forceinline__ void store_rope(const FoldArgs& a, int si, int head, 
   rotate_pair<T>(ya, yb, cs[j], cs[j + half], sn[j], sn[j + half], dst[j], dst[j + half]);
 }
 
+// tok0: the token tile's first token (8 for the second of NT = 2; single and multi modes only).
 template <typename T, int MODE>
-__device__ __forceinline__ void store_tile(const FoldArgs& a, int tile, int g, int t, const float (&v)[4]) {
+__device__ __forceinline__ void store_tile(const FoldArgs& a, int tile, int g, int t, const float (&v)[4],
+                                           int tok0 = 0) {
   if (MODE == kRope) {
     const int si = seg_of(a.seg, a.nseg, tile);
     const Int4Seg& sg = a.seg[si];
@@ -469,7 +515,7 @@ __device__ __forceinline__ void store_tile(const FoldArgs& a, int tile, int g, i
   const Int4Seg& sg = a.seg[MODE == kMulti ? seg_of(a.seg, a.nseg, tile) : 0];
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
-    const int tok = 2 * t + (e & 1), row = (tile - sg.tile0) * kTileRows + g + (e >> 1) * 8;
+    const int tok = tok0 + 2 * t + (e & 1), row = (tile - sg.tile0) * kTileRows + g + (e >> 1) * 8;
     if (tok >= a.M || row >= sg.N) continue;
     const float b = sg.bias ? Half2Traits<T>::to_float(static_cast<const T*>(sg.bias)[row]) : 0.f;
     static_cast<T*>(sg.y)[(size_t)tok * sg.N + row] = Half2Traits<T>::from_float(v[e] + b);
@@ -479,7 +525,7 @@ __device__ __forceinline__ void store_tile(const FoldArgs& a, int tile, int g, i
 // The cluster's K slices summed (FoldArgs::cluster): once every block of the cluster has its
 // partials in shared memory, block 0 (slice 0) adds slice 1, 2, ... in order, + bias, as
 // fold_finalize would (bit for bit), and writes y; the others wait until it has read them.
-template <typename T, int MODE>
+template <typename T, int MODE, int NT>
 __device__ __forceinline__ void cluster_sum(const FoldArgs& a, const float4* part, int tile0, int stride, int g,
                                             int t) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -488,12 +534,15 @@ __device__ __forceinline__ void cluster_sum(const FoldArgs& a, const float4* par
     const uint32_t local = smem_u32(part);
     int it = 0;
     for (int tile = tile0; tile < a.tiles; tile += stride, ++it) {
-      float v[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int r = 0; r < a.n_ks; ++r) {
-        const float4 q = ld_cluster_f4(map_rank(local + it * 32 * sizeof(float4), r));
-        v[0] += q.x; v[1] += q.y; v[2] += q.z; v[3] += q.w;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        float v[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int r = 0; r < a.n_ks; ++r) {
+          const float4 q = ld_cluster_f4(map_rank(local + (it * NT + nt) * 32 * sizeof(float4), r));
+          v[0] += q.x; v[1] += q.y; v[2] += q.z; v[3] += q.w;
+        }
+        store_tile<T, MODE>(a, tile, g, t, v, 8 * nt);
       }
-      store_tile<T, MODE>(a, tile, g, t, v);
     }
   }
   cluster_sync();
@@ -511,8 +560,11 @@ __device__ __forceinline__ void cluster_sum(const FoldArgs& a, const float4* par
 // shorter (benchmarks/sass_report.py) and 7B decode at batch 1 ran 1.1% faster; at 8 tokens,
 // where no lane is past M, the predicated loop measured 0.3% faster (7B batch 8), so it stays
 // there (csrc/NOTES.md, session 23).
-template <typename T, class C, int MODE, bool NORM, bool LEAN>
+// NT (1 or 2): token tiles of 8 (M <= 8 or M <= 16); NT = 2 in single and multi modes, lean loop
+// only.
+template <typename T, class C, int MODE, bool NORM, bool LEAN, int NT = 1>
 __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const FoldArgs a) {
+  static_assert(NT == 1 || (LEAN && !NORM && (MODE == kSingle || MODE == kMulti)), "two token tiles: lean, single or multi");
   constexpr int P = C::P;
   extern __shared__ float4 smem4[];
   const int cps = a.gps * 4;
@@ -571,7 +623,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const Fo
     rows.g1 = r1 * (uint32_t)a.groups;
   };
   float4* part = reinterpret_cast<float4*>(wring + (size_t)(C::W - warp) * P * kStageBytes) +
-                 (size_t)warp * a.iters * 32 + lane;  // this lane's partial of iteration 0
+                 (size_t)warp * a.iters * 32 * NT + lane;  // this lane's partial of iteration 0
   Stage ring[P];
   // Every stage commits one cp.async group (possibly empty), so "stage q has landed" is
   // cp.async.wait_group(P - 1) once the P - 1 stages after it are requested.
@@ -603,9 +655,14 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const Fo
   const bool ta = 2 * t < a.M, tb = 2 * t + 1 < a.M;
   const float* sxa = sx + (ta ? 2 * t : 0) * a.gps;
   const float* sxb = sx + (tb ? 2 * t + 1 : 0) * a.gps;
+  // The second token tile (NT = 2, M > 8, lean loop): tokens 8 + g for x, 8 + 2t and 8 + 2t + 1 for
+  // Sx, each clamped to M - 1 as the lean loop's are (gemv_fold_kernel's LEAN).
+  const uint8_t* xl1 = xs + ((size_t)min(8 + g, a.M - 1) * cps + t) * 64;
+  const float* sxa1 = sx + min(8 + 2 * t, a.M - 1) * a.gps;
+  const float* sxb1 = sx + min(9 + 2 * t, a.M - 1) * a.gps;
   const int sw = (g & 1) << 2;  // this lane's rows' piece swap (g and g + 8 have g's parity)
   for (int it = 0; tile < a.tiles; tile += slice_warps, ++it) {
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    float acc[NT][4] = {};
     for (int s = 0; s < nst; s += P) {
 #pragma unroll
       for (int p = 0; p < P; ++p) {
@@ -622,9 +679,15 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const Fo
               const int piece = ((4 * u + t) ^ sw) * 16;
               const uint4 w0 = *reinterpret_cast<const uint4*>(st + g * kRowBytes + piece);
               const uint4 w1 = *reinterpret_cast<const uint4*>(st + (g + 8) * kRowBytes + piece);
-              group_step<T, LEAN>(acc, w0, w1, ring[p].s0[u], ring[p].s1[u], ring[p].z0[u], ring[p].z1[u],
-                                  xl + (size_t)gl * kXGroupBytes, xsw, xv, LEAN || ta ? sxa[gl] : 0.f,
-                                  LEAN || tb ? sxb[gl] : 0.f);
+              if constexpr (NT == 1) {
+                group_step<T, LEAN>(acc[0], w0, w1, ring[p].s0[u], ring[p].s1[u], ring[p].z0[u], ring[p].z1[u],
+                                    xl + (size_t)gl * kXGroupBytes, xsw, xv, LEAN || ta ? sxa[gl] : 0.f,
+                                    LEAN || tb ? sxb[gl] : 0.f);
+              } else {
+                group_step2<T>(acc, w0, w1, ring[p].s0[u], ring[p].s1[u], ring[p].z0[u], ring[p].z1[u],
+                               xl + (size_t)gl * kXGroupBytes, xl1 + (size_t)gl * kXGroupBytes, xsw,
+                               {sxa[gl], sxb[gl]}, {sxa1[gl], sxb1[gl]});
+              }
             }
           }
         }
@@ -634,19 +697,22 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const Fo
     cp_async_wait<0>();  // drain (the empty groups of stages past the end)
     __syncwarp();  // every lane done reading the ring before the next tile's copies
     if (next < a.tiles) prime(next);  // next tile's loads before this tile's stores
-    if (a.cluster) {
-      part[it * 32] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-    } else if (a.n_ks == 1) {
-      store_tile<T, MODE>(a, tile, g, t, acc);
-    } else {  // workspace rows are tile rows (16 a tile) in every mode; rows past N are never read
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int tok = 2 * t + (e & 1), trow = g + (e >> 1) * 8;
-        if (tok < a.M) a.ws[((size_t)ks * a.M + tok) * a.ws_rows + tile * kTileRows + trow] = acc[e];
+    for (int nt = 0; nt < NT; ++nt) {
+      if (a.cluster) {
+        part[(it * NT + nt) * 32] = make_float4(acc[nt][0], acc[nt][1], acc[nt][2], acc[nt][3]);
+      } else if (a.n_ks == 1) {
+        store_tile<T, MODE>(a, tile, g, t, acc[nt], 8 * nt);
+      } else {  // workspace rows are tile rows (16 a tile) in every mode; rows past N are never read
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int tok = 8 * nt + 2 * t + (e & 1), trow = g + (e >> 1) * 8;
+          if (tok < a.M) a.ws[((size_t)ks * a.M + tok) * a.ws_rows + tile * kTileRows + trow] = acc[nt][e];
+        }
       }
     }
   }
-  if (a.cluster) cluster_sum<T, MODE>(a, part, blockIdx.x + warp * gridDim.x, slice_warps, g, t);
+  if (a.cluster) cluster_sum<T, MODE, NT>(a, part, blockIdx.x + warp * gridDim.x, slice_warps, g, t);
 }
 
 // y = the slices' partials summed in slice order + bias, rounded to T (int4_common.cuh).
@@ -681,6 +747,7 @@ struct Plan {
   bool cluster = false;
   int iters = 0;
   bool lean = false;  // the main loop's form (lean_loop), chosen once: the plan is that kernel's
+  int nt = 1;         // token tiles (token_tiles)
 };
 
 // K slices: the fewest that give every tile's warp a slot in one wave of half the resident warps
@@ -728,8 +795,11 @@ Plan make_plan(const FoldArgs& a, const DeviceSmem& d, int reg_occ) {
 // $AWQ_FOLD_LEAN=0 / 1 forces (experiments).
 bool lean_loop(int M) {
   const char* e = getenv("AWQ_FOLD_LEAN");
-  return e && *e ? atoi(e) != 0 : M < kMaxM;
+  return M > kMaxM || (e && *e ? atoi(e) != 0 : M < kMaxM);
 }
+
+// Token tiles of 8 a launch of M tokens takes: 2 above 8 (lean loop only).
+int token_tiles(int M) { return M > kMaxM ? 2 : 1; }
 
 // The kernel for a mode: one weight, several, a gate/up pair, or q/k/v with the rotary embedding;
 // the last two with the norm in front or not; each with the lean loop or not.
@@ -742,7 +812,9 @@ auto kernel_for(int mode, bool norm) {
 }
 
 template <typename T, class C>
-auto kernel_for(int mode, bool norm, bool lean) {
+auto kernel_for(int mode, bool norm, bool lean, int nt) {
+  if (nt == 2)  // single and multi modes only (prepare refuses M > 8 in the others)
+    return mode == kMulti ? gemv_fold_kernel<T, C, kMulti, false, true, 2> : gemv_fold_kernel<T, C, kSingle, false, true, 2>;
   return lean ? kernel_for<T, C, true>(mode, norm) : kernel_for<T, C, false>(mode, norm);
 }
 
@@ -753,11 +825,11 @@ template <typename T, class C>
 int plan_cluster(Plan& p, const DeviceSmem& d, int mode, bool norm) {
   const char* env = getenv("AWQ_FOLD_CLUSTER");
   if (d.major < 9 || p.n_ks < 2 || p.n_ks > 8 || (env && *env && atoi(env) == 0)) return AWQ_OK;
-  auto kernel = kernel_for<T, C>(mode, norm, p.lean);
+  auto kernel = kernel_for<T, C>(mode, norm, p.lean, p.nt);
   int blocks = p.blocks;
   for (int pass = 0; pass < 2; ++pass) {
     const int iters = (p.tiles + blocks * C::W - 1) / (blocks * C::W);
-    const size_t smem = p.smem + (size_t)C::W * iters * 32 * sizeof(float4);
+    const size_t smem = p.smem + (size_t)C::W * iters * 32 * p.nt * sizeof(float4);
     if ((long long)(smem + kStaticSmem) > d.smem_optin ||
         (long long)(smem + kStaticSmem + d.smem_reserved) * p.occ > d.smem_sm)
       return AWQ_OK;
@@ -784,12 +856,13 @@ template <typename T, class C>
 int plan_cfg(const FoldArgs& a, int dtype, int cfg, Plan& p) {
   const DeviceSmem* d = nullptr;
   if (int e = device_smem(d)) return e;
-  // blocks per SM allowed by registers: (device, config, dtype, mode, norm, lean)
-  static int reg_occ[64][kNumCfg][2][kNumModes][2][2];
+  // blocks per SM allowed by registers: (device, config, dtype, mode, norm, lean, token tiles)
+  static int reg_occ[64][kNumCfg][2][kNumModes][2][2][2];
   const bool norm = a.norm.gamma != nullptr, lean = lean_loop(a.M);
-  int& occ = reg_occ[d->dev & 63][cfg][dtype == AWQ_DTYPE_BF16][a.mode][norm][lean];
+  const int nt = token_tiles(a.M);
+  int& occ = reg_occ[d->dev & 63][cfg][dtype == AWQ_DTYPE_BF16][a.mode][norm][lean][nt - 1];
   if (occ == 0) {
-    auto kernel = kernel_for<T, C>(a.mode, norm, lean);
+    auto kernel = kernel_for<T, C>(a.mode, norm, lean, nt);
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, d->smem_optin - kStaticSmem) !=
             cudaSuccess ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, C::THREADS, 0) != cudaSuccess)
@@ -798,6 +871,7 @@ int plan_cfg(const FoldArgs& a, int dtype, int cfg, Plan& p) {
   p = make_plan<C>(a, *d, occ);
   p.cfg = cfg;
   p.lean = lean;
+  p.nt = nt;
   if (p.n_ks == 0)
     return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold: M=%d needs %d bytes of shared memory a group, the device grants %d",
                 a.M, (int)(a.M * (kXGroupBytes + 4)), d->smem_optin);
@@ -835,7 +909,7 @@ template <typename T, class C>
 void launch_cfg(const FoldArgs& a, const Plan& p, cudaStream_t stream, bool pdl) {
   const bool early = pdl && (!p.cluster || pdl_cluster_enabled(p.n_ks));
   const LaunchCfg l(dim3(p.blocks, p.n_ks), C::THREADS, p.smem, stream, p.cluster ? p.n_ks : 1, early);
-  cudaLaunchKernelEx(&l.cfg, kernel_for<T, C>(a.mode, a.norm.gamma != nullptr, p.lean), a);
+  cudaLaunchKernelEx(&l.cfg, kernel_for<T, C>(a.mode, a.norm.gamma != nullptr, p.lean, p.nt), a);
 }
 
 template <typename T>
@@ -871,9 +945,10 @@ int launch(FoldArgs a, int dtype, int64_t ws_floats, cudaStream_t stream) {
 }
 
 // The checks and argument packing of both entry points.
+// max_m: kMaxM2 for one or several weights (awq_int4_gemm_fold), kMaxM for the pair and rope modes.
 int prepare(FoldArgs& a, int nseg, const int64_t* Ns, int64_t M, int64_t K, int64_t Kp, int group_size,
-            int dtype) {
-  if (check_segs("awq_int4_gemm_fold", a.seg, nseg, Ns, M, kMaxM, K, Kp, group_size, dtype) < 0)
+            int dtype, int max_m) {
+  if (check_segs("awq_int4_gemm_fold", a.seg, nseg, Ns, M, max_m, K, Kp, group_size, dtype) < 0)
     return AWQ_ERR_ARG;
   if (group_size != 128)
     return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold: group_size=%d; this kernel needs 128", group_size);
@@ -892,13 +967,13 @@ int set_norm(FoldArgs& a, const awq_norm_in* nm, const char* who) {
 }  // namespace
 }  // namespace awq
 
-extern "C" int64_t awq_int4_fold_max_m(void) { return awq::kMaxM; }
+extern "C" int64_t awq_int4_fold_max_m(void) { return awq::kMaxM2; }
 
 extern "C" int64_t awq_int4_gemm_fold_workspace(int nseg, const int64_t* Ns, int64_t M, int64_t K, int64_t Kp,
                                                 int group_size, int dtype) {
   using namespace awq;
   FoldArgs a{};
-  if (!Ns || prepare(a, nseg, Ns, M, K, Kp, group_size, dtype) != AWQ_OK) return -1;
+  if (!Ns || prepare(a, nseg, Ns, M, K, Kp, group_size, dtype, kMaxM2) != AWQ_OK) return -1;
   Plan p;
   const int e = dtype == AWQ_DTYPE_BF16 ? plan_for<__nv_bfloat16>(a, dtype, p) : plan_for<__half>(a, dtype, p);
   return e == AWQ_OK ? ws_need(a, p) : -1;
@@ -912,7 +987,7 @@ extern "C" int awq_int4_gemm_fold(const void* x, int nseg, const uint8_t* const*
   FoldArgs a{};
   if (!Ns || !qweights || !scales || !zeros || !biases || !ys)
     return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold: null array argument");
-  if (int e = prepare(a, nseg, Ns, M, K, Kp, group_size, dtype)) return e;
+  if (int e = prepare(a, nseg, Ns, M, K, Kp, group_size, dtype, kMaxM2)) return e;
   if (int e = set_seg_pointers("awq_int4_gemm_fold", a.seg, nseg, x, qweights, scales, zeros, biases, ys)) return e;
   a.x = x;
   a.ws = ws;
@@ -926,7 +1001,7 @@ extern "C" int64_t awq_int4_gemm_fold_glu_workspace(int64_t N, int64_t M, int64_
   using namespace awq;
   FoldArgs a{};
   const int64_t Ns[2] = {N, N};
-  if (prepare(a, 2, Ns, M, K, Kp, group_size, dtype) != AWQ_OK) return -1;
+  if (prepare(a, 2, Ns, M, K, Kp, group_size, dtype, kMaxM) != AWQ_OK) return -1;
   a.mode = kPair;
   Plan p;
   const int e = dtype == AWQ_DTYPE_BF16 ? plan_for<__nv_bfloat16>(a, dtype, p) : plan_for<__half>(a, dtype, p);
@@ -943,7 +1018,7 @@ extern "C" int awq_int4_gemm_fold_glu(const void* x, const uint8_t* const* qweig
     return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold_glu: null array argument");
   const int64_t Ns[2] = {N, N};
   void* const ys[2] = {y, y};
-  if (int e = prepare(a, 2, Ns, M, K, Kp, group_size, dtype)) return e;
+  if (int e = prepare(a, 2, Ns, M, K, Kp, group_size, dtype, kMaxM)) return e;
   if (int e = set_norm(a, norm, "awq_int4_gemm_fold_glu")) return e;
   if (norm) x = norm->residual;  // not read: x's checks pass on it
   if (int e = set_seg_pointers("awq_int4_gemm_fold_glu", a.seg, 2, x, qweights, scales, zeros, biases, ys)) return e;
@@ -959,7 +1034,7 @@ extern "C" int64_t awq_int4_gemm_fold_rope_workspace(const int64_t* Ns, int64_t 
                                                      int group_size, int dtype) {
   using namespace awq;
   FoldArgs a{};
-  if (!Ns || prepare(a, 3, Ns, M, K, Kp, group_size, dtype) != AWQ_OK) return -1;
+  if (!Ns || prepare(a, 3, Ns, M, K, Kp, group_size, dtype, kMaxM) != AWQ_OK) return -1;
   a.mode = kRope;
   Plan p;
   const int e = dtype == AWQ_DTYPE_BF16 ? plan_for<__nv_bfloat16>(a, dtype, p) : plan_for<__half>(a, dtype, p);
@@ -981,7 +1056,7 @@ extern "C" int awq_int4_gemm_fold_rope(const void* x, const uint8_t* const* qwei
                 (long long)M, (long long)S, (long long)L, (long long)D, (long long)Ns[0], (long long)Ns[1],
                 (long long)Ns[2]);
   void* const ys[3] = {q, q, q};  // only q's is written: k and v go to the caches
-  if (int e = prepare(a, 3, Ns, M, K, Kp, group_size, dtype)) return e;
+  if (int e = prepare(a, 3, Ns, M, K, Kp, group_size, dtype, kMaxM)) return e;
   if (int e = set_norm(a, norm, "awq_int4_gemm_fold_rope")) return e;
   if (norm) x = norm->residual;  // not read: x's checks pass on it
   if (int e = set_seg_pointers("awq_int4_gemm_fold_rope", a.seg, 3, x, qweights, scales, zeros, biases, ys)) return e;

@@ -281,13 +281,42 @@ def test_fold_deterministic_and_errors():
         assert torch.equal(y1, y2)
     assert cuda_mod.FOLD_MAX_M <= cuda_mod.load_library().awq_int4_fold_max_m()
     assert not cuda_mod.use_fold(2, n, k, 64) and not cuda_mod.use_fold(9, 28672, 4096, 128)
+    assert cuda_mod.use_fold(16, 3 * 4096, 4096, 128) and not cuda_mod.use_fold(17, 3 * 4096, 4096, 128)
+    assert not cuda_mod.use_fold(12, 8192, 28672, 128)
     qw64, s64, z64, _ = _random_weight(512, 64, 64, torch.bfloat16, seed=5)
     x = torch.randn(2, 512, device="cuda").to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="group_size=64; this kernel needs 128"):
         _fold_one(x, qw64, s64, z64, 64, None, x.new_empty((2, 64)))
-    big = torch.randn(9, k, device="cuda").to(torch.bfloat16)
+    big = torch.randn(17, k, device="cuda").to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bad sizes M=17"):
+        _fold_one(big, qw, s, z, 128, None, big.new_empty((17, n)))
+
+
+TWO_TILE_MS = (9, 12, 15, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("ks", ["", "3"])
+def test_fold_two_token_tiles(dtype, ks, monkeypatch):
+    """M = 9..16 in the folded kernel: two token tiles share each weight fragment (lean loop only),
+    one weight and several, K unsplit where it fits and forced into 3 slices (summed in a cluster
+    on sm_90), odd M (lanes of the second tile past M) and a K that pads; against float64. The
+    pair mode takes 8 tokens at most and says so."""
+    monkeypatch.setenv("AWQ_FOLD_KS", ks)
+    for k, n in [(576, 1536), (4096, 4096), (11008, 4096), (573, 200)]:
+        _check_kernel("fold", _fold_one, *_case(k, n, 128, dtype), 128, dtype, TWO_TILE_MS)
+    segs = [_random_weight(1536, n, 128, dtype, seed=40 + i) for i, n in enumerate((4096, 200, 48))]
+    for m in TWO_TILE_MS:
+        x = torch.randn(m, 1536, device="cuda").to(dtype)
+        outs = [torch.full((m, qw.shape[0]), float("nan"), dtype=dtype, device="cuda") for qw, *_ in segs]
+        cuda_mod.gemm_fold(x, *([t[j] for t in segs] for j in range(3)), 128, [t[3] for t in segs], outs)
+        for y, (qw, s, z, b) in zip(outs, segs):
+            ref = x.double() @ dequantize(qw, s, z, 128, 1536, dtype=torch.float64).T + b.double()
+            assert torch.isfinite(y).all() and _rel_err(y, ref) < TOL[dtype], f"M={m}, N={qw.shape[0]}"
+    x = torch.randn(9, 1536, device="cuda").to(dtype)
     with pytest.raises(RuntimeError, match="bad sizes M=9"):
-        _fold_one(big, qw, s, z, 128, None, big.new_empty((9, n)))
+        cuda_mod.gemm_fold_glu(x, *([t[j] for t in segs[:1] * 2] for j in range(3)), 128, [None, None],
+                               x.new_empty((9, 4096)))
 
 
 @pytest.mark.parametrize("ks,slices", [("2", 2), ("3", 3), ("5", 5), ("8", 8), ("12", 12)])
