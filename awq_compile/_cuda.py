@@ -169,7 +169,8 @@ def use_fold(m: int, n: int, k: int, group_size: int) -> bool:
     11.9-12.7 against 19.6-25.4, gate/up 28.2-30.9 against 45.9-46.2, down 19.7-20.7 against 23.8,
     8192x8192 25.8-28.1 against 33.4; benchmarks/RESULTS.md, section 4, session 24); it ties on
     8192x28672 (60.4-67.0 against 64.7-65.5) and loses on 28672x8192 (68.9-75.6 against 63.8-64.7)."""
-    if os.environ.get("AWQ_FOLD") == "0" or group_size != 128 or not 1 <= m <= FOLD_MAX_M:
+    max_m = int(os.environ.get("AWQ_FOLD_MAX_M") or FOLD_MAX_M)  # experiments: 8 = without two token tiles
+    if os.environ.get("AWQ_FOLD") == "0" or group_size != 128 or not 1 <= m <= min(max_m, FOLD_MAX_M):
         return False
     if m > 8:
         return k <= 11008 and n <= 22016
