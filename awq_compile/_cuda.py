@@ -76,11 +76,10 @@ PC_MAX_M = 8
 
 
 # The folded tensor-core decode kernel (int4_gemv_fold.cu, M <= 16, group size 128) serves
-# int4_linear and int4_linear_multi where `use_fold` says, ahead of the other decode kernels and
-# the CUTLASS GEMM; its pair and rope modes (int4_linear_glu, q/k/v with the rotation) take M <=
-# FOLD_PAIR_MAX_M. $AWQ_FOLD=0 switches it off.
+# int4_linear, int4_linear_multi, int4_linear_glu (its pair mode) and q/k/v with the rotation (its
+# rope mode) where `use_fold` says, ahead of the other decode kernels and the CUTLASS GEMM.
+# $AWQ_FOLD=0 switches it off.
 FOLD_MAX_M = 16
-FOLD_PAIR_MAX_M = 8
 
 # The CUTLASS prefill GEMM (int4_gemm_sm90.cu) serves every M above the decode kernels' range
 # on sm_90 (measured on an H100: at M = 16 it beats the mma kernel on all six shapes timed,
@@ -658,7 +657,7 @@ def int4_linear_multi_cuda(x, qweights, scales, zeros, group_size, biases) -> li
 
 def gemm_fold_glu(x2d, qweights, scales, zeros, group_size, biases, out, norm=None) -> torch.Tensor:
     """out[M, N] = silu(x2d @ Wg^T + bg) * (x2d @ Wu^T + bu) in one launch of the folded decode
-    kernel (M <= FOLD_PAIR_MAX_M, group size 128); qweights, scales, zeros, biases: [gate, up]. Each
+    kernel (M <= 16, group size 128); qweights, scales, zeros, biases: [gate, up]. Each
     linear is rounded to x's dtype first, the product made in fp32 and rounded once (as inductor's
     fused elementwise kernel makes it from the two outputs). norm: an _AwqNormIn (x2d is then the
     residual, not read: x is made from the norm's tensors) or None."""
@@ -684,8 +683,7 @@ def int4_linear_glu_cuda(x, qweights, scales, zeros, group_size, biases) -> torc
     product made in fp32 and rounded once, as the kernel makes it."""
     n, k = check_int4_linear_glu_args(x, qweights, scales, zeros, group_size, biases)
     m = x.numel() // k
-    if (m > 0 and x.device.index == torch.cuda.current_device() and m <= FOLD_PAIR_MAX_M
-            and use_fold(m, 2 * n, k, group_size)):
+    if m > 0 and x.device.index == torch.cuda.current_device() and use_fold(m, 2 * n, k, group_size):
         for args in zip(qweights, scales, zeros, biases):
             _check_cuda_tensors(x, *args)
         x2d = x.reshape(-1, k).contiguous()
@@ -706,7 +704,7 @@ def _fold_rope_applies(x, qweights, group_size: int, d: int) -> bool:
     k = x.shape[-1]
     m, ns, kp = x.numel() // k, tuple(q.shape[0] for q in qweights), qweights[0].shape[1] * 2
     one = m == 1 and group_size == 128 and os.environ.get("AWQ_FOLD") != "0"
-    if d % 16 or m > FOLD_PAIR_MAX_M or not (one or use_fold(m, sum(ns), k, group_size)):
+    if d % 16 or not (one or use_fold(m, sum(ns), k, group_size)):
         return False
     args = (ns, m, k, kp, group_size, _DTYPES[x.dtype])
     return _workspace_floats("awq_int4_gemm_fold_rope_workspace", x.device.index, args, _env(_FOLD_ENV)) == 0
@@ -827,7 +825,7 @@ def fused_norm_applies(kind: str, x: torch.Tensor, qweights, group_size: int, he
     if kind == "rope":
         return x.dim() == 3 and head_dim > 0 and _fold_rope_applies(x, qweights, group_size, head_dim)
     n, kp = qweights[0].shape[0], qweights[0].shape[1] * 2
-    if m > FOLD_PAIR_MAX_M or not use_fold(m, 2 * n, k, group_size):
+    if not use_fold(m, 2 * n, k, group_size):
         return False
     args = (n, m, k, kp, group_size, _DTYPES[x.dtype])
     return _workspace_floats("awq_int4_gemm_fold_glu_workspace", x.device.index, args, _env(_FOLD_ENV)) == 0

@@ -100,7 +100,7 @@ typedef struct {
 } awq_norm_in;
 
 // q/k/v (3 weights of Ns rows, Ns[0] = heads * D, Ns[1] = Ns[2] = kv heads * D) in one launch of
-// the folded GEMV (int4_gemv_fold.cu, M <= 8, group size 128), with awq_rope_cache's work in its
+// the folded GEMV (int4_gemv_fold.cu, M <= 16, group size 128), with awq_rope_cache's work in its
 // epilogue: q rotated into q [M, Ns[0]], k rotated and v written into k_cache and v_cache
 // [B, Ns[1] / D, L, D] at pos[s] of token m = b * S + s (cos, sin, pos as awq_rope_cache takes
 // them). Bit-equal to awq_int4_gemm_fold over the three weights followed by awq_rope_cache.
@@ -149,8 +149,8 @@ int awq_decode_attention(const void* q, const void* k, const void* v, const void
                          const int64_t* mask_strides, int mask_kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
                          int64_t L, int64_t D, float scale, int splits, int dtype, void* stream);
 
-// Largest M the folded tensor-core decode kernel accepts (int4_gemv_fold.cu): 16 for
-// awq_int4_gemm_fold; its pair and rope modes (_glu, _rope) take up to 8.
+// Largest M the folded tensor-core decode kernel accepts (int4_gemv_fold.cu): 16 (8 with a norm
+// argument to _glu or _rope).
 int64_t awq_int4_fold_max_m(void);
 
 // ys[i] = x @ W_i^T + biases[i] for nseg (1..4) weights that share x, as awq_int4_gemm_simt_multi,
@@ -167,7 +167,7 @@ int awq_int4_gemm_fold(const void* x, int nseg, const uint8_t* const* qweights, 
 // y = silu(x @ Wg^T + bg) * (x @ Wu^T + bu) for a gated MLP's gate and up weights (qweights[0],
 // qweights[1], both N rows; arrays of 2 as in awq_int4_gemm_fold), in one launch of the folded
 // decode kernel: a tile is 8 rows of each, and each linear's result is rounded to x's type before
-// the product is made in fp32 and rounded once. M <= 8, group size 128. Workspace as in
+// the product is made in fp32 and rounded once. M <= 16, group size 128. Workspace as in
 // awq_int4_gemm_fold, its size from awq_int4_gemm_fold_glu_workspace (-1 for bad sizes).
 int64_t awq_int4_gemm_fold_glu_workspace(int64_t N, int64_t M, int64_t K, int64_t Kp, int group_size, int dtype);
 int awq_int4_gemm_fold_glu(const void* x, const uint8_t* const* qweights, const void* const* scales,

@@ -1,4 +1,4 @@
-// Tensor-core INT4 decode GEMV for M = 1..16 tokens (8 in the pair and rope modes) and group size
+// Tensor-core INT4 decode GEMV for M = 1..16 tokens (8 with the norm prologue) and group size
 // 128, with the zero point and scale folded out of the inner loop ("fold").
 //
 //     y[m, n] = sum_{k < K} x[m, k] * (q[n, k] - z[n, k/128]) * s[n, k/128]  +  bias[n]
@@ -65,8 +65,8 @@ namespace awq {
 namespace {
 
 constexpr int kMaxM = 8, kTileRows = 16;
-// Up to 16 tokens in single and multi modes: two token tiles (NT = 2) share each weight fragment,
-// two mmas a fragment where one token tile takes one; lean loop only (gemv_fold_kernel).
+// Up to 16 tokens: two token tiles (NT = 2) share each weight fragment, two mmas a fragment where
+// one token tile takes one; lean loop only, no norm prologue (gemv_fold_kernel).
 constexpr int kMaxM2 = 16;
 constexpr int kU = 2;                                  // groups a pipeline stage
 constexpr int kRowBytes = kU * 64;                     // a row's bytes in a stage
@@ -485,7 +485,7 @@ __device__ __forceinline__ void store_rope(const FoldArgs& a, int si, int head, 
   rotate_pair<T>(ya, yb, cs[j], cs[j + half], sn[j], sn[j + half], dst[j], dst[j + half]);
 }
 
-// tok0: the token tile's first token (8 for the second of NT = 2; single and multi modes only).
+// tok0: the token tile's first token (8 for the second of NT = 2).
 template <typename T, int MODE>
 __device__ __forceinline__ void store_tile(const FoldArgs& a, int tile, int g, int t, const float (&v)[4],
                                            int tok0 = 0) {
@@ -499,8 +499,8 @@ __device__ __forceinline__ void store_tile(const FoldArgs& a, int tile, int g, i
     const float bb = sg.bias ? Half2Traits<T>::to_float(static_cast<const T*>(sg.bias)[rb]) : 0.f;
 #pragma unroll
     for (int e = 0; e < 2; ++e)
-      if (2 * t + e < a.M)
-        store_rope<T>(a, si, head, j, 2 * t + e, Half2Traits<T>::from_float(v[e] + ba),
+      if (tok0 + 2 * t + e < a.M)
+        store_rope<T>(a, si, head, j, tok0 + 2 * t + e, Half2Traits<T>::from_float(v[e] + ba),
                       Half2Traits<T>::from_float(v[2 + e] + bb));
     return;
   }
@@ -509,7 +509,7 @@ __device__ __forceinline__ void store_tile(const FoldArgs& a, int tile, int g, i
     if (row >= a.seg[0].N) return;
 #pragma unroll
     for (int e = 0; e < 2; ++e)
-      if (2 * t + e < a.M) store_pair<T>(a, 2 * t + e, row, v[e], v[2 + e]);
+      if (tok0 + 2 * t + e < a.M) store_pair<T>(a, tok0 + 2 * t + e, row, v[e], v[2 + e]);
     return;
   }
   const Int4Seg& sg = a.seg[MODE == kMulti ? seg_of(a.seg, a.nseg, tile) : 0];
@@ -560,11 +560,11 @@ __device__ __forceinline__ void cluster_sum(const FoldArgs& a, const float4* par
 // shorter (benchmarks/sass_report.py) and 7B decode at batch 1 ran 1.1% faster; at 8 tokens,
 // where no lane is past M, the predicated loop measured 0.3% faster (7B batch 8), so it stays
 // there (csrc/NOTES.md, session 23).
-// NT (1 or 2): token tiles of 8 (M <= 8 or M <= 16); NT = 2 in single and multi modes, lean loop
-// only.
+// NT (1 or 2): token tiles of 8 (M <= 8 or M <= 16); NT = 2 with the lean loop and without the
+// norm prologue only.
 template <typename T, class C, int MODE, bool NORM, bool LEAN, int NT = 1>
 __global__ void __launch_bounds__(C::THREADS, C::MINB) gemv_fold_kernel(const FoldArgs a) {
-  static_assert(NT == 1 || (LEAN && !NORM && (MODE == kSingle || MODE == kMulti)), "two token tiles: lean, single or multi");
+  static_assert(NT == 1 || (LEAN && !NORM), "two token tiles: lean loop, no norm prologue");
   constexpr int P = C::P;
   extern __shared__ float4 smem4[];
   const int cps = a.gps * 4;
@@ -813,8 +813,11 @@ auto kernel_for(int mode, bool norm) {
 
 template <typename T, class C>
 auto kernel_for(int mode, bool norm, bool lean, int nt) {
-  if (nt == 2)  // single and multi modes only (prepare refuses M > 8 in the others)
-    return mode == kMulti ? gemv_fold_kernel<T, C, kMulti, false, true, 2> : gemv_fold_kernel<T, C, kSingle, false, true, 2>;
+  if (nt == 2)  // no norm prologue (set_norm refuses it above 8 tokens)
+    return mode == kRope    ? gemv_fold_kernel<T, C, kRope, false, true, 2>
+           : mode == kPair  ? gemv_fold_kernel<T, C, kPair, false, true, 2>
+           : mode == kMulti ? gemv_fold_kernel<T, C, kMulti, false, true, 2>
+                            : gemv_fold_kernel<T, C, kSingle, false, true, 2>;
   return lean ? kernel_for<T, C, true>(mode, norm) : kernel_for<T, C, false>(mode, norm);
 }
 
@@ -944,11 +947,10 @@ int launch(FoldArgs a, int dtype, int64_t ws_floats, cudaStream_t stream) {
   return check_launch("fold_finalize");
 }
 
-// The checks and argument packing of both entry points.
-// max_m: kMaxM2 for one or several weights (awq_int4_gemm_fold), kMaxM for the pair and rope modes.
+// The checks and argument packing of the entry points.
 int prepare(FoldArgs& a, int nseg, const int64_t* Ns, int64_t M, int64_t K, int64_t Kp, int group_size,
-            int dtype, int max_m) {
-  if (check_segs("awq_int4_gemm_fold", a.seg, nseg, Ns, M, max_m, K, Kp, group_size, dtype) < 0)
+            int dtype) {
+  if (check_segs("awq_int4_gemm_fold", a.seg, nseg, Ns, M, kMaxM2, K, Kp, group_size, dtype) < 0)
     return AWQ_ERR_ARG;
   if (group_size != 128)
     return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold: group_size=%d; this kernel needs 128", group_size);
@@ -959,8 +961,10 @@ int prepare(FoldArgs& a, int nseg, const int64_t* Ns, int64_t M, int64_t K, int6
   return AWQ_OK;
 }
 
-// The norm of an entry point (awq_norm_in, or none), checked.
+// The norm of an entry point (awq_norm_in, or none), checked: up to 8 tokens (stage_x_norm's
+// static shared memory; the two-token-tile kernels have no norm prologue).
 int set_norm(FoldArgs& a, const awq_norm_in* nm, const char* who) {
+  if (nm && a.M > kMaxM) return fail(AWQ_ERR_ARG, "%s: M=%d; the norm prologue takes M <= %d", who, a.M, kMaxM);
   return nm ? norm_in(a.norm, nm, a.K, who) : AWQ_OK;
 }
 
@@ -973,7 +977,7 @@ extern "C" int64_t awq_int4_gemm_fold_workspace(int nseg, const int64_t* Ns, int
                                                 int group_size, int dtype) {
   using namespace awq;
   FoldArgs a{};
-  if (!Ns || prepare(a, nseg, Ns, M, K, Kp, group_size, dtype, kMaxM2) != AWQ_OK) return -1;
+  if (!Ns || prepare(a, nseg, Ns, M, K, Kp, group_size, dtype) != AWQ_OK) return -1;
   Plan p;
   const int e = dtype == AWQ_DTYPE_BF16 ? plan_for<__nv_bfloat16>(a, dtype, p) : plan_for<__half>(a, dtype, p);
   return e == AWQ_OK ? ws_need(a, p) : -1;
@@ -987,7 +991,7 @@ extern "C" int awq_int4_gemm_fold(const void* x, int nseg, const uint8_t* const*
   FoldArgs a{};
   if (!Ns || !qweights || !scales || !zeros || !biases || !ys)
     return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold: null array argument");
-  if (int e = prepare(a, nseg, Ns, M, K, Kp, group_size, dtype, kMaxM2)) return e;
+  if (int e = prepare(a, nseg, Ns, M, K, Kp, group_size, dtype)) return e;
   if (int e = set_seg_pointers("awq_int4_gemm_fold", a.seg, nseg, x, qweights, scales, zeros, biases, ys)) return e;
   a.x = x;
   a.ws = ws;
@@ -1001,7 +1005,7 @@ extern "C" int64_t awq_int4_gemm_fold_glu_workspace(int64_t N, int64_t M, int64_
   using namespace awq;
   FoldArgs a{};
   const int64_t Ns[2] = {N, N};
-  if (prepare(a, 2, Ns, M, K, Kp, group_size, dtype, kMaxM) != AWQ_OK) return -1;
+  if (prepare(a, 2, Ns, M, K, Kp, group_size, dtype) != AWQ_OK) return -1;
   a.mode = kPair;
   Plan p;
   const int e = dtype == AWQ_DTYPE_BF16 ? plan_for<__nv_bfloat16>(a, dtype, p) : plan_for<__half>(a, dtype, p);
@@ -1018,7 +1022,7 @@ extern "C" int awq_int4_gemm_fold_glu(const void* x, const uint8_t* const* qweig
     return fail(AWQ_ERR_ARG, "awq_int4_gemm_fold_glu: null array argument");
   const int64_t Ns[2] = {N, N};
   void* const ys[2] = {y, y};
-  if (int e = prepare(a, 2, Ns, M, K, Kp, group_size, dtype, kMaxM)) return e;
+  if (int e = prepare(a, 2, Ns, M, K, Kp, group_size, dtype)) return e;
   if (int e = set_norm(a, norm, "awq_int4_gemm_fold_glu")) return e;
   if (norm) x = norm->residual;  // not read: x's checks pass on it
   if (int e = set_seg_pointers("awq_int4_gemm_fold_glu", a.seg, 2, x, qweights, scales, zeros, biases, ys)) return e;
@@ -1034,7 +1038,7 @@ extern "C" int64_t awq_int4_gemm_fold_rope_workspace(const int64_t* Ns, int64_t 
                                                      int group_size, int dtype) {
   using namespace awq;
   FoldArgs a{};
-  if (!Ns || prepare(a, 3, Ns, M, K, Kp, group_size, dtype, kMaxM) != AWQ_OK) return -1;
+  if (!Ns || prepare(a, 3, Ns, M, K, Kp, group_size, dtype) != AWQ_OK) return -1;
   a.mode = kRope;
   Plan p;
   const int e = dtype == AWQ_DTYPE_BF16 ? plan_for<__nv_bfloat16>(a, dtype, p) : plan_for<__half>(a, dtype, p);
@@ -1056,7 +1060,7 @@ extern "C" int awq_int4_gemm_fold_rope(const void* x, const uint8_t* const* qwei
                 (long long)M, (long long)S, (long long)L, (long long)D, (long long)Ns[0], (long long)Ns[1],
                 (long long)Ns[2]);
   void* const ys[3] = {q, q, q};  // only q's is written: k and v go to the caches
-  if (int e = prepare(a, 3, Ns, M, K, Kp, group_size, dtype, kMaxM)) return e;
+  if (int e = prepare(a, 3, Ns, M, K, Kp, group_size, dtype)) return e;
   if (int e = set_norm(a, norm, "awq_int4_gemm_fold_rope")) return e;
   if (norm) x = norm->residual;  // not read: x's checks pass on it
   if (int e = set_seg_pointers("awq_int4_gemm_fold_rope", a.seg, 3, x, qweights, scales, zeros, biases, ys)) return e;

@@ -300,8 +300,8 @@ TWO_TILE_MS = (9, 12, 15, 16)
 def test_fold_two_token_tiles(dtype, ks, monkeypatch):
     """M = 9..16 in the folded kernel: two token tiles share each weight fragment (lean loop only),
     one weight and several, K unsplit where it fits and forced into 3 slices (summed in a cluster
-    on sm_90), odd M (lanes of the second tile past M) and a K that pads; against float64. The
-    pair mode takes 8 tokens at most and says so."""
+    on sm_90), odd M (lanes of the second tile past M) and a K that pads; against float64. 17
+    tokens are refused in pair mode too."""
     monkeypatch.setenv("AWQ_FOLD_KS", ks)
     for k, n in [(576, 1536), (4096, 4096), (11008, 4096), (573, 200)]:
         _check_kernel("fold", _fold_one, *_case(k, n, 128, dtype), 128, dtype, TWO_TILE_MS)
@@ -313,10 +313,10 @@ def test_fold_two_token_tiles(dtype, ks, monkeypatch):
         for y, (qw, s, z, b) in zip(outs, segs):
             ref = x.double() @ dequantize(qw, s, z, 128, 1536, dtype=torch.float64).T + b.double()
             assert torch.isfinite(y).all() and _rel_err(y, ref) < TOL[dtype], f"M={m}, N={qw.shape[0]}"
-    x = torch.randn(9, 1536, device="cuda").to(dtype)
-    with pytest.raises(RuntimeError, match="bad sizes M=9"):
+    x = torch.randn(17, 1536, device="cuda").to(dtype)
+    with pytest.raises(RuntimeError, match="bad sizes M=17"):
         cuda_mod.gemm_fold_glu(x, *([t[j] for t in segs[:1] * 2] for j in range(3)), 128, [None, None],
-                               x.new_empty((9, 4096)))
+                               x.new_empty((17, 4096)))
 
 
 @pytest.mark.parametrize("ks,slices", [("2", 2), ("3", 3), ("5", 5), ("8", 8), ("12", 12)])
@@ -364,15 +364,16 @@ def _glu_ref(x, segs, dtype):
                          ids=["K4096xN11008", "K576xN1536", "K573xN200", "K1536xN40"])
 def test_fold_glu(k, n, dtype):
     """The folded GEMV's pair mode (gate rows over up rows in one tile, silu(gate) * up written)
-    and awq::int4_linear_glu's dispatch (M > 8: the two linears, then the product), against
-    float64 linears rounded as the unfused graph rounds them; N not a multiple of 8 included."""
+    (up to 16 tokens: two token tiles above 8) and awq::int4_linear_glu's dispatch (M > 16: the
+    two linears, then the product), against float64 linears rounded as the unfused graph rounds
+    them; N not a multiple of 8 included."""
     segs = [_random_weight(k, n, 128, dtype, seed=20 + i) for i in range(2)]
     qws, ss, zs, bs = ([sg[i] for sg in segs] for i in range(4))
-    for m in (1, 2, 3, 8, 17):
+    for m in (1, 2, 3, 8, 9, 16, 17):
         x = torch.randn(m, k, device="cuda").to(dtype)
         ref = _glu_ref(x, segs, dtype)
         runs = {"op": lambda: torch.ops.awq.int4_linear_glu(x, qws, ss, zs, 128, bs)}
-        if m <= 8:
+        if m <= 16:
             runs["kernel"] = lambda: cuda_mod.gemm_fold_glu(x, qws, ss, zs, 128, bs, x.new_full((m, n), float("nan")))
         for name, run in runs.items():
             y = run()
@@ -388,7 +389,7 @@ def test_fold_glu_k_split(ks, monkeypatch):
     k, n = 2999, 300
     segs = [_random_weight(k, n, 128, torch.bfloat16, seed=30 + i) for i in range(2)]
     qws, ss, zs = ([sg[i] for sg in segs] for i in range(3))
-    for m in (1, 5, 8):
+    for m in (1, 5, 8, 13, 16):
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
         got = {}
         for cl in ("0", "1"):

@@ -213,7 +213,8 @@ def test_norm_fallback_and_opcheck(monkeypatch):
 
 
 def test_kernel_rejects_bad_norm_arguments():
-    """The library's own checks: a norm with a workspace plan, or misaligned tensors."""
+    """The library's own checks: a norm with a workspace plan, misaligned tensors, or more than 8
+    tokens."""
     import ctypes
 
     k, n, dtype = 1024, 6144, torch.bfloat16
@@ -224,6 +225,12 @@ def test_kernel_rejects_bad_norm_arguments():
                              0, EPS)
     with pytest.raises(RuntimeError, match="16-byte aligned"):
         cuda_mod.gemm_fold_glu(residual, qws, ss, zs, 128, bs, residual.new_empty((2, n)), ctypes.byref(nm))
+    residual, delta, dbias, weight = _norm_inputs((9, k), dtype, "t", seed=4)  # two token tiles: no norm
+    h = torch.empty_like(residual)
+    nm = cuda_mod._AwqNormIn(residual.data_ptr(), delta.data_ptr(), None, None, weight.data_ptr(), h.data_ptr(),
+                             0, EPS)
+    with pytest.raises(RuntimeError, match="M=9; the norm prologue takes M <= 8"):
+        cuda_mod.gemm_fold_glu(residual, qws, ss, zs, 128, bs, residual.new_empty((9, n)), ctypes.byref(nm))
 
 
 @pytest.mark.parametrize("batch", [1, 8])

@@ -275,11 +275,12 @@ def test_cuda_op_matches_float64(dtype, b, s, cos_rows, hq, hkv, cuda_library):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("b", [1, 2, 8])
+@pytest.mark.parametrize("b", [1, 2, 8, 11, 16])
 def test_cuda_fold_epilogue_is_the_two_launches(b, cuda_library, monkeypatch):
     """7B's q/k/v: the folded GEMV with the rotation and cache writes in its epilogue against
-    int4_linear_multi + awq_rope_cache: bit for bit at M = 2..8, where that projection is the same
-    folded GEMV; within bf16 rounding at one token, where it is the CUDA-core GEMV."""
+    int4_linear_multi + awq_rope_cache: bit for bit at M = 2..16 (two token tiles above 8), where
+    that projection is the same folded GEMV; within bf16 rounding at one token, where it is the
+    CUDA-core GEMV."""
     from awq_compile import _cuda
 
     hq, hkv, d, k, g = 32, 32, 128, 4096, 128
