@@ -1,12 +1,13 @@
 """The decode kernels' dispatch with and without the folded tensor-core GEMV, under CUDA graphs.
 
-    python benchmarks/bench_fold_dispatch.py [--m 1 2 4 8] [--env NAME=VALUE ...] [--dispatch-only]
+    python benchmarks/bench_fold_dispatch.py [--m 1 2 4 8] [--env NAME=VALUE ...] [--cfgs 0 1 ...] [--dispatch-only]
 
 For 7B's q/k/v (3 x 4096x4096, one multi-weight call), o (4096x4096), gate/up (2 x 4096x11008),
 down (11008x4096), and 8192x8192, 8192x28672, 28672x8192, at each M: the op's dispatch with the
 folded kernel switched off (`AWQ_FOLD=0`: the CUDA-core GEMV at M = 1, the producer/consumer
 kernel for several weights, tc / mma for one), the folded kernel alone in its default block
-configuration (<16 warps, 3 stages, 1 block a SM>) and in <8, 3, 2>, the op's dispatch as it is
+configuration (<16 warps, 3 stages, 1 block a SM>) and in <8, 3, 2> (`--cfgs`: any of the five
+`$AWQ_FOLD_CFG` configurations instead), the op's dispatch as it is
 (`_cuda.use_fold`), and cuBLAS bf16 (one F.linear a weight). Graph-timed (20 calls a graph, the
 weights rotated so none is found in the L2), us, the median of 3 interleaved rounds; bf16,
 group size 128. Every output is checked against float64 first (relative Frobenius error, printed
@@ -29,6 +30,8 @@ from awq_compile import _cuda
 from awq_compile.quant import dequantize
 from profile_decode import _copies, _weight, graph_us
 
+# $AWQ_FOLD_CFG's configurations (int4_gemv_fold.cu, FoldCfg): <warps a block, ring stages, blocks a SM>
+CFG_NAMES = ("<16,3,1>", "<8,3,2>", "<16,2,1>", "<8,2,2>", "<16,4,1>")
 CASES = [(4096, (4096,) * 3), (4096, (4096,)), (4096, (11008,) * 2), (11008, (4096,)), (8192, (8192,)),
          (8192, (28672,)), (28672, (8192,))]
 
@@ -69,14 +72,16 @@ def main() -> None:
     ap.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE",
                     help="more columns: the dispatch with this environment variable set (the kernels read "
                          "their switches at each launch: $AWQ_PDL, $AWQ_PDL_CLUSTER, $AWQ_SIMT_CFG, $AWQ_FOLD_CFG, ...)")
+    ap.add_argument("--cfgs", nargs="+", default=["0", "1"], choices=[str(c) for c in range(len(CFG_NAMES))],
+                    help="the folded kernel's block configurations ($AWQ_FOLD_CFG) to time alone")
     ap.add_argument("--dispatch-only", action="store_true",
                     help="leave out the AWQ_FOLD=0 and forced-configuration columns")
     args = ap.parse_args()
     bf16: dict[int, list[torch.Tensor]] = {}
-    variants = [("AWQ_FOLD=0", _op("0")), ("fold <16,3,1>", _fold("0")), ("dispatch", _op("1")),
-                ("fold <8,3,2>", _fold("1"))]
+    folds = [(f"fold {CFG_NAMES[int(c)]}", _fold(c)) for c in args.cfgs]
+    variants = [("AWQ_FOLD=0", _op("0")), *folds[:1], ("dispatch", _op("1")), *folds[1:]]
     if args.dispatch_only:
-        variants = variants[2:3]
+        variants = [("dispatch", _op("1"))]
     variants += [(f"dispatch, {e}", _op("1", e)) for e in args.env]
     variants.append(("cuBLAS bf16", lambda x, w, outs: [torch.nn.functional.linear(x, b) for b in bf16[id(w)]]))
     print(torch.cuda.get_device_name())
