@@ -16,7 +16,8 @@
 // g + 8, chunk 4 * group + t (32 k), so an mma's 16 k-slots never mix groups. mma "swap AB":
 // weights are A, the tokens the 8 columns of B; the k permutation pairs (k_i, k_i+4) of each
 // 8-k word (int4_common.cuh, dequant8), and x is staged once a block in shared memory already in
-// that order (one LDS.128 a word and token), with Sx per group and token.
+// that order (one LDS.128 a word and token), with Sx per group and token. Above 8 tokens a lane
+// also computes columns g of a second token tile (tokens 8..15), from the same weight fragments.
 // The weights stream through a per-warp shared-memory ring of P stages, each stage 2 groups of
 // the tile's 16 rows (16 rows x 128 contiguous bytes, copied by cp.async 4 rows x 128 bytes an
 // instruction); P - 1 stages are in flight while one computes, also across the stage boundary
@@ -792,7 +793,7 @@ Plan make_plan(const FoldArgs& a, const DeviceSmem& d, int reg_occ) {
 }
 
 // Whether a launch of M tokens takes the lean main loop (gemv_fold_kernel): below 8 tokens, or as
-// $AWQ_FOLD_LEAN=0 / 1 forces (experiments).
+// $AWQ_FOLD_LEAN=0 / 1 forces (experiments); always above 8 (two token tiles have no other).
 bool lean_loop(int M) {
   const char* e = getenv("AWQ_FOLD_LEAN");
   return M > kMaxM || (e && *e ? atoi(e) != 0 : M < kMaxM);
