@@ -369,6 +369,36 @@ __device__ __forceinline__ void issue(Stage& st, uint8_t* ring, const Rows& r, i
   }
 }
 
+// The A fragments of word j of a group's chunk, rows g (p0) and g + 8 (p1): B + q for the four
+// nibble pairs (k_i, k_i+4) of each, one shift and one LOP3 a pair, as dequant8 makes them before
+// its subtract and multiply (int4_common.cuh). Not shared with dequant8: calling one helper per
+// row, p0 then p1, changed this file's main loops by an instruction and the pc kernel's by up to
+// 10 (sass_report).
+template <typename T>
+__device__ __forceinline__ void weight_frags(uint32_t q0, uint32_t q1, uint32_t (&p0)[4], uint32_t (&p1)[4]) {
+  constexpr uint32_t kMagic2 = Half2Traits<T>::kMagic * 0x10001u;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    p0[i] = and_or(q0 >> (4 * i), 0x000F000Fu, kMagic2);
+    p1[i] = and_or(q1 >> (4 * i), 0x000F000Fu, kMagic2);
+  }
+}
+
+// acc += a group's fold for one token tile: c[0] + c[1] is D (rows g, g + 8 x tokens 2t, 2t + 1)
+// and s * (D - (B + z) * Sx) is added, sxa and sxb the two tokens' Sx.
+template <typename T>
+__device__ __forceinline__ void fold_group(float (&acc)[4], const float (&c)[2][4], uint32_t s0r, uint32_t s1r,
+                                           uint32_t z0r, uint32_t z1r, float sxa, float sxb) {
+  constexpr float kBase = Half2Traits<T>::kMagic == 0x4300u ? 128.f : 1024.f;
+  const float s0 = scale_to_float(s0r, static_cast<T*>(nullptr));
+  const float s1 = scale_to_float(s1r, static_cast<T*>(nullptr));
+  const float z0 = kBase + (float)z0r, z1 = kBase + (float)z1r;
+  acc[0] = fmaf(s0, fmaf(-z0, sxa, c[0][0] + c[1][0]), acc[0]);
+  acc[1] = fmaf(s0, fmaf(-z0, sxb, c[0][1] + c[1][1]), acc[1]);
+  acc[2] = fmaf(s1, fmaf(-z1, sxa, c[0][2] + c[1][2]), acc[2]);
+  acc[3] = fmaf(s1, fmaf(-z1, sxb, c[0][3] + c[1][3]), acc[3]);
+}
+
 // acc += one group of rows g, g + 8 (acc[0], acc[1]: row g, tokens 2t, 2t + 1; acc[2], acc[3]:
 // row g + 8). w0, w1: the group's chunk of rows g and g + 8; xc: this lane's chunk of its token in
 // shared memory (zeros if the token is past M: xv false, unless LEAN); sxa, sxb: Sx of tokens 2t,
@@ -378,8 +408,6 @@ template <typename T, bool LEAN>
 __device__ __forceinline__ void group_step(float (&acc)[4], const uint4& w0, const uint4& w1, uint32_t s0r,
                                            uint32_t s1r, uint32_t z0r, uint32_t z1r, const uint8_t* xc, int sw,
                                            bool xv, float sxa, float sxb) {
-  constexpr uint32_t kMagic2 = Half2Traits<T>::kMagic * 0x10001u;
-  constexpr float kBase = Half2Traits<T>::kMagic == 0x4300u ? 128.f : 1024.f;
   float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
   const uint32_t q0[4] = {w0.x, w0.y, w0.z, w0.w};
   const uint32_t q1[4] = {w1.x, w1.y, w1.z, w1.w};
@@ -388,21 +416,11 @@ __device__ __forceinline__ void group_step(float (&acc)[4], const uint4& w0, con
     uint4 xw = make_uint4(0u, 0u, 0u, 0u);
     if (LEAN || xv) xw = *reinterpret_cast<const uint4*>(xc + ((j ^ sw) << 4));
     uint32_t p0[4], p1[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      p0[i] = and_or(q0[j] >> (4 * i), 0x000F000Fu, kMagic2);
-      p1[i] = and_or(q1[j] >> (4 * i), 0x000F000Fu, kMagic2);
-    }
+    weight_frags<T>(q0[j], q1[j], p0, p1);
     mma16816<T>(c[0], p0[0], p1[0], p0[1], p1[1], xw.x, xw.y);
     mma16816<T>(c[1], p0[2], p1[2], p0[3], p1[3], xw.z, xw.w);
   }
-  const float s0 = scale_to_float(s0r, static_cast<T*>(nullptr));
-  const float s1 = scale_to_float(s1r, static_cast<T*>(nullptr));
-  const float z0 = kBase + (float)z0r, z1 = kBase + (float)z1r;
-  acc[0] = fmaf(s0, fmaf(-z0, sxa, c[0][0] + c[1][0]), acc[0]);
-  acc[1] = fmaf(s0, fmaf(-z0, sxb, c[0][1] + c[1][1]), acc[1]);
-  acc[2] = fmaf(s1, fmaf(-z1, sxa, c[0][2] + c[1][2]), acc[2]);
-  acc[3] = fmaf(s1, fmaf(-z1, sxb, c[0][3] + c[1][3]), acc[3]);
+  fold_group<T>(acc, c, s0r, s1r, z0r, z1r, sxa, sxb);
 }
 
 // group_step for two token tiles (NT = 2, lean loop only): columns g of the two mmas' B are
@@ -413,7 +431,6 @@ template <typename T>
 __device__ __forceinline__ void group_step2(float (&acc)[2][4], const uint4& w0, const uint4& w1, uint32_t s0r,
                                             uint32_t s1r, uint32_t z0r, uint32_t z1r, const uint8_t* xc0,
                                             const uint8_t* xc1, int sw, float2 sxp0, float2 sxp1) {
-  constexpr uint32_t kMagic2 = Half2Traits<T>::kMagic * 0x10001u;
   float c[2][2][4] = {};
   const uint32_t q0[4] = {w0.x, w0.y, w0.z, w0.w};
   const uint32_t q1[4] = {w1.x, w1.y, w1.z, w1.w};
@@ -422,28 +439,14 @@ __device__ __forceinline__ void group_step2(float (&acc)[2][4], const uint4& w0,
     const uint4 xa = *reinterpret_cast<const uint4*>(xc0 + ((j ^ sw) << 4));
     const uint4 xb = *reinterpret_cast<const uint4*>(xc1 + ((j ^ sw) << 4));
     uint32_t p0[4], p1[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      p0[i] = and_or(q0[j] >> (4 * i), 0x000F000Fu, kMagic2);
-      p1[i] = and_or(q1[j] >> (4 * i), 0x000F000Fu, kMagic2);
-    }
+    weight_frags<T>(q0[j], q1[j], p0, p1);
     mma16816<T>(c[0][0], p0[0], p1[0], p0[1], p1[1], xa.x, xa.y);
     mma16816<T>(c[0][1], p0[2], p1[2], p0[3], p1[3], xa.z, xa.w);
     mma16816<T>(c[1][0], p0[0], p1[0], p0[1], p1[1], xb.x, xb.y);
     mma16816<T>(c[1][1], p0[2], p1[2], p0[3], p1[3], xb.z, xb.w);
   }
-  const float s0 = scale_to_float(s0r, static_cast<T*>(nullptr));
-  const float s1 = scale_to_float(s1r, static_cast<T*>(nullptr));
-  constexpr float kBase = Half2Traits<T>::kMagic == 0x4300u ? 128.f : 1024.f;
-  const float z0 = kBase + (float)z0r, z1 = kBase + (float)z1r;
-  const float2 sxp[2] = {sxp0, sxp1};
-#pragma unroll
-  for (int nt = 0; nt < 2; ++nt) {
-    acc[nt][0] = fmaf(s0, fmaf(-z0, sxp[nt].x, c[nt][0][0] + c[nt][1][0]), acc[nt][0]);
-    acc[nt][1] = fmaf(s0, fmaf(-z0, sxp[nt].y, c[nt][0][1] + c[nt][1][1]), acc[nt][1]);
-    acc[nt][2] = fmaf(s1, fmaf(-z1, sxp[nt].x, c[nt][0][2] + c[nt][1][2]), acc[nt][2]);
-    acc[nt][3] = fmaf(s1, fmaf(-z1, sxp[nt].y, c[nt][0][3] + c[nt][1][3]), acc[nt][3]);
-  }
+  fold_group<T>(acc[0], c[0], s0r, s1r, z0r, z1r, sxp0.x, sxp0.y);
+  fold_group<T>(acc[1], c[1], s0r, s1r, z0r, z1r, sxp1.x, sxp1.y);
 }
 
 // One output of pair mode: silu(gate) * up of token m, row `row`, from the fp32 sums of the two
