@@ -147,14 +147,14 @@ def test_pc_configs(cfg, monkeypatch):
         _check_kernel("pc", _pc_one, *_case(k, n, g, torch.bfloat16), g, torch.bfloat16, (1, 3, 8))
 
 
-def _check_multi(gemm, one, k, ns, g, dtype, seed, bit_exact):
+def _check_multi(gemm, one, k, ns, g, dtype, seed, bit_exact, ms=(1, 5, 8)):
     """gemm (a multi-weight launcher) on the first 2..len(ns) weights of different N that share x,
-    into NaN-poisoned outputs, against float64; where bit_exact(m) each output must equal the
-    one-weight launch `one` bit for bit."""
+    at each M of ms, into NaN-poisoned outputs, against float64; where bit_exact(m) each output
+    must equal the one-weight launch `one` bit for bit."""
     segs = [_random_weight(k, n, g, dtype, seed=seed + i) for i, n in enumerate(ns)]
     w64 = [dequantize(qw, s, z, g, k, dtype=torch.float64) for qw, s, z, _ in segs]
     for nseg in range(2, len(ns) + 1):
-        for m in (1, 5, 8):
+        for m in ms:
             x = torch.randn(m, k, device="cuda").to(dtype)
             biases = [b if i % 2 else None for i, (_, _, _, b) in enumerate(segs[:nseg])]
             outs = [torch.full((m, n), float("nan"), dtype=dtype, device="cuda") for n in ns[:nseg]]
@@ -305,14 +305,8 @@ def test_fold_two_token_tiles(dtype, ks, monkeypatch):
     monkeypatch.setenv("AWQ_FOLD_KS", ks)
     for k, n in [(576, 1536), (4096, 4096), (11008, 4096), (573, 200)]:
         _check_kernel("fold", _fold_one, *_case(k, n, 128, dtype), 128, dtype, TWO_TILE_MS)
-    segs = [_random_weight(1536, n, 128, dtype, seed=40 + i) for i, n in enumerate((4096, 200, 48))]
-    for m in TWO_TILE_MS:
-        x = torch.randn(m, 1536, device="cuda").to(dtype)
-        outs = [torch.full((m, qw.shape[0]), float("nan"), dtype=dtype, device="cuda") for qw, *_ in segs]
-        cuda_mod.gemm_fold(x, *([t[j] for t in segs] for j in range(3)), 128, [t[3] for t in segs], outs)
-        for y, (qw, s, z, b) in zip(outs, segs):
-            ref = x.double() @ dequantize(qw, s, z, 128, 1536, dtype=torch.float64).T + b.double()
-            assert torch.isfinite(y).all() and _rel_err(y, ref) < TOL[dtype], f"M={m}, N={qw.shape[0]}"
+    segs = _check_multi(cuda_mod.gemm_fold, _fold_one, 1536, (4096, 200, 48), 128, dtype, 40, lambda m: False,
+                        TWO_TILE_MS)
     x = torch.randn(17, 1536, device="cuda").to(dtype)
     with pytest.raises(RuntimeError, match="bad sizes M=17"):
         cuda_mod.gemm_fold_glu(x, *([t[j] for t in segs[:1] * 2] for j in range(3)), 128, [None, None],
