@@ -1,6 +1,7 @@
 """The decode kernels' dispatch with and without the folded tensor-core GEMV, under CUDA graphs.
 
-    python benchmarks/bench_fold_dispatch.py [--m 1 2 4 8] [--env NAME=VALUE ...] [--cfgs 0 1 ...] [--dispatch-only]
+    python benchmarks/bench_fold_dispatch.py [--m 1 2 4 8] [--env NAME=VALUE ...] [--cfgs 0 1 ...] [--shapes KxN ...]
+        [--dispatch-only]
 
 For 7B's q/k/v (3 x 4096x4096, one multi-weight call), o (4096x4096), gate/up (2 x 4096x11008),
 down (11008x4096), and 8192x8192, 8192x28672, 28672x8192, at each M: the op's dispatch with the
@@ -74,6 +75,8 @@ def main() -> None:
                          "their switches at each launch: $AWQ_PDL, $AWQ_PDL_CLUSTER, $AWQ_SIMT_CFG, $AWQ_FOLD_CFG, ...)")
     ap.add_argument("--cfgs", nargs="+", default=["0", "1"], choices=[str(c) for c in range(len(CFG_NAMES))],
                     help="the folded kernel's block configurations ($AWQ_FOLD_CFG) to time alone")
+    ap.add_argument("--shapes", nargs="+", default=None, metavar="KxN",
+                    help="only these cases, named as the table's first column (e.g. 28672x8192)")
     ap.add_argument("--dispatch-only", action="store_true",
                     help="leave out the AWQ_FOLD=0 and forced-configuration columns")
     args = ap.parse_args()
@@ -87,7 +90,10 @@ def main() -> None:
     print(torch.cuda.get_device_name())
     print("| weights | M | " + " | ".join(v[0] for v in variants) + " | error AWQ_FOLD=0 / dispatch |")
     print("|---" * (len(variants) + 3) + "|")
-    for k, ns in CASES:
+    cases = [(k, ns) for k, ns in CASES if args.shapes is None or " + ".join(f"{k}x{n}" for n in ns) in args.shapes]
+    if not cases:
+        ap.error(f"--shapes: none of {args.shapes} is a case")
+    for k, ns in cases:
         sets = [[_weight(k, n) for n in ns] for _ in range(_copies(k, sum(ns)))]
         w64 = [dequantize(*t, 128, k, dtype=torch.float64) for t in sets[0]]
         bf16.clear()

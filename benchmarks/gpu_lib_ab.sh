@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_lib_ab.sh awq_compile/_lib/libawq_int4.so awq_compile/_lib_b/libawq_int4.so [ROUNDS]
 #   carry: awq_compile/_lib, awq_compile/_lib_b
 # TESTS=SECONDS first runs every CUDA test on library B (the merge condition) within that time;
-# ATTENTION=0 skips the attention timing.
+# ATTENTION=0 skips the attention timing; BATCH="12 16" times other batch sizes (default "1 8").
 set -u -o pipefail
 source benchmarks/device_env.sh /tmp/awq_lib_ab_out
 A=$1 B=$2 ROUNDS=${3:-2}
@@ -22,7 +22,7 @@ fi
 for i in $(seq "$ROUNDS"); do
   for tag in A B; do
     lib=$A; [ "$tag" = B ] && lib=$B
-    AWQ_COMPILE_CUDA_LIB=$lib timeout 240 python3 benchmarks/bench_e2e_gpu.py decode --shape 7b --batch 1 8 \
+    AWQ_COMPILE_CUDA_LIB=$lib timeout 240 python3 benchmarks/bench_e2e_gpu.py decode --shape 7b --batch ${BATCH:-1 8} \
       --models int4 --out "$OUT/e2e_${tag}_$i.json" > "$OUT/e2e_${tag}_$i.log" 2>&1
     echo "round $i, library $tag ($lib):"
     grep -o "'batch': [0-9]*, 'ttft_ms': [0-9.]*, 'decode_tok_s': [0-9.]*" "$OUT/e2e_${tag}_$i.log"
