@@ -6,7 +6,7 @@ torch's C++ ABI. Lookup: $AWQ_COMPILE_CUDA_LIB, else awq_compile/_lib/libawq_int
 is registered and the op keeps its reference implementation: importing this module never fails.
 
 Dispatch by M (tokens) and N: where `use_fold(M, N, K, g)` says (M <= 16, g = 128; wide or long
-weights at M <= 8, K <= 11008 and N <= 22016 above) the folded tensor-core GEMV (int4_gemv_fold.cu),
+weights at M <= 8, K <= 11008 and N <= 28672 above) the folded tensor-core GEMV (int4_gemv_fold.cu),
 else M <= `simt_max_m(N, K)` runs the CUDA-core GEMV (int4_gemv_simt.cu), M <= `tc_max_m(N, K)` the
 register-streaming tensor-core kernel (int4_gemv_tc.cu), M <= `mma_max_m(N, K)` the cp.async
 tensor-core kernel (int4_gemv_mma.cu); M >= `SM90_MIN_M` on sm_90 runs the CUTLASS mixed-input GEMM
@@ -162,17 +162,18 @@ def use_fold(m: int, n: int, k: int, group_size: int) -> bool:
     n < 8192 (down, 11008x4096: 17.1-18.3 vs 18.8-20.2); it loses on o (4096x4096), on 8192x8192
     and, at M = 2 and 4, on 28672x8192. At M = 1 it beats the CUDA-core GEMV only on the widest
     weights, gate/up (21.3-21.6 vs 23.1-23.5 us, n = 5.4 K) and 8192x28672 (50.6 vs 53.9,
-    n = 3.5 K), not on q/k/v (n = 3 K). At M = 9..16 (two token tiles a weight fragment) it
-    beats the CUTLASS GEMM and cuBLAS where K <= 11008 and n <= 22016, every weight of 7B and
-    8192x8192 (H200, M = 9 / 12 / 16: q/k/v 17.9-18.8 us against 46.7-47.2 and cuBLAS 40.9, o
-    11.9-12.7 against 19.6-25.4, gate/up 28.2-30.9 against 45.9-46.2, down 19.7-20.7 against 23.8,
-    8192x8192 25.8-28.1 against 33.4; benchmarks/RESULTS.md, section 4, session 24); it ties on
-    8192x28672 (60.4-67.0 against 64.7-65.5) and loses on 28672x8192 (68.9-75.6 against 63.8-64.7)."""
+    n = 3.5 K), not on q/k/v (n = 3 K). At M = 9..16 (two token tiles a weight fragment, in its
+    <16, 2, 1> configuration) it beats the CUTLASS GEMM and cuBLAS where K <= 11008 and n <=
+    28672: every weight of 7B, 8192x8192 and 8192x28672 (H200, M = 12 / 16: q/k/v 16.9 / 17.2 us
+    against 64.7 / 47.7 and cuBLAS 41, o 11.5 / 10.6 against 28.3 / 20.8, gate/up 25.5 / 27.0
+    against 56, down 17.9 / 18.6 against 40, 8192x8192 24.1 / 24.1 against 33.5 / 27.6,
+    8192x28672 54.1 / 60.8 against 65.3; benchmarks/RESULTS.md, section 4, session 24); it loses
+    on 28672x8192 (74.3 / 66.8 against 64.5)."""
     max_m = int(os.environ.get("AWQ_FOLD_MAX_M") or FOLD_MAX_M)  # experiments: 8 = without two token tiles
     if os.environ.get("AWQ_FOLD") == "0" or group_size != 128 or not 1 <= m <= min(max_m, FOLD_MAX_M):
         return False
     if m > 8:
-        return k <= 11008 and n <= 22016
+        return k <= 11008 and n <= 28672
     return 2 * n >= 7 * k if m == 1 else (n >= 12288 or (k >= 2 * n and n < 8192))
 
 

@@ -885,17 +885,23 @@ int plan_cfg(const FoldArgs& a, int dtype, int cfg, Plan& p) {
   return plan_cluster<T, C>(p, *d, a.mode, norm);
 }
 
-// The configuration: $AWQ_FOLD_CFG (experiments), else kDefaultCfg.
+// The configuration: $AWQ_FOLD_CFG (experiments), else kDefaultCfg up to 8 tokens and
+// kTwoTileCfg above. <16, 2, 1> leaves 32 KB more beside its ring for x than <16, 3, 1>, so 16
+// tokens need fewer K slices: H200, graph-timed at M = 12 / 16, 9-16% faster on every 7B weight
+// and 8192x8192, and 8192x28672 54.1 / 60.8 us against 63.8 / 69.2 (RESULTS.md section 4,
+// session 24); at M = 2..8 it is as fast or slower.
 constexpr int kDefaultCfg = 0;  // RESULTS.md section 4, session 9: the fastest on 6 of 7 shapes at M = 2..8
-int pick_cfg() {
+constexpr int kTwoTileCfg = 2;
+int pick_cfg(int M) {
   const char* e = getenv("AWQ_FOLD_CFG");
-  const int c = e && *e ? atoi(e) : kDefaultCfg;
-  return c >= 0 && c < kNumCfg ? c : kDefaultCfg;
+  const int dflt = M > kMaxM ? kTwoTileCfg : kDefaultCfg;
+  const int c = e && *e ? atoi(e) : dflt;
+  return c >= 0 && c < kNumCfg ? c : dflt;
 }
 
 template <typename T>
 int plan_for(const FoldArgs& a, int dtype, Plan& p) {
-  switch (pick_cfg()) {
+  switch (pick_cfg(a.M)) {
     case 1: return plan_cfg<T, F1>(a, dtype, 1, p);
     case 2: return plan_cfg<T, F2>(a, dtype, 2, p);
     case 3: return plan_cfg<T, F3>(a, dtype, 3, p);

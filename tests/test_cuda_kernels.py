@@ -253,12 +253,13 @@ def test_fold_sweep(k, n, dtype):
 
 @pytest.mark.parametrize("cfg", ["0", "1", "2", "3", "4"])
 def test_fold_configs(cfg, monkeypatch):
-    """Every block configuration $AWQ_FOLD_CFG can pick, with K unsplit and forced into slices."""
+    """Every block configuration $AWQ_FOLD_CFG can pick, one and two token tiles, with K unsplit and
+    forced into slices."""
     monkeypatch.setenv("AWQ_FOLD_CFG", cfg)
     for ks in ("", "3"):
         monkeypatch.setenv("AWQ_FOLD_KS", ks)
         for k, n in [(576, 1536), (573, 200), (11008, 4096)]:
-            _check_kernel("fold", _fold_one, *_case(k, n, 128, torch.bfloat16), 128, torch.bfloat16, (1, 3, 8))
+            _check_kernel("fold", _fold_one, *_case(k, n, 128, torch.bfloat16), 128, torch.bfloat16, (1, 3, 8, 12, 16))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -280,7 +281,7 @@ def test_fold_deterministic_and_errors():
         y2 = _fold_one(x, qw, s, z, 128, b, x.new_full((m, n), float("nan")))
         assert torch.equal(y1, y2)
     assert cuda_mod.FOLD_MAX_M <= cuda_mod.load_library().awq_int4_fold_max_m()
-    assert not cuda_mod.use_fold(2, n, k, 64) and not cuda_mod.use_fold(9, 28672, 4096, 128)
+    assert not cuda_mod.use_fold(2, n, k, 64) and not cuda_mod.use_fold(9, 8192, 28672, 128)
     assert cuda_mod.use_fold(16, 3 * 4096, 4096, 128) and not cuda_mod.use_fold(17, 3 * 4096, 4096, 128)
     assert not cuda_mod.use_fold(12, 8192, 28672, 128)
     qw64, s64, z64, _ = _random_weight(512, 64, 64, torch.bfloat16, seed=5)
