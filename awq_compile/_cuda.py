@@ -159,8 +159,11 @@ def use_fold(m: int, n: int, k: int, group_size: int) -> bool:
     (benchmarks/RESULTS.md, section 4, session 9) over 7B's q/k/v, o, gate/up and down, 8192x8192,
     8192x28672 and 28672x8192. At M = 2..8 it beats the tc / pc kernels where n >= 12288 (q/k/v
     16.6-17.2 vs 20.9-21.5 us, gate/up 21.6-24.0 vs 28.5-32.1, 8192x28672) or where K >= 2n with
-    n < 8192 (down, 11008x4096: 17.1-18.3 vs 18.8-20.2); it loses on o (4096x4096), on 8192x8192
-    and, at M = 2 and 4, on 28672x8192. At M = 1 it beats the CUDA-core GEMV only on the widest
+    n < 8192 (down, 11008x4096: 17.1-18.3 vs 18.8-20.2); it loses on o (4096x4096) and on
+    8192x8192. On 28672x8192 (a 70B's down) it wins at M = 2..4 on the H200 (50.5 / 57.9 us
+    against 60.5 / 62.4 for the dispatch before; RESULTS.md section 4, session 25), so K >= 2n
+    takes n >= 8192 there; at M = 6..8 no one configuration wins (the best, <16, 2, 1> at 6 and
+    <8, 3, 2> at 8, are not the default). At M = 1 it beats the CUDA-core GEMV only on the widest
     weights, gate/up (21.3-21.6 vs 23.1-23.5 us, n = 5.4 K) and 8192x28672 (50.6 vs 53.9,
     n = 3.5 K), not on q/k/v (n = 3 K). At M = 9..16 (two token tiles a weight fragment, in its
     <16, 2, 1> configuration) it beats the CUTLASS GEMM and cuBLAS where K <= 11008 and n <=
@@ -174,7 +177,7 @@ def use_fold(m: int, n: int, k: int, group_size: int) -> bool:
         return False
     if m > 8:
         return k <= 11008 and n <= 28672
-    return 2 * n >= 7 * k if m == 1 else (n >= 12288 or (k >= 2 * n and n < 8192))
+    return 2 * n >= 7 * k if m == 1 else (n >= 12288 or (k >= 2 * n and (n < 8192 or m <= 4)))
 
 
 def tc_max_m(n: int, k: int) -> int:

@@ -211,3 +211,26 @@ def test_sm90_pick():
     assert pick(64, 8192, 8192, 128, 132) == 9 and pick(128, 8192, 8192, 128, 132) == 2
     assert pick(129, 4096, 4096, 64, 132) == pick(2048, 28672, 8192, 128, 132) == 6
     assert all(pick(m, n, 4096, 64, 132) < 7 for m in (9, 64, 128) for n in (4096, 28672))
+
+
+def test_fold_dispatch_rule(monkeypatch):
+    """Which decode shapes the op sends to the folded GEMV, token count by token count: the rule
+    read off the H200 tables (RESULTS.md section 4, sessions 9, 24 and 25). It needs no GPU."""
+    from awq_compile import _cuda
+
+    monkeypatch.delenv("AWQ_FOLD", raising=False)
+    monkeypatch.delenv("AWQ_FOLD_MAX_M", raising=False)
+    # (n, k): 7B's q/k/v together, o, gate/up together, down; 8192x8192; 8192x28672; 28672x8192
+    shapes = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
+              "8192": (8192, 8192), "wide": (28672, 8192), "long": (8192, 28672)}
+    picked = {m: {name for name, (n, k) in shapes.items() if _cuda.use_fold(m, n, k, 128)} for m in range(1, 18)}
+    assert picked[1] == {"gate_up", "wide"}
+    assert picked[2] == picked[4] == {"qkv", "gate_up", "down", "wide", "long"}
+    assert picked[6] == picked[8] == {"qkv", "gate_up", "down", "wide"}
+    assert all(picked[m] == set(shapes) - {"long"} for m in range(9, 17))
+    assert picked[17] == set()
+    assert not _cuda.use_fold(2, 12288, 4096, 64)  # group size 128 only
+    monkeypatch.setenv("AWQ_FOLD_MAX_M", "8")
+    assert not _cuda.use_fold(9, 12288, 4096, 128) and _cuda.use_fold(8, 12288, 4096, 128)
+    monkeypatch.setenv("AWQ_FOLD", "0")
+    assert not any(_cuda.use_fold(m, n, k, 128) for m in range(1, 17) for n, k in shapes.values())
