@@ -1,7 +1,7 @@
 """The decode kernels' dispatch with and without the folded tensor-core GEMV, under CUDA graphs.
 
     python benchmarks/bench_fold_dispatch.py [--m 1 2 4 8] [--env NAME=VALUE ...] [--cfgs 0 1 ...] [--shapes KxN ...]
-        [--dispatch-only]
+        [--fold-env NAME=VALUE ...] [--dispatch-only]
 
 For 7B's q/k/v (3 x 4096x4096, one multi-weight call), o (4096x4096), gate/up (2 x 4096x11008),
 down (11008x4096), and 8192x8192, 8192x28672, 28672x8192, at each M: the op's dispatch with the
@@ -56,10 +56,19 @@ def _op(fold: str, env: str = ""):
     return run
 
 
-def _fold(cfg: str):
+def _fold(cfg: str, env: str = ""):
+    """The folded kernel alone in configuration cfg; env: "NAME=VALUE" set for the call."""
+    name, _, value = env.partition("=")
+
     def run(x, w, outs):
         os.environ["AWQ_FOLD_CFG"] = cfg
-        return _cuda.gemm_fold(x, *([t[i] for t in w] for i in range(3)), 128, [None] * len(w), outs)
+        if name:
+            os.environ[name] = value
+        try:
+            return _cuda.gemm_fold(x, *([t[i] for t in w] for i in range(3)), 128, [None] * len(w), outs)
+        finally:
+            if name:
+                os.environ.pop(name)
     return run
 
 
@@ -75,6 +84,9 @@ def main() -> None:
                          "their switches at each launch: $AWQ_PDL, $AWQ_PDL_CLUSTER, $AWQ_SIMT_CFG, $AWQ_FOLD_CFG, ...)")
     ap.add_argument("--cfgs", nargs="+", default=["0", "1"], choices=[str(c) for c in range(len(CFG_NAMES))],
                     help="the folded kernel's block configurations ($AWQ_FOLD_CFG) to time alone")
+    ap.add_argument("--fold-env", nargs="*", default=[], metavar="NAME=VALUE",
+                    help="more columns: the folded kernel alone (first --cfgs configuration) with this "
+                         "environment variable set, e.g. AWQ_FOLD_KS=3")
     ap.add_argument("--shapes", nargs="+", default=None, metavar="KxN",
                     help="only these cases, named as the table's first column (e.g. 28672x8192)")
     ap.add_argument("--dispatch-only", action="store_true",
@@ -86,6 +98,7 @@ def main() -> None:
     if args.dispatch_only:
         variants = [("dispatch", _op("1"))]
     variants += [(f"dispatch, {e}", _op("1", e)) for e in args.env]
+    variants += [(f"fold {CFG_NAMES[int(args.cfgs[0])]}, {e}", _fold(args.cfgs[0], e)) for e in args.fold_env]
     variants.append(("cuBLAS bf16", lambda x, w, outs: [torch.nn.functional.linear(x, b) for b in bf16[id(w)]]))
     print(torch.cuda.get_device_name())
     print("| weights | M | " + " | ".join(v[0] for v in variants) + " | error AWQ_FOLD=0 / dispatch |")
