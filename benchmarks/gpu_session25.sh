@@ -7,8 +7,8 @@
 #   bash benchmarks/gpu_session25.sh b  # 7B decode at batch 12 and 16, main's library against the
 #     branch's in alternating processes (gpu_lib_ab.sh, two rounds)
 #   bash benchmarks/gpu_session25.sh c  # (from main after the merge, carry awq_compile/_lib): every
-#     decode shape at M = 1..16, the folded GEMV alone with at least n K slices ($AWQ_FOLD_KS)
-#     beside its own plan, the dispatch and cuBLAS (graph-timed)
+#     decode shape at M = 1..8, the folded GEMV alone with at least n K slices ($AWQ_FOLD_KS)
+#     beside its own plan, the dispatch and cuBLAS (graph-timed); the dispatch alone at 12 and 16 tokens
 set -u -o pipefail
 source benchmarks/device_env.sh /tmp/awq_session25_out
 A=awq_compile/_lib/libawq_int4.so B=awq_compile/_lib_i/libawq_int4.so
@@ -32,8 +32,10 @@ b)
   BATCH="12 16" ATTENTION=0 bash benchmarks/gpu_lib_ab.sh "$A" "$B" 2
   ;;
 c)
-  (cd benchmarks && timeout 400 python3 bench_fold_dispatch.py --m 1 2 4 8 12 16 --cfgs 0 \
+  (cd benchmarks && timeout 330 python3 bench_fold_dispatch.py --m 1 2 4 8 --cfgs 0 \
     --fold-env AWQ_FOLD_KS=2 AWQ_FOLD_KS=3 AWQ_FOLD_KS=4 AWQ_FOLD_KS=5 AWQ_FOLD_KS=8 > "$OUT/fold_ks.md" 2>&1)
   grep -E "^\||Error" "$OUT/fold_ks.md"
+  (cd benchmarks && timeout 150 python3 bench_fold_dispatch.py --m 12 16 --dispatch-only > "$OUT/dispatch_m12_16.md" 2>&1)
+  grep -E "^\||Error" "$OUT/dispatch_m12_16.md"
   ;;
 esac
