@@ -370,8 +370,18 @@ def _ptrs(tensors) -> ctypes.Array:
 
 def gemm_simt(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T + bias via the CUDA-core GEMV (M <= 8); arguments as
-    gemm_mma's."""
-    return gemm_simt_multi(x2d, [qweight], [scales], [zeros], group_size, [bias], [out])[0]
+    gemm_mma's. The library's one-weight entry, not gemm_simt_multi's lists: an eager decode calls
+    this for most linears at one token, and the C arrays cost host time (session 25)."""
+    m, n, k, kp = _sizes("gemm_simt", x2d, qweight, out)
+    dev = x2d.device
+    dt = _DTYPES[x2d.dtype]
+    need = _workspace_floats("awq_int4_gemm_simt_workspace", dev.index, (m, n, k, kp, group_size, dt), _env(_SIMT_ENV))
+    ws = torch.empty(need, dtype=torch.float32, device=dev) if need > 0 else None
+    _check(load_library().awq_int4_gemm_simt(
+        x2d.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), None if bias is None else bias.data_ptr(),
+        out.data_ptr(), None if ws is None else ws.data_ptr(), 0 if ws is None else ws.numel(), m, n, k, kp, group_size,
+        dt, _raw_stream(dev)))
+    return out
 
 
 def _multi_arrays(name: str, x2d, qweights, scales, zeros, biases, outs):

@@ -5,10 +5,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import _cuda
 from . import ops as _ops  # noqa: F401  (registers awq::int4_linear)
 from .quant import QuantizedWeight, dequantize
 
 __all__ = ["Int4Linear"]
+
+
+def _direct(x: torch.Tensor) -> bool:
+    """Whether an eager forward calls awq::int4_linear's CUDA implementation itself: a plain CUDA
+    tensor, no gradient wanted, nothing tracing or intercepting ops. The dispatcher and the custom
+    op's autograd layer cost more host time a call than a decode kernel takes, which made eager
+    decode slower than bf16's (benchmarks/RESULTS.md, section 3, session 25). torch.compile,
+    torch.export, fake and functional tensors, FX proxies and torch function / dispatch modes
+    (profilers, FlopCounterMode) all take the op. The result is the op's, bit for bit: the same
+    function serves the op at its CUDA key."""
+    return (not torch.compiler.is_compiling() and type(x) is torch.Tensor and x.is_cuda and _cuda.REGISTERED
+            and not (x.requires_grad and torch.is_grad_enabled())
+            and not torch._C._is_torch_function_mode_enabled() and torch._C._len_torch_dispatch_stack() == 0)
 
 
 class Int4Linear(nn.Module):
@@ -56,9 +70,10 @@ class Int4Linear(nn.Module):
         if self.input_scale is not None:
             x = x * self.input_scale.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return torch.ops.awq.int4_linear(
-            x, self.qweight, self.scales.to(x.dtype), self.zeros, self.group_size, bias
-        )
+        scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
+        if _direct(x):
+            return _cuda.int4_linear_cuda(x, self.qweight, scales, self.zeros, self.group_size, bias)
+        return torch.ops.awq.int4_linear(x, self.qweight, scales, self.zeros, self.group_size, bias)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight [N, K] this layer computes with (input_scale folded in)."""

@@ -64,13 +64,14 @@ def random_model(cfg, device: str, dtype=torch.bfloat16):
 
 
 @torch.no_grad()
-def _decode(model, batch: int, prompt: int, new: int, compile_kwargs: dict) -> dict:
+def _decode(model, batch: int, prompt: int, new: int, compile_kwargs: dict | None) -> dict:
+    """compile_kwargs None: eager (no torch.compile; the same static cache and loop)."""
     from transformers import StaticCache
 
     cfg = model.config
     cache = StaticCache(config=cfg, max_cache_len=prompt + new)
     torch._dynamo.utils.counters["awq"].clear()
-    step = torch.compile(model, **compile_kwargs)
+    step = model if compile_kwargs is None else torch.compile(model, **compile_kwargs)
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device=DEV)
     positions = torch.arange(prompt, prompt + new, device=DEV)
     sync = torch.cuda.synchronize if DEV == "cuda" else (lambda: None)
@@ -114,8 +115,8 @@ def decode(args, emit) -> None:
     cfg = llama_config(args.layers, args.tiny, args.shape)
     model = random_model(cfg, DEV)
     for b in args.batch if args.models in ("both", "bf16") else ():
-        r = _decode(model, b, args.prompt, args.new, {"mode": "reduce-overhead", "fullgraph": True})
-        emit({"model": "bf16 inductor", **r})
+        r = _decode(model, b, args.prompt, args.new, None if args.eager else {"mode": "reduce-overhead", "fullgraph": True})
+        emit({"model": "bf16 eager" if args.eager else "bf16 inductor", **r})
     if args.bf16_attention and args.models in ("both", "bf16"):
         torch._dynamo.reset()
         for b in args.batch:  # the bf16 side with the same attention as the INT4 side
@@ -131,8 +132,8 @@ def decode(args, emit) -> None:
     torch.cuda.empty_cache()
     for b in args.batch:
         r = _decode(q, b, args.prompt, args.new,
-                    {"backend": "awq", "mode": "reduce-overhead", "fullgraph": True})
-        emit({"model": "int4 awq", **r})
+                    None if args.eager else {"backend": "awq", "mode": "reduce-overhead", "fullgraph": True})
+        emit({"model": "int4 eager" if args.eager else "int4 awq", **r})
     ablations = [("fuse_siblings", b) for b in args.unfused] + [(o, b) for o in args.ablate for b in args.batch]
     for option, b in ablations:  # the INT4 model with one backend option off
         if option == "pdl":  # not a backend option: the kernel library's $AWQ_PDL, read at capture
@@ -216,6 +217,9 @@ def main() -> None:
     ap.add_argument("--bf16-attention", action="store_true",
                     help="decode: also the bf16 model with awq_compile's decode attention (the share of "
                          "the INT4 side's speed-up that attention alone gives)")
+    ap.add_argument("--eager", action="store_true",
+                    help="both models without torch.compile (the custom ops called one by one, as an eager "
+                         "transformers user runs them); no ablations")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--n-samples", type=int, default=128)
