@@ -28,6 +28,7 @@ import itertools
 import torch
 
 from awq_compile import _cuda
+from awq_compile.quant import dequantize
 from profile_decode import _weight, graph_us
 
 K = 4096
@@ -49,9 +50,16 @@ def main() -> None:
             "floor"]
     print("| M | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
+    w64 = [dequantize(*w, 128, K, dtype=torch.float64) for w in first]
     for m in args.m:
         x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
         outs = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for n in NS.values()]
+        refs = [x.double() @ w.T for w in w64]
+
+        def check(name, ys):  # every output against float64 before anything is timed
+            for y, ref in zip(ys, refs):
+                err = ((y.double() - ref).norm() / ref.norm()).item()
+                assert err < 6e-3, f"{name}: relative error {err:.2e} at M={m}"
 
         def chain():
             return [op(x, *w, 128, None) for w in next(cycle)]
@@ -69,6 +77,11 @@ def main() -> None:
                     "one launch, fold": one(_cuda.gemm_fold)}
         if m <= 8:
             variants["one launch, simt"] = one(_cuda.gemm_simt_multi)
+        check("chain", [op(x, *w, 128, None) for w in first])
+        for name, kernel in (("fold", _cuda.gemm_fold), ("simt", _cuda.gemm_simt_multi))[:2 if m <= 8 else 1]:
+            for o in outs:
+                o.fill_(float("nan"))
+            check(name, kernel(x, *([t[i] for t in first] for i in range(3)), 128, [None] * 3, outs))
         times = {name: [] for name in variants}
         for _ in range(3):
             for name, fn in variants.items():

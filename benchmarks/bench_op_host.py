@@ -55,6 +55,10 @@ def main() -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             op = lambda: torch.ops.awq.int4_linear(x, *w, 128, None)  # noqa: E731
             direct = lambda: _cuda.int4_linear_cuda(x, *w, 128, None)  # noqa: E731
+            y = op()  # checked before anything is timed: the three INT4 paths agree bit for bit
+            assert torch.equal(y, direct()) and torch.equal(y, module(x)), f"the paths differ at M={m}"
+            ref = x.double() @ dequantize(*w, 128, k, dtype=torch.float64).T
+            assert ((y.double() - ref).norm() / ref.norm()).item() < 6e-3, f"relative error at M={m}"
             row = [per_call_us(op), per_call_us(direct), per_call_us(lambda: module(x)), per_call_us(lambda: linear(x)),
                    graph_us(op)]
             print(f"| {m} | " + " | ".join(f"{v:.1f}" for v in row) + " |", flush=True)
