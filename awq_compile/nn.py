@@ -17,11 +17,14 @@ def _direct(x: torch.Tensor) -> bool:
     tensor, no gradient wanted, nothing tracing or intercepting ops. The dispatcher and the custom
     op's autograd layer cost more host time a call than a decode kernel takes, which made eager
     decode slower than bf16's (benchmarks/RESULTS.md, section 3, session 25). torch.compile,
-    torch.export, fake and functional tensors, FX proxies and torch function / dispatch modes
-    (profilers, FlopCounterMode) all take the op. The result is the op's, bit for bit: the same
+    torch.export, torch.jit.trace (and the TorchScript ONNX exporter), vmap and the other
+    torch.func transforms, fake and functional tensors, FX proxies and torch function / dispatch
+    modes (profilers, FlopCounterMode) all take the op: a kernel launched through ctypes is
+    invisible to them. The result is the op's, bit for bit: the same
     function serves the op at its CUDA key."""
-    return (not torch.compiler.is_compiling() and type(x) is torch.Tensor and x.is_cuda and _cuda.REGISTERED
-            and not (x.requires_grad and torch.is_grad_enabled())
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and type(x) is torch.Tensor
+            and x.is_cuda and _cuda.REGISTERED and not (x.requires_grad and torch.is_grad_enabled())
+            and not torch._C._are_functorch_transforms_active()
             and not torch._C._is_torch_function_mode_enabled() and torch._C._len_torch_dispatch_stack() == 0)
 
 

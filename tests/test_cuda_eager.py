@@ -100,3 +100,21 @@ def test_torch_compile_traces_the_op(layer, direct_calls):
     assert any("awq.int4_linear" in t for t in graphs[0])
     assert direct_calls == []
     assert torch.equal(y, _op(layer, x))
+
+
+def test_jit_trace_records_the_op(layer, direct_calls):
+    x = torch.randn(4, layer.in_features, device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, x, check_trace=False)  # its check would rerun the module eagerly
+        y = traced(x)
+    assert "awq::int4_linear" in {n.kind() for n in traced.graph.nodes()}
+    assert direct_calls == []  # a ctypes launch would be missing from the trace
+    assert torch.equal(y, _op(layer, x))
+
+
+def test_vmap_takes_the_op(layer, direct_calls):
+    x = torch.randn(3, 2, layer.in_features, device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        y = torch.func.vmap(layer)(x)
+    assert direct_calls == []
+    assert torch.equal(y, torch.stack([_op(layer, xi) for xi in x]))
