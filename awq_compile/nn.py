@@ -20,8 +20,8 @@ def _direct(x: torch.Tensor) -> bool:
     torch.export, torch.jit.trace (and the TorchScript ONNX exporter), vmap and the other
     torch.func transforms, fake and functional tensors, FX proxies and torch function / dispatch
     modes (profilers, FlopCounterMode) all take the op: a kernel launched through ctypes is
-    invisible to them. The result is the op's, bit for bit: the same
-    function serves the op at its CUDA key."""
+    invisible to them. The result is the op's, bit for bit: the same function serves the op at
+    its CUDA key."""
     return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and type(x) is torch.Tensor
             and x.is_cuda and _cuda.REGISTERED and not (x.requires_grad and torch.is_grad_enabled())
             and not torch._C._are_functorch_transforms_active()

@@ -22,6 +22,7 @@ do; run with AWQ_PDL=0 for each kernel on its own (every table before session 14
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 
@@ -37,38 +38,37 @@ CASES = [(4096, (4096,) * 3), (4096, (4096,)), (4096, (11008,) * 2), (11008, (40
          (8192, (28672,)), (28672, (8192,))]
 
 
-def _op(fold: str, env: str = ""):
-    """The op's dispatch; env: "NAME=VALUE" set for the call (a CUDA graph keeps what its capture read)."""
+@contextlib.contextmanager
+def _env_set(env: str):
+    """env: "NAME=VALUE" set for the block (a CUDA graph keeps what its capture read), or ""."""
     name, _, value = env.partition("=")
+    if name:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if name:
+            os.environ.pop(name)
 
+
+def _op(fold: str, env: str = ""):
+    """The op's dispatch, with `env` set for the call."""
     def run(x, w, outs):
         os.environ["AWQ_FOLD"] = fold
         os.environ.pop("AWQ_FOLD_CFG", None)
-        if name:
-            os.environ[name] = value
-        try:
+        with _env_set(env):
             if len(w) == 1:
                 return [torch.ops.awq.int4_linear(x, *w[0], 128, None)]
             return torch.ops.awq.int4_linear_multi(x, *([t[i] for t in w] for i in range(3)), 128, [None] * len(w))
-        finally:
-            if name:
-                os.environ.pop(name)
     return run
 
 
 def _fold(cfg: str, env: str = ""):
-    """The folded kernel alone in configuration cfg; env: "NAME=VALUE" set for the call."""
-    name, _, value = env.partition("=")
-
+    """The folded kernel alone in configuration cfg, with `env` set for the call."""
     def run(x, w, outs):
         os.environ["AWQ_FOLD_CFG"] = cfg
-        if name:
-            os.environ[name] = value
-        try:
+        with _env_set(env):
             return _cuda.gemm_fold(x, *([t[i] for t in w] for i in range(3)), 128, [None] * len(w), outs)
-        finally:
-            if name:
-                os.environ.pop(name)
     return run
 
 

@@ -67,21 +67,21 @@ def main() -> None:
         def alone(i):
             return lambda: op(x, *next(cycle)[i], 128, None)
 
-        def one(kernel):
-            def run():
-                w = next(cycle)
-                return kernel(x, *([t[i] for t in w] for i in range(3)), 128, [None] * 3, outs)
-            return run
+        def one(kernel, w):
+            return kernel(x, *([t[i] for t in w] for i in range(3)), 128, [None] * 3, outs)
 
+        def rotating(kernel):
+            return lambda: one(kernel, next(cycle))
+
+        # the CUDA-core GEMV takes 8 tokens at most
+        kernels = {"fold": _cuda.gemm_fold, **({"simt": _cuda.gemm_simt_multi} if m <= 8 else {})}
         variants = {"chain": chain, "q/k/v alone": alone(0), "o alone": alone(1), "gate/up alone": alone(2),
-                    "one launch, fold": one(_cuda.gemm_fold)}
-        if m <= 8:
-            variants["one launch, simt"] = one(_cuda.gemm_simt_multi)
+                    **{f"one launch, {name}": rotating(kernel) for name, kernel in kernels.items()}}
         check("chain", [op(x, *w, 128, None) for w in first])
-        for name, kernel in (("fold", _cuda.gemm_fold), ("simt", _cuda.gemm_simt_multi))[:2 if m <= 8 else 1]:
+        for name, kernel in kernels.items():
             for o in outs:
                 o.fill_(float("nan"))
-            check(name, kernel(x, *([t[i] for t in first] for i in range(3)), 128, [None] * 3, outs))
+            check(name, one(kernel, first))
         times = {name: [] for name in variants}
         for _ in range(3):
             for name, fn in variants.items():

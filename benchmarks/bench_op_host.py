@@ -7,7 +7,8 @@ the host's wherever the host is slower than the kernel.
 At M = 1 and 8 on a 4096x4096 weight (bf16, group size 128): the op through the dispatcher
 (`torch.ops.awq.int4_linear`), the CUDA implementation called directly (`_cuda.int4_linear_cuda`,
 no dispatcher), an `Int4Linear` module's eager forward (which calls it directly where nothing
-traces), nn.Linear on the bf16 weight for comparison, and the kernel alone under a CUDA graph. `--profile`: cProfile's top entries for the op at M = 1.
+traces), nn.Linear on the bf16 weight for comparison, and the kernel alone under a CUDA graph.
+`--profile`: cProfile's top entries for the op at M = 1.
 """
 
 from __future__ import annotations
