@@ -372,16 +372,7 @@ def gemm_simt(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tenso
     """out[M, N] = x2d[M, K] @ W^T + bias via the CUDA-core GEMV (M <= 8); arguments as
     gemm_mma's. The library's one-weight entry, not gemm_simt_multi's lists: an eager decode calls
     this for most linears at one token, and the C arrays cost host time (session 25)."""
-    m, n, k, kp = _sizes("gemm_simt", x2d, qweight, out)
-    dev = x2d.device
-    dt = _DTYPES[x2d.dtype]
-    need = _workspace_floats("awq_int4_gemm_simt_workspace", dev.index, (m, n, k, kp, group_size, dt), _env(_SIMT_ENV))
-    ws = torch.empty(need, dtype=torch.float32, device=dev) if need > 0 else None
-    _check(load_library().awq_int4_gemm_simt(
-        x2d.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), None if bias is None else bias.data_ptr(),
-        out.data_ptr(), None if ws is None else ws.data_ptr(), 0 if ws is None else ws.numel(), m, n, k, kp, group_size,
-        dt, _raw_stream(dev)))
-    return out
+    return _launch_one("simt", _SIMT_ENV, x2d, qweight, scales, zeros, group_size, bias, out)
 
 
 def _multi_arrays(name: str, x2d, qweights, scales, zeros, biases, outs):
@@ -463,11 +454,20 @@ def gemm_mma(x2d, qweight, scales, zeros, group_size, bias, out) -> torch.Tensor
     """out[M, N] = x2d[M, K] @ W^T + bias via the weight-streaming kernel; arguments as the op's,
     x2d contiguous, out preallocated (tests poison it first). Its split-K workspace is allocated per
     call (for the reason _launch_multi gives) and may hold anything on entry."""
-    m, n, k, kp = _sizes("gemm_mma", x2d, qweight, out)
+    return _launch_one("mma", (), x2d, qweight, scales, zeros, group_size, bias, out)
+
+
+def _launch_one(kernel: str, env_vars: tuple[str, ...], x2d, qweight, scales, zeros, group_size, bias,
+                out) -> torch.Tensor:
+    """One launch of a one-weight entry awq_int4_gemm_<kernel> (mma, simt) with the split-K
+    workspace its awq_int4_gemm_<kernel>_workspace asks for, allocated per call (for the reason
+    _launch_multi gives); env_vars: what that workspace depends on."""
+    m, n, k, kp = _sizes(f"gemm_{kernel}", x2d, qweight, out)
     dev, dt = x2d.device, _DTYPES[x2d.dtype]
-    need = _workspace_floats("awq_int4_gemm_mma_workspace", dev.index, (m, n, k, kp, group_size, dt), ())
+    need = _workspace_floats(f"awq_int4_gemm_{kernel}_workspace", dev.index, (m, n, k, kp, group_size, dt),
+                             _env(env_vars))
     ws = torch.empty(need, dtype=torch.float32, device=dev) if need > 0 else None
-    _check(load_library().awq_int4_gemm_mma(
+    _check(getattr(load_library(), f"awq_int4_gemm_{kernel}")(
         x2d.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
         None if bias is None else bias.data_ptr(), out.data_ptr(), None if ws is None else ws.data_ptr(),
         0 if ws is None else ws.numel(), m, n, k, kp, group_size, dt, _raw_stream(dev)))
